@@ -1,0 +1,83 @@
+"""The estimator base class and the autograd bridge every estimator uses.
+
+An estimator is one surrogate derivative for the sign function. Forward is always the exact
+quantizer (sign with sign(0) = +1, or whatever quantizer a caller hands in); backward multiplies
+the incoming gradient by the estimator's pure ``grad(x)``:
+
+    forward:  y = Q(x)
+    backward: dL/dx = dL/dy * grad(x)
+
+Estimators are ``nn.Module``s without parameters so that they show up in ``model.modules()``,
+print in the model's repr, and receive the training progress through ``set_progress`` (see
+``qat.set_progress``). No estimator keeps a global clock.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) in {-1, +1} with sign(0) = +1 (and sign(-0.0) = +1); never ``torch.sign``."""
+    return torch.where(x >= 0, x.new_tensor(1.0), x.new_tensor(-1.0))
+
+
+class _SurrogateQuantize(torch.autograd.Function):
+    """y = quantize(x); dL/dx = dL/dy * estimator.grad(x)."""
+
+    @staticmethod
+    def forward(ctx, x, estimator, quantize):  # noqa: D401 - autograd signature
+        ctx.save_for_backward(x)
+        ctx.estimator = estimator
+        with torch.no_grad():
+            return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (x,) = ctx.saved_tensors
+        return grad_output * ctx.estimator.grad(x).to(grad_output.dtype), None, None
+
+
+class Estimator(nn.Module):
+    """Base class: ``forward(x)`` is sign(x) with ``grad(x)`` as its backward.
+
+    Subclasses implement ``grad(x)`` (a pure function of x and the hyperparameters) and, when a
+    hyperparameter follows a schedule, ``set_progress(p)`` with p in [0, 1].
+    """
+
+    name: str = ""
+    scheduled: bool = False
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantize(x, sign)
+
+    def quantize(self, x: torch.Tensor, quantizer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Apply any quantizer in forward with this estimator's derivative in backward."""
+        return _SurrogateQuantize.apply(x, self, quantizer)
+
+    def set_progress(self, progress: float) -> None:
+        """Training progress in [0, 1]; estimators without a schedule only validate it."""
+        check_progress(progress)
+
+    def hyperparameters(self) -> dict:
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.hyperparameters().items())
+
+
+def check_progress(progress: float) -> float:
+    if not 0.0 <= float(progress) <= 1.0:
+        raise ValueError(f"training progress must be in [0, 1], got {progress!r}")
+    return float(progress)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds (hyperparameter validation)."""
+    if not condition:
+        raise ValueError(message)

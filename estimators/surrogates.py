@@ -1,0 +1,169 @@
+"""The six surrogate derivatives of sign(x). Each class: hyperparameters, a pure ``grad(x)``,
+its formula and reference in the docstring."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Estimator, check_progress, require
+
+
+class Identity(Estimator):
+    """Plain straight-through estimator (BinaryConnect): d sign/dx := 1."""
+
+    name = "identity"
+
+    def grad(self, x):
+        return torch.ones_like(x)
+
+
+class ClippedSTE(Estimator):
+    """Hubara et al. 2016 / XNOR-Net: d sign/dx := 1[|x| <= clip] (the derivative of hardtanh).
+
+    Larq ``ste_sign(clip_value=1)``. ``clip`` defaults to 1.
+    """
+
+    name = "clipped_ste"
+
+    def __init__(self, clip: float = 1.0):
+        super().__init__()
+        require(clip > 0, f"clipped_ste: clip must be > 0, got {clip!r}")
+        self.clip = float(clip)
+
+    def grad(self, x):
+        return (x.abs() <= self.clip).to(x.dtype)
+
+    def hyperparameters(self):
+        return {"clip": self.clip}
+
+
+class ApproxSign(Estimator):
+    """Bi-Real Net (Liu et al. 2018) ApproxSign: d sign/dx := (2 - 2|x|) for |x| < 1, else 0.
+
+    It is the derivative of F(x) = -1 (x < -1); 2x + x^2 (-1 <= x < 0); 2x - x^2 (0 <= x < 1); 1.
+    """
+
+    name = "approx_sign"
+
+    def grad(self, x):
+        return torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
+
+
+class SwishSign(Estimator):
+    """BNN+ (Darabi et al. 2018) SwishSign, as in Larq:
+
+        d sign/dx := beta * (2 - beta*x * tanh(beta*x/2)) / (1 + cosh(beta*x)),
+
+    the derivative of 2*sigmoid(beta*x)*(1 + beta*x*(1 - sigmoid(beta*x))) - 1. Default beta = 5.
+    """
+
+    name = "swish_sign"
+
+    def __init__(self, beta: float = 5.0):
+        super().__init__()
+        require(beta > 0, f"swish_sign: beta must be > 0, got {beta!r}")
+        self.beta = float(beta)
+
+    def grad(self, x):
+        bx = self.beta * x
+        # cosh overflows to inf for |bx| > ~710 (float64), giving the correct limit 0.
+        return self.beta * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))
+
+    def hyperparameters(self):
+        return {"beta": self.beta}
+
+
+class ErrorDecay(Estimator):
+    """IR-Net's Error Decay Estimator (Qin et al. 2020): sign(x) ~ k*tanh(t*x), so
+
+        d sign/dx := k * t * (1 - tanh^2(t*x)),
+        t(p) = t_min * 10^(p * log10(t_max / t_min)),   k(p) = max(1/t(p), 1),
+
+    with p the training progress in [0, 1] (the paper's epoch i of N). Stage 1 (t < 1, k = 1/t)
+    is near-identity, stage 2 (t >= 1) approaches sign. Paper: t_min = 0.1, t_max = 10 (the
+    official CIFAR ResNet-20 1w1a trainer uses t_min = 1e-3). The official code updates t once per
+    epoch; here it follows whatever progress the trainer hands in (every step).
+    """
+
+    name = "ede"
+    scheduled = True
+
+    def __init__(self, t_min: float = 0.1, t_max: float = 10.0):
+        super().__init__()
+        require(t_min > 0, f"ede: t_min must be > 0, got {t_min!r}")
+        require(t_max >= t_min, f"ede: t_max must be >= t_min ({t_min!r}), got {t_max!r}")
+        self.t_min, self.t_max = float(t_min), float(t_max)
+        self.set_progress(0.0)
+
+    def set_progress(self, progress):
+        p = check_progress(progress)
+        self.t = self.t_min * 10.0 ** (p * math.log10(self.t_max / self.t_min))
+        self.k = max(1.0 / self.t, 1.0)
+
+    def grad(self, x):
+        return self.k * self.t * (1.0 - torch.tanh(self.t * x) ** 2)
+
+    def hyperparameters(self):
+        return {"t_min": self.t_min, "t_max": self.t_max, "t": self.t, "k": self.k}
+
+
+class Fourier(Estimator):
+    """FDA-BNN (Xu et al. NeurIPS 2021): the derivative of the truncated Fourier series of sign,
+
+        s_n(x)  = (4/pi) * sum_{i=0..n} sin((2i+1) w x) / (2i+1)            (paper Eq. 9)
+        s_n'(x) = (4w/pi) * sum_{i=0..n} cos((2i+1) w x)                    (Eq. 10)
+                = (2w/pi) * sin(2(n+1) w x) / sin(w x),   -> 4w(n+1)/pi as sin(w x) -> 0,
+
+    evaluated in the closed form (one sin ratio, not a sum of n+1 cosines), and zeroed for
+    |x| > ``clip`` (BiBench's reference reimplementation clips at 1; the paper text does not say;
+    ``clip=None`` disables it). Note the paper's n counts n+1 sine terms.
+
+    Schedule (paper §3.2): n starts at ``terms`` (n_s = 9) and grows to ``max_terms``
+    (n_p = 2 n_s = 18). The paper does not give the increment rule; here every value of n gets an
+    equal share of training: n(p) = min(n_p, n_s + floor((n_p - n_s + 1) * p)), so n(1) = n_p.
+    ``max_terms = terms`` fixes n. The paper does not give omega either; BiBench uses 0.1.
+    Late in training the surrogate is negative just inside |x| <= 1 (first zero at
+    pi / (2 (n+1) w)); that is a property of the truncated series and is kept.
+    """
+
+    name = "fourier"
+    scheduled = True
+
+    def __init__(self, terms: int = 9, max_terms: int | None = None, omega: float = 0.1, clip: float | None = 1.0):
+        super().__init__()
+        require(isinstance(terms, int) and terms >= 1, f"fourier: terms must be an integer >= 1, got {terms!r}")
+        max_terms = 2 * terms if max_terms is None else max_terms
+        require(isinstance(max_terms, int) and max_terms >= terms,
+                f"fourier: max_terms must be an integer >= terms ({terms}), got {max_terms!r}")
+        require(omega > 0, f"fourier: omega must be > 0, got {omega!r}")
+        require(clip is None or clip > 0, f"fourier: clip must be > 0 or None, got {clip!r}")
+        self.start_terms, self.max_terms = terms, max_terms
+        self.omega = float(omega)
+        self.clip = None if clip is None else float(clip)
+        self.set_progress(0.0)
+
+    def set_progress(self, progress):
+        p = check_progress(progress)
+        self.terms = min(self.max_terms, self.start_terms + math.floor((self.max_terms - self.start_terms + 1) * p))
+
+    def grad(self, x):
+        w, n = self.omega, self.terms
+        wx = w * x
+        sin_wx = torch.sin(wx)
+        # Where sin(wx) ~ 0 use the limit of the ratio: sin(2(n+1)u)/sin(u) -> 2(n+1)cos(2(n+1)u)/cos(u).
+        near_zero = sin_wx.abs() < 1e-6
+        safe = torch.where(near_zero, torch.ones_like(sin_wx), sin_wx)
+        ratio = torch.where(
+            near_zero,
+            2 * (n + 1) * torch.cos(2 * (n + 1) * wx) / torch.cos(wx),
+            torch.sin(2 * (n + 1) * wx) / safe,
+        )
+        g = (2.0 * w / math.pi) * ratio
+        if self.clip is not None:
+            g = torch.where(x.abs() <= self.clip, g, torch.zeros_like(g))
+        return g
+
+    def hyperparameters(self):
+        return {"terms": self.terms, "start_terms": self.start_terms, "max_terms": self.max_terms,
+                "omega": self.omega, "clip": self.clip}

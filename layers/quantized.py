@@ -1,0 +1,133 @@
+"""Drop-in quantized layers: a float ``nn.Conv2d``/``nn.Linear`` plus a weight quantizer and an
+optional input quantizer, both taken from the method table (``layers.methods``).
+
+Each class takes exactly its float base class's constructor arguments, plus keyword options:
+``estimator=`` (a registry name, a mapping ``{name: ..., **hp}`` or an Estimator object) for both
+weights and inputs, ``weight_estimator=`` / ``input_estimator=`` to set them separately, and the
+method's hyperparameters (``layers.methods.METHODS[name].option_names()``). The forward is
+
+    y = op(Q_in(x), Q_w(W)) [* K]
+
+with op = conv2d or linear and K XNOR's optional activation scale. A float layer's ``state_dict``
+loads as is.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import estimators
+
+from .methods import COMMON_OPTIONS, Method, split_options
+
+
+class QuantizedLayer:
+    """Mixin over a float layer class; subclasses set ``method`` and ``float_type``."""
+
+    method_spec: Method
+    float_type: type[nn.Module]
+
+    def __init__(self, *args, **kwargs):
+        base_parameters = inspect.signature(self.float_type.__init__).parameters
+        base_kwargs = {k: v for k, v in kwargs.items() if k in base_parameters}
+        options = {k: v for k, v in kwargs.items() if k not in base_parameters}
+        self.float_type.__init__(self, *args, **base_kwargs)
+        self._build_quantizers(options, {"device": base_kwargs.get("device"), "dtype": base_kwargs.get("dtype")})
+
+    @property
+    def method(self) -> str:
+        return self.method_spec.name
+
+    def _build_quantizers(self, options: dict, factory: dict) -> None:
+        spec = self.method_spec
+        unknown = set(options) - spec.option_names()
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; "
+                             f"valid options: {sorted(spec.option_names())}")
+        default = options.get("estimator") or spec.default_estimator
+        method_options = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
+        self.activation_scale = bool(method_options.pop("activation_scale", False))
+        self.weight_quantizer = spec.weight_quantizer(
+            estimators.get(options.get("weight_estimator") or default),
+            **split_options(spec.weight_quantizer, method_options),
+            **self._features_for(spec.weight_quantizer, self.weight[0].numel(), factory))
+        self.input_quantizer = None
+        if spec.input_quantizer is not None:
+            self.input_quantizer = spec.input_quantizer(
+                estimators.get(options.get("input_estimator") or default),
+                **split_options(spec.input_quantizer, method_options),
+                **self._features_for(spec.input_quantizer, self.input_features, factory))
+
+    @staticmethod
+    def _features_for(quantizer, features: int, factory: dict) -> dict:
+        """Quantizers with a learned module (FDA's NAM) need their feature width and factory kwargs."""
+        if "features" in inspect.signature(quantizer.__init__).parameters:
+            return {"features": features, **factory}
+        return {}
+
+    @property
+    def weight_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def input_bits(self) -> int:
+        return 32 if self.input_quantizer is None else self.input_quantizer.bits
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight the forward uses (differentiable w.r.t. the latent ``self.weight``)."""
+        return self.weight_quantizer(self.weight)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.float_op(self.quantize_input(x), self.quantized_weight())
+        return y * self.input_scale(x) if self.activation_scale else y
+
+    def set_progress(self, progress: float) -> None:
+        """Hand training progress to the quantizers (and their estimators); let a quantizer rewrite
+        the latent weight at a schedule boundary (HQ's reinitialisation)."""
+        for quantizer in (self.weight_quantizer, self.input_quantizer):
+            if quantizer is not None:
+                quantizer.set_progress(progress)
+        self.weight_quantizer.update_latent_(self.weight)
+
+    def extra_repr(self) -> str:
+        extra = ", activation_scale=True" if self.activation_scale else ""
+        return f"{self.float_type.extra_repr(self)}, method={self.method}{extra}"
+
+
+class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
+    float_type = nn.Conv2d
+
+    @property
+    def input_features(self) -> int:
+        return self.in_channels
+
+    def float_op(self, x, weight):
+        return self._conv_forward(x, weight, self.bias)
+
+    def input_scale(self, x):
+        """XNOR-Net's K = A * k: A = mean_c |x| (an h x w map), k a kh x kw box filter of 1/(kh kw),
+        convolved with the layer's stride, padding and dilation: one beta per output position."""
+        a = x.abs().mean(dim=1, keepdim=True)
+        box = a.new_full((1, 1, *self.kernel_size), 1.0 / (self.kernel_size[0] * self.kernel_size[1]))
+        return F.conv2d(a, box, stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+class QuantizedLinear(QuantizedLayer, nn.Linear):
+    float_type = nn.Linear
+
+    @property
+    def input_features(self) -> int:
+        return self.in_features
+
+    def float_op(self, x, weight):
+        return F.linear(x, weight, self.bias)
+
+    def input_scale(self, x):
+        """XNOR-Net's activation scale for a dense layer: beta = mean |x| over the features."""
+        return x.abs().mean(dim=-1, keepdim=True)

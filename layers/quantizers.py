@@ -1,0 +1,264 @@
+"""Weight and activation quantizers: the methods themselves, independent of the layer type.
+
+A weight quantizer maps the latent float weight W (shape [C_out, ...]) to the weight the layer's
+forward uses; an activation quantizer maps the layer input. Each holds its estimator(s) (the
+surrogate derivative used in backward) and receives the training progress via ``set_progress``.
+``W_c`` is the slice of output channel c, with n = numel(W_c) elements.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from estimators import Estimator, check_progress
+from estimators.base import sign
+
+from .noise_adaptation import NoiseAdaptation
+
+
+def per_channel(reduce, w: torch.Tensor) -> torch.Tensor:
+    """Apply ``reduce(tensor, dim, keepdim=True)`` over every axis but the output-channel axis 0."""
+    return reduce(w, dim=tuple(range(1, w.dim())), keepdim=True)
+
+
+def cosine_schedule(start: float, progress: float) -> float:
+    """start * (1 + cos(pi p)) / 2: start at p = 0, exactly 0.0 at p = 1 (cos(pi) == -1.0)."""
+    return 0.5 * start * (1.0 + math.cos(math.pi * progress))
+
+
+class Quantizer(nn.Module):
+    """Base: holds ``estimator``; ``bits`` is the stored precision of the output."""
+
+    bits: int = 32
+
+    def __init__(self, estimator: Estimator):
+        super().__init__()
+        self.estimator = estimator
+
+    def set_progress(self, progress: float) -> None:
+        self.estimator.set_progress(progress)
+
+    def update_latent_(self, weight: torch.Tensor) -> None:
+        """Hook for quantizers that rewrite the latent weight at a schedule boundary (HQ)."""
+
+    def scale_count(self, weight: torch.Tensor) -> int:
+        """How many float32 scales the stored form of ``weight`` needs (one per output channel)."""
+        return weight.shape[0]
+
+
+class SignActivation(Quantizer):
+    """Binary activations: x_b = sign(x), sign(0) = +1, with the estimator's backward."""
+
+    bits = 1
+
+    def forward(self, x):
+        return self.estimator(x)
+
+
+class ScaledSignWeight(Quantizer):
+    """BWN / XNOR-Net weights (Rastegari et al. 2016): W_c ~ alpha_c * sign(W_c),
+
+        alpha_c = ||W_c||_1 / n   (mean |W| per output channel, the L2-optimal scale).
+
+    By default gradients flow through alpha (autograd gives the paper's exact chain rule
+    dC/dW_i = (1/n) sign(W_i) sum_j dC/dW~_j sign(W_j) + alpha * sign'(W_i) dC/dW~_i);
+    ``detach_scale=True`` treats alpha as a constant, as most modern code does.
+    Departure: the official Lua code also mean-centres each filter every iteration; here latent
+    weights are left as they are and clipped to [-1, 1] after each step (``qat.latent``).
+    """
+
+    bits = 1
+
+    def __init__(self, estimator: Estimator, detach_scale: bool = False):
+        super().__init__(estimator)
+        self.detach_scale = bool(detach_scale)
+
+    def forward(self, w):
+        alpha = per_channel(torch.mean, w.abs())
+        return self.estimator(w) * (alpha.detach() if self.detach_scale else alpha)
+
+
+def ternarize(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """T_i = sign(W_i) * 1[|W_i| > delta], values in {-1, 0, +1}."""
+    return sign(w) * (w.abs() > delta).to(w.dtype)
+
+
+class TernaryWeight(Quantizer):
+    """TWN (Li, Zhang, Liu 2016): W ~ alpha * T with
+
+        delta = 0.7 * E|W|,   T_i = sign(W_i) 1[|W_i| > delta],   alpha = mean_{i: |W_i| > delta} |W_i|,
+
+    computed per layer as in the paper (``per_channel=True`` computes delta and alpha per output
+    channel, as many reimplementations do). Backward: straight-through to W (times the estimator's
+    derivative, 1 for the default ``identity``); delta and alpha are constants.
+    """
+
+    bits = 2
+
+    def __init__(self, estimator: Estimator, threshold_factor: float = 0.7, per_channel: bool = False):
+        super().__init__(estimator)
+        if not threshold_factor >= 0:
+            raise ValueError(f"ternary: threshold_factor must be >= 0, got {threshold_factor!r}")
+        self.threshold_factor, self.per_channel = float(threshold_factor), bool(per_channel)
+
+    def _reduce(self, t):
+        return per_channel(torch.sum, t) if self.per_channel else t.sum()
+
+    def project(self, w):
+        magnitude = w.abs()
+        n = magnitude[0].numel() if self.per_channel else magnitude.numel()
+        delta = self.threshold_factor * self._reduce(magnitude) / n
+        kept = (magnitude > delta).to(w.dtype)
+        alpha = self._reduce(magnitude * kept) / self._reduce(kept).clamp(min=1)
+        return alpha * sign(w) * kept
+
+    def forward(self, w):
+        return self.estimator.quantize(w, self.project)
+
+    def scale_count(self, weight):
+        return weight.shape[0] if self.per_channel else 1
+
+    def extra_repr(self):
+        return f"threshold_factor={self.threshold_factor:g}, per_channel={self.per_channel}"
+
+
+class HypersphericalTernaryWeight(Quantizer):
+    """Hyperspherical ternary quantization (HQ, Liu et al. WACV 2023), as reconstructed in
+    ``reference/algorithms.md`` §4 (no public code; the method section was not available):
+
+    1. Project each filter onto the unit sphere: w^_c = W_c / ||W_c||_2 (gradients flow through
+       the normalisation, so updates are tangent to the sphere).
+    2. Magnitude pruning: delta = the s-quantile of |w^| over the layer, where s follows the cubic
+       gradual-pruning schedule (Zhu & Gupta 2017)
+           s(p) = s_f * (1 - (1 - clip((p - p_0) / (p_1 - p_0), 0, 1))^3),
+       so s = target_sparsity once p >= prune_end.
+    3. Ternary projection onto a unit vector: t_c = sign(w^_c) 1[|w^_c| > delta],
+       t^_c = t_c / sqrt(k_c), k_c = ||t_c||_0 (the "ternary orthonormal bases"); the forward uses t^
+       (the following BatchNorm absorbs the scale). Backward: straight through from t^ to w^.
+    4. Reinitialisation: when p first reaches prune_end, the latent weights are reset to the
+       ternary point, W_c <- ||W_c|| t^_c (survivors get equal magnitude, pruned weights 0), so that
+       retraining starts where the cosine similarity is 1.
+
+    Choices the papers leave open, made here: per-filter normalisation; a per-layer quantile;
+    cubic schedule; reinitialisation rewrites latent weights but not the optimizer state.
+    Diagnostics: ``stats(W)`` gives the zero fraction and cos(w^_c, t^_c) averaged over filters.
+    """
+
+    bits = 2
+
+    def __init__(self, estimator: Estimator, target_sparsity: float = 0.7, prune_start: float = 0.0,
+                 prune_end: float = 0.5, reinitialize: bool = True):
+        super().__init__(estimator)
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError(f"hq: target_sparsity must be in [0, 1), got {target_sparsity!r}")
+        if not 0.0 <= prune_start < prune_end <= 1.0:
+            raise ValueError(f"hq: need 0 <= prune_start < prune_end <= 1, got {prune_start!r}, {prune_end!r}")
+        self.target_sparsity, self.prune_start, self.prune_end = float(target_sparsity), float(prune_start), float(prune_end)
+        self.reinitialize = bool(reinitialize)
+        self._reinitialized = False
+        self.set_progress(0.0)
+
+    def set_progress(self, progress):
+        super().set_progress(progress)
+        p = check_progress(progress)
+        ramp = min(max((p - self.prune_start) / (self.prune_end - self.prune_start), 0.0), 1.0)
+        self.sparsity = self.target_sparsity * (1.0 - (1.0 - ramp) ** 3)
+        self._reinit_due = self.reinitialize and ramp >= 1.0 and not self._reinitialized
+
+    @staticmethod
+    def normalize(w):
+        return w / per_channel(torch.linalg.vector_norm, w).clamp(min=1e-12)
+
+    def ternary_directions(self, unit):
+        """t_c = sign(w^_c) 1[|w^_c| > delta] with delta the current sparsity's quantile of |w^|."""
+        magnitude = unit.abs()
+        pruned = math.floor(self.sparsity * magnitude.numel())
+        if pruned == 0:
+            return sign(unit)
+        delta = magnitude.flatten().kthvalue(pruned).values
+        return sign(unit) * (magnitude > delta).to(unit.dtype)
+
+    def project(self, unit):
+        t = self.ternary_directions(unit)
+        return t / per_channel(torch.sum, t.abs()).clamp(min=1).sqrt()
+
+    def forward(self, w):
+        return self.estimator.quantize(self.normalize(w), self.project)
+
+    @torch.no_grad()
+    def stats(self, w) -> dict:
+        unit = self.normalize(w)
+        t_hat = self.project(unit)
+        cosine = per_channel(torch.sum, unit * t_hat)
+        return {"sparsity": float((t_hat == 0).float().mean()), "cosine_similarity": float(cosine.mean())}
+
+    @torch.no_grad()
+    def update_latent_(self, weight):
+        if not self._reinit_due:
+            return
+        norm = per_channel(torch.linalg.vector_norm, weight)
+        weight.copy_(norm * self.project(self.normalize(weight)))
+        self._reinitialized, self._reinit_due = True, False
+
+    def extra_repr(self):
+        return (f"target_sparsity={self.target_sparsity:g}, sparsity={self.sparsity:.3f}, "
+                f"prune=[{self.prune_start:g}, {self.prune_end:g}], reinitialize={self.reinitialize}")
+
+
+class _FourierWithNoise(Quantizer):
+    """sign with the Fourier estimator plus FDA's noise adaptation term (Eq. 14):
+
+        z = sign(t) + alpha(p) * e(t),   alpha(p) = alpha_0 (1 + cos(pi p)) / 2,
+
+    so alpha goes from alpha_0 = 0.1 (BiBench's 0.05 (1 + cos)) to exactly 0 at p = 1 and the
+    trained network is purely binary. The paper is inconsistent on whether alpha e(t) is in the
+    forward pass (Fig. 2a: yes, Alg. 1: no); this follows Fig. 2a and BiBench (it is), which is the
+    reading under which the alpha -> 0 schedule matters. Gradients of the NAM term come from
+    autograd on Eq. 14, i.e. every NAM term is scaled by alpha (Eq. 15-17 as printed drop it).
+    Once alpha == 0 the module is skipped entirely.
+    """
+
+    bits = 1
+
+    def __init__(self, estimator: Estimator, features: int, noise_weight: float = 0.1,
+                 nam_reduction: int = 64, nam_shortcut: float = 0.1, device=None, dtype=None):
+        super().__init__(estimator)
+        if not noise_weight >= 0:
+            raise ValueError(f"fda: noise_weight must be >= 0, got {noise_weight!r}")
+        self.initial_noise_weight = float(noise_weight)
+        self.nam = NoiseAdaptation(features, nam_reduction, nam_shortcut, device=device, dtype=dtype)
+        self.set_progress(0.0)
+
+    def set_progress(self, progress):
+        super().set_progress(progress)
+        self.noise_weight = cosine_schedule(self.initial_noise_weight, check_progress(progress))
+
+    def binarize(self, t, feature_dim):
+        z = self.estimator(t)
+        if self.noise_weight == 0.0:
+            return z
+        return z + self.noise_weight * self.nam(t, feature_dim)
+
+    def extra_repr(self):
+        return f"noise_weight={self.noise_weight:.4g}"
+
+
+class FourierWeight(_FourierWithNoise):
+    """FDA weights: (sign(W_c) + alpha e(W_c)) * mean|W_c|, the NAM over each flattened filter
+    (d = C_in/groups * kh * kw). The per-output-channel scale is detached (BiBench's reading; the
+    MindSpore inference code uses one per-layer scalar)."""
+
+    def forward(self, w):
+        rows = w.flatten(1)
+        scale = rows.abs().mean(dim=1, keepdim=True).detach()
+        return (self.binarize(rows, feature_dim=-1) * scale).view_as(w)
+
+
+class FourierActivation(_FourierWithNoise):
+    """FDA activations: sign(x) + alpha e(x), the NAM along the channel axis (dim 1) at every
+    position (d = C_in), as BiBench does (the paper does not say how x is reshaped)."""
+
+    def forward(self, x):
+        return self.binarize(x, feature_dim=1 if x.dim() > 2 else -1)

@@ -1,0 +1,206 @@
+"""``summary(model, input_size)``: per-layer precision, size and MACs of a (quantized) model.
+
+Counting is kept apart from printing (as in Larq's ``models.py``): ``LayerProfile`` counts one
+layer, ``ModelSummary`` adds them up, ``str(summary)`` renders the table.
+
+Size conventions (state them with any ratio):
+- fp32_bytes: every parameter at 32 bits (the float model of the same architecture).
+- quantized_bytes: binary weights at 1 bit, ternary at 2 bits (dense packing, rounded up to whole
+  bytes per layer), their scales (one per output channel, one per layer for per-layer TWN) and
+  every float parameter (biases, float layers, BatchNorm affine) at 32 bits. BatchNorm running
+  statistics are buffers and are not counted; training-only modules (FDA's noise adaptation)
+  are not counted either, since the trained network does not use them.
+- entropy_coded_bytes: as quantized_bytes, but ternary layers at their zeroth-order entropy
+  -sum_s p_s log2 p_s bits per weight over the symbols {-1, 0, +1} (the size a sparse ternary code
+  reaches with an ideal entropy coder).
+MACs come from one forward pass of a single sample (batch 1) and are split by precision:
+binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float inputs) and float.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from layers import QuantizedLayer
+
+
+@dataclass
+class LayerProfile:
+    name: str
+    kind: str
+    weight_bits: int = 32
+    input_bits: int = 32
+    params: int = 0
+    quantized_weights: int = 0  # weights stored at weight_bits
+    float_values: int = 0  # parameters and scales stored at 32 bits
+    macs: int = 0
+    entropy_bits_per_weight: float | None = None  # ternary layers only
+
+    @property
+    def packed_bytes(self) -> int:
+        return math.ceil(self.quantized_weights * self.weight_bits / 8) + 4 * self.float_values
+
+    @property
+    def entropy_coded_bytes(self) -> float:
+        if self.entropy_bits_per_weight is None:
+            return float(self.packed_bytes)
+        return self.quantized_weights * self.entropy_bits_per_weight / 8 + 4 * self.float_values
+
+    @property
+    def precision(self) -> str:
+        if self.weight_bits == 32:
+            return "float"
+        return "binary" if self.weight_bits == 1 and self.input_bits == 1 else "low_bit_weight"
+
+    def macs_by_precision(self) -> dict[str, int]:
+        out = {"binary": 0, "low_bit_weight": 0, "float": 0}
+        out[self.precision] = self.macs
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "packed_bytes": self.packed_bytes,
+                "entropy_coded_bytes": self.entropy_coded_bytes, "macs_by_precision": self.macs_by_precision()}
+
+
+def ternary_entropy_bits(quantized_weight: torch.Tensor) -> float:
+    """Zeroth-order entropy in bits per weight of the symbols sign(q) in {-1, 0, +1}."""
+    symbols = torch.sign(quantized_weight.detach()).flatten()
+    counts = torch.stack([(symbols == s).sum() for s in (-1, 0, 1)]).double()
+    p = counts[counts > 0] / symbols.numel()
+    return float(-(p * p.log2()).sum())
+
+
+def profile_layer(name: str, module: nn.Module) -> LayerProfile:
+    own = [p for p in module.parameters(recurse=False)]
+    params = sum(p.numel() for p in own)
+    if not isinstance(module, QuantizedLayer):
+        return LayerProfile(name, type(module).__name__, params=params, float_values=params)
+    weight = module.weight
+    profile = LayerProfile(name, type(module).__name__, module.weight_bits, module.input_bits, params,
+                           quantized_weights=weight.numel(),
+                           float_values=params - weight.numel() + module.weight_quantizer.scale_count(weight))
+    if module.weight_bits == 2:
+        with torch.no_grad():
+            profile.entropy_bits_per_weight = ternary_entropy_bits(module.quantized_weight())
+    return profile
+
+
+def _counted_modules(model: nn.Module):
+    """Quantized layers (whose children are training machinery) and other modules owning parameters."""
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p) for p in skip_prefixes):
+            continue
+        if isinstance(module, QuantizedLayer):
+            skip_prefixes.append(f"{name}." if name else "")
+            yield name, module
+        elif isinstance(module, (nn.Conv2d, nn.Linear)) or any(True for _ in module.parameters(recurse=False)):
+            yield name, module
+
+
+def _count_macs(model: nn.Module, input_size, targets: dict[str, nn.Module]) -> dict[str, int]:
+    macs: dict[str, int] = {}
+    handles = []
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            if isinstance(module, nn.Conv2d):
+                per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            else:
+                per_output = module.in_features
+            macs[name] = macs.get(name, 0) + output.numel() // output.shape[0] * per_output
+        return hook
+
+    for name, module in targets.items():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            handles.append(module.register_forward_hook(hook_for(name)))
+    reference = next(model.parameters(), None)
+    x = torch.zeros(1, *input_size, device=reference.device if reference is not None else None,
+                    dtype=reference.dtype if reference is not None else None)
+    was_training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in was_training.items():
+            m.training = mode
+    return macs
+
+
+@dataclass
+class ModelSummary:
+    layers: list[LayerProfile] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.layers)
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.params
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(l.packed_bytes for l in self.layers)
+
+    @property
+    def entropy_coded_bytes(self) -> float:
+        return sum(l.entropy_coded_bytes for l in self.layers)
+
+    @property
+    def compression(self) -> float:
+        return self.fp32_bytes / self.quantized_bytes if self.quantized_bytes else 1.0
+
+    @property
+    def macs(self) -> dict[str, int]:
+        total = {"binary": 0, "low_bit_weight": 0, "float": 0}
+        for layer in self.layers:
+            for k, v in layer.macs_by_precision().items():
+                total[k] += v
+        return total
+
+    @property
+    def binary_mac_share(self) -> float:
+        """Share of all MACs that are binary (1-bit weights x 1-bit inputs)."""
+        macs = self.macs
+        total = sum(macs.values())
+        return macs["binary"] / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"params": self.params, "fp32_bytes": self.fp32_bytes, "quantized_bytes": self.quantized_bytes,
+                "entropy_coded_bytes": self.entropy_coded_bytes, "compression": self.compression,
+                "binary_mac_share": self.binary_mac_share, "macs": self.macs,
+                "layers": [l.to_dict() for l in self.layers]}
+
+    def __str__(self) -> str:
+        header = ("layer", "kind", "W bits", "A bits", "params", "packed bytes", "MACs binary", "MACs lowbit-W", "MACs float")
+        rows = [(l.name or "(model)", l.kind, str(l.weight_bits), str(l.input_bits), f"{l.params:,}", f"{l.packed_bytes:,}",
+                 *(f"{v:,}" for v in l.macs_by_precision().values())) for l in self.layers]
+        macs = self.macs
+        rows.append(("total", "", "", "", f"{self.params:,}", f"{self.quantized_bytes:,}", *(f"{v:,}" for v in macs.values())))
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        rule = "-" * len(line(header))
+        footer = (f"float32 size: {self.fp32_bytes:,} B | quantized size: {self.quantized_bytes:,} B "
+                  f"(entropy-coded {self.entropy_coded_bytes:,.0f} B) | compression: {self.compression:.2f}x "
+                  f"| binary MAC share: {self.binary_mac_share:.1%}")
+        return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), footer])
+
+
+def summary(model: nn.Module, input_size) -> ModelSummary:
+    """Profile ``model`` for inputs of ``input_size`` = (C, H, W) or (features,), without batch dim."""
+    input_size = tuple(int(s) for s in input_size)
+    targets = dict(_counted_modules(model))
+    macs = _count_macs(model, input_size, targets)
+    profiles = []
+    for name, module in targets.items():
+        profile = profile_layer(name, module)
+        profile.macs = macs.get(name, 0)
+        profiles.append(profile)
+    return ModelSummary(profiles)
