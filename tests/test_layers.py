@@ -1,0 +1,278 @@
+"""The ten drop-in classes and their quantizers: value sets, scales, equality with the functional
+ops, the float state_dict contract, schedules and errors."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import layers
+from layers import quantizers
+
+CONV = ["XNORConv2d", "BWNConv2d", "TernaryConv2d", "HQConv2d", "FDAConv2d"]
+LINEAR = ["XNORLinear", "BWNLinear", "TernaryLinear", "HQLinear", "FDALinear"]
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def signs(t):
+    return torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
+
+
+@pytest.mark.parametrize("name", CONV)
+@pytest.mark.parametrize("kwargs", [
+    dict(stride=1, padding=1, bias=True),
+    dict(stride=2, padding=0, dilation=2, bias=False),
+    dict(stride=1, padding=1, groups=2, bias=True, padding_mode="reflect"),
+])
+def test_conv_equals_functional_with_quantized_weight(name, kwargs):
+    float_conv = nn.Conv2d(4, 6, 3, **kwargs)
+    conv = getattr(layers, name)(4, 6, 3, **kwargs)
+    assert isinstance(conv, nn.Conv2d)
+    conv.load_state_dict(float_conv.state_dict())
+    assert torch.equal(conv.weight, float_conv.weight)
+    x = torch.randn(2, 4, 9, 9)
+    padded = F.pad(conv.quantize_input(x), conv._reversed_padding_repeated_twice, mode=kwargs.get("padding_mode", "zeros")) \
+        if kwargs.get("padding_mode", "zeros") != "zeros" else conv.quantize_input(x)
+    padding = 0 if kwargs.get("padding_mode", "zeros") != "zeros" else conv.padding
+    expected = F.conv2d(padded, conv.quantized_weight(), conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(conv(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_linear_equals_functional_with_quantized_weight(name):
+    float_linear = nn.Linear(10, 5)
+    linear = getattr(layers, name)(10, 5, bias=True)
+    assert isinstance(linear, nn.Linear)
+    linear.load_state_dict(float_linear.state_dict())
+    x = torch.randn(3, 10)
+    expected = F.linear(linear.quantize_input(x), linear.quantized_weight(), linear.bias)
+    torch.testing.assert_close(linear(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["BWNConv2d", "XNORConv2d"])
+def test_scaled_sign_weights(name):
+    conv = getattr(layers, name)(5, 7, 3)
+    w = conv.weight.detach()
+    q = conv.quantized_weight().detach()
+    alpha = w.abs().mean(dim=(1, 2, 3), keepdim=True)
+    torch.testing.assert_close(q, signs(w) * alpha)
+    for c in range(7):
+        assert set(q[c].abs().unique().tolist()) == pytest.approx([alpha[c].item()])
+
+
+def test_xnor_input_is_binary_and_sign_of_zero_is_plus_one():
+    conv = layers.XNORConv2d(2, 2, 1)
+    x = torch.tensor([[[[0.0, -0.0], [-2.0, 3.0]], [[0.5, -0.5], [0.0, 1.0]]]])
+    assert torch.equal(conv.quantize_input(x), torch.tensor([[[[1.0, 1.0], [-1.0, 1.0]], [[1.0, -1.0], [1.0, 1.0]]]]))
+    assert conv.input_bits == 1 and conv.weight_bits == 1
+    assert layers.BWNConv2d(2, 2, 1).input_bits == 32
+
+
+def test_bwn_weight_gradient_is_the_exact_chain_rule():
+    """dC/dW_i = (1/n) sign(W_i) sum_j g_j sign(W_j) + alpha 1[|W_i| <= 1] g_i (jiecaoyu's notes)."""
+    layer = layers.BWNLinear(6, 3, bias=False).double()
+    with torch.no_grad():
+        layer.weight.mul_(4)  # put some latent weights outside the clip range
+    g = torch.randn(3, 6, dtype=torch.float64)
+    layer.quantized_weight().backward(g)
+    w = layer.weight.detach()
+    s, n = signs(w), w.shape[1]
+    alpha = w.abs().mean(dim=1, keepdim=True)
+    expected = s / n * (g * s).sum(dim=1, keepdim=True) + alpha * (w.abs() <= 1) * g
+    torch.testing.assert_close(layer.weight.grad, expected)
+
+
+def test_bwn_detached_scale_option():
+    layer = layers.BWNLinear(6, 3, bias=False, detach_scale=True).double()
+    g = torch.randn(3, 6, dtype=torch.float64)
+    layer.quantized_weight().backward(g)
+    w = layer.weight.detach()
+    torch.testing.assert_close(layer.weight.grad, w.abs().mean(dim=1, keepdim=True) * (w.abs() <= 1) * g)
+
+
+def test_ternary_twn_threshold_and_scale():
+    conv = layers.TernaryConv2d(8, 4, 3)
+    w = conv.weight.detach()
+    delta = 0.7 * w.abs().mean()
+    kept = w.abs() > delta
+    alpha = w.abs()[kept].mean()
+    q = conv.quantized_weight().detach()
+    torch.testing.assert_close(q, alpha * signs(w) * kept)
+    assert set(q.unique().tolist()) == pytest.approx(sorted({-alpha.item(), 0.0, alpha.item()}))
+    assert conv.weight_bits == 2
+
+
+def test_ternary_per_channel_option():
+    conv = layers.TernaryConv2d(8, 4, 3, per_channel=True)
+    w = conv.weight.detach()
+    q = conv.quantized_weight().detach()
+    for c in range(4):
+        delta = 0.7 * w[c].abs().mean()
+        kept = w[c].abs() > delta
+        torch.testing.assert_close(q[c], w[c].abs()[kept].mean() * signs(w[c]) * kept)
+
+
+def test_ternary_backward_is_straight_through():
+    layer = layers.TernaryLinear(5, 3, bias=False)
+    g = torch.randn(3, 5)
+    layer.quantized_weight().backward(g)
+    torch.testing.assert_close(layer.weight.grad, g)
+
+
+def test_hq_unit_ternary_filters_and_schedule():
+    conv = layers.HQConv2d(16, 8, 3, target_sparsity=0.8, prune_end=0.5)
+    assert conv.sparsity == 0.0  # p = 0: no pruning yet, t = sign(w^)
+    conv.set_progress(0.25)
+    expected = 0.8 * (1 - 0.5 ** 3)
+    assert conv.weight_quantizer.sparsity == pytest.approx(expected)
+    assert conv.sparsity == pytest.approx(expected, abs=1 / conv.weight.numel())
+    q = conv.quantized_weight().detach()
+    for c in range(8):
+        k = (q[c] != 0).sum().item()
+        nonzero = q[c][q[c] != 0].abs()
+        torch.testing.assert_close(nonzero, torch.full_like(nonzero, 1 / math.sqrt(k)))
+        assert torch.linalg.vector_norm(q[c]).item() == pytest.approx(1.0)
+    cos_before = conv.cosine_similarity
+    assert 0 < cos_before < 1
+
+
+def test_hq_reaches_target_sparsity_and_reinitialises():
+    conv = layers.HQConv2d(16, 8, 3, target_sparsity=0.9)
+    w_norm = torch.linalg.vector_norm(conv.weight.detach().flatten(1), dim=1)
+    conv.set_progress(0.6)  # past prune_end = 0.5
+    assert conv.sparsity == pytest.approx(0.9, abs=1 / conv.weight.numel())
+    # reinitialisation: latent weights moved to the ternary point, same norms, cosine 1
+    assert conv.cosine_similarity == pytest.approx(1.0)
+    torch.testing.assert_close(torch.linalg.vector_norm(conv.weight.detach().flatten(1), dim=1), w_norm)
+    assert (conv.weight == 0).float().mean().item() == pytest.approx(0.9, abs=1 / conv.weight.numel())
+    snapshot = conv.weight.detach().clone()
+    conv.set_progress(0.8)  # only once
+    assert torch.equal(conv.weight, snapshot)
+
+
+def test_hq_keeps_target_sparsity_while_training():
+    torch.manual_seed(1)
+    model = nn.Sequential(layers.HQLinear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(64, 32), torch.randn(64, 1)
+    for step in range(40):
+        model[0].set_progress(step / 39)
+        loss = F.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model[0].sparsity == pytest.approx(0.7, abs=1 / 512)
+    assert 0.5 < model[0].cosine_similarity <= 1.0
+
+
+def test_fda_builds_noise_modules_eagerly_with_nonzero_width():
+    conv = layers.FDAConv2d(3, 8, 3)  # d = 3 < 64 for the activation NAM
+    names = {n for n, _ in conv.named_parameters()}
+    assert {"input_quantizer.nam.w1", "weight_quantizer.nam.w1"} <= names
+    assert conv.input_quantizer.nam.hidden == 1 and conv.weight_quantizer.nam.hidden == 1
+    x = torch.randn(2, 3, 6, 6)
+    conv(x).square().sum().backward()
+    for name in ("input_quantizer.nam.w1", "input_quantizer.nam.w2", "weight_quantizer.nam.w1", "weight_quantizer.nam.w2"):
+        assert conv.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_fda_schedule_ends_purely_binary():
+    conv = layers.FDAConv2d(8, 4, 3, padding=1)
+    assert conv.noise_weight == pytest.approx(0.1) and conv.terms == 9
+    conv.set_progress(0.5)
+    assert conv.noise_weight == pytest.approx(0.05)
+    conv.set_progress(1.0)
+    assert conv.noise_weight == 0.0 and conv.terms == 18
+    binary = layers.XNORConv2d(8, 4, 3, padding=1)
+    binary.load_state_dict({k: v for k, v in conv.state_dict().items() if "nam" not in k})
+    x = torch.randn(2, 8, 7, 7)
+    w = conv.weight.detach()
+    torch.testing.assert_close(conv.quantized_weight(), signs(w) * w.abs().mean(dim=(1, 2, 3), keepdim=True))
+    torch.testing.assert_close(conv(x), binary(x))
+    assert set(conv.quantize_input(x).unique().tolist()) == {-1.0, 1.0}
+
+
+def test_fda_noise_term_is_in_forward_before_the_end():
+    conv = layers.FDALinear(8, 4)
+    x = torch.randn(3, 8)
+    assert not set(conv.quantize_input(x).unique().tolist()) <= {-1.0, 1.0}
+
+
+def test_xnor_activation_scale_k():
+    conv = layers.XNORConv2d(3, 4, 3, padding=1, stride=2, activation_scale=True, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    a = x.abs().mean(dim=1, keepdim=True)
+    k = F.avg_pool2d(F.pad(a, (1, 1, 1, 1)), 3, stride=2)  # box filter of 1/9, zero padded
+    plain = F.conv2d(signs(x), conv.quantized_weight(), None, 2, 1)
+    torch.testing.assert_close(conv(x), plain * k)
+    lin = layers.XNORLinear(6, 2, activation_scale=True)
+    z = torch.randn(4, 6)
+    torch.testing.assert_close(lin(z), F.linear(signs(z), lin.quantized_weight(), lin.bias) * z.abs().mean(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("name", ["BWNConv2d", "TernaryConv2d", "HQConv2d"])
+def test_gradcheck_float_input_layers(name):
+    conv = getattr(layers, name)(2, 3, 3, padding=1).double()
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(conv, (x,))
+
+
+def test_gradcheck_noise_adaptation_and_activation_scale():
+    nam = layers.NoiseAdaptation(5, reduction=2).double()
+    t = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(nam, (t,))
+    conv = layers.XNORConv2d(2, 2, 3, padding=1, stride=2, activation_scale=True).double()
+    x = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    # sign(x) has a surrogate derivative, so gradcheck only the smooth K map
+    assert torch.autograd.gradcheck(conv.input_scale, (x,))
+
+
+@pytest.mark.parametrize("name", CONV)
+def test_quantized_state_dict_round_trip(name):
+    a = getattr(layers, name)(4, 4, 3)
+    b = getattr(layers, name)(4, 4, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 4, 5, 5)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_partial_noise_module_state_is_an_error():
+    a = layers.FDAConv2d(4, 4, 3)
+    state = a.state_dict()
+    del state["weight_quantizer.nam.w2"]
+    with pytest.raises(RuntimeError, match="w2"):
+        layers.FDAConv2d(4, 4, 3).load_state_dict(state)
+
+
+def test_estimator_options():
+    conv = layers.XNORConv2d(2, 2, 3, weight_estimator="identity", input_estimator={"name": "swish_sign", "beta": 2})
+    assert conv.weight_quantizer.estimator.name == "identity"
+    assert conv.input_quantizer.estimator.beta == 2
+    assert layers.BWNConv2d(2, 2, 3, estimator="ede").weight_quantizer.estimator.name == "ede"
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(foo=1), "foo"),
+    (dict(estimator="nope"), "nope"),
+    (dict(target_sparsity=0.5), "target_sparsity"),
+])
+def test_bad_options_raise(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        layers.XNORConv2d(2, 2, 3, **kwargs)
+
+
+def test_bad_method_hyperparameters_raise():
+    with pytest.raises(ValueError, match="target_sparsity"):
+        layers.HQConv2d(2, 2, 3, target_sparsity=1.5)
+    with pytest.raises(ValueError, match="threshold_factor"):
+        layers.TernaryLinear(2, 2, threshold_factor=-1)
+
+
+def test_device_and_dtype_arguments():
+    conv = layers.FDAConv2d(2, 3, 3, dtype=torch.float64)
+    assert conv.weight.dtype == torch.float64 and conv.weight_quantizer.nam.w1.dtype == torch.float64
