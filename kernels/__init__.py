@@ -1,0 +1,41 @@
+"""Bit-packed inference kernels for binary and ternary networks (CPU: NumPy/torch, CUDA: CuPy).
+
+Public API (all exact integer arithmetic; see each module's docstring for formulas):
+
+* packing: :func:`pack_bits`, :func:`unpack_bits`, :func:`pack_ternary`, :func:`unpack_ternary`,
+  :func:`packed_words`, :func:`packed_nbytes`
+* matmul:  :func:`binary_matmul`, :func:`ternary_matmul`
+* conv:    :func:`pack_activations`, :func:`pack_conv_weight`, :func:`binary_conv2d`
+* output:  :func:`fold_bn`, :func:`epilogue`
+
+Importing this package needs only torch and NumPy; CuPy is imported on first use with a CUDA
+tensor.  The CUDA sources live next to this file as ``*.cu`` (see :mod:`kernels.sources`).
+"""
+
+from .packing import (
+    pack_bits,
+    pack_ternary,
+    packed_nbytes,
+    packed_words,
+    unpack_bits,
+    unpack_ternary,
+)
+from .matmul import binary_matmul, ternary_matmul
+from .conv import binary_conv2d, pack_activations, pack_conv_weight
+from .epilogue import epilogue, fold_bn
+
+__all__ = [
+    "pack_bits",
+    "unpack_bits",
+    "pack_ternary",
+    "unpack_ternary",
+    "packed_words",
+    "packed_nbytes",
+    "binary_matmul",
+    "ternary_matmul",
+    "pack_activations",
+    "pack_conv_weight",
+    "binary_conv2d",
+    "fold_bn",
+    "epilogue",
+]
