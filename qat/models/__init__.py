@@ -1,0 +1,49 @@
+"""Float model definitions and their registry.
+
+The models know nothing of quantization: `qat.quantize_model` swaps their `nn.Conv2d` /
+`nn.Linear` modules afterwards. Every builder takes `num_classes` and `in_channels` plus its own
+keyword options, and `build(name, ...)` is the only way configs reach them (no Hydra `_target_`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from qat.models.mnist_cnn import mnist_cnn
+from qat.models.resnet_cifar import resnet18_cifar, resnet20
+from qat.models.resnet_imagenet import resnet18_imagenet
+from qat.models.vgg_small import vgg_small
+
+ModelBuilder = Callable[..., nn.Module]
+
+MODELS: dict[str, ModelBuilder] = {
+    "resnet18": resnet18_cifar,
+    "resnet18_imagenet": resnet18_imagenet,
+    "resnet20": resnet20,
+    "vgg_small": vgg_small,
+    "mnist_cnn": mnist_cnn,
+}
+
+
+def names() -> list[str]:
+    """The registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def build(name: str, num_classes: int, in_channels: int = 3, **options) -> nn.Module:
+    """Build the float model registered as `name`.
+
+    Raises ValueError naming the bad name and the valid ones, or the bad option.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    try:
+        return MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
+    except TypeError as error:
+        raise ValueError(f"bad options for model {name!r}: {error}") from error
+
+
+__all__ = ["MODELS", "build", "names"]

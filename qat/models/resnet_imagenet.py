@@ -1,0 +1,24 @@
+"""ResNet-18, ImageNet form: torchvision's definition (7x7 stem, max-pool, 1x1 projection shortcuts)."""
+from __future__ import annotations
+
+import torch.nn as nn
+import torchvision
+
+from qat.models.activations import make_activation
+
+
+def resnet18_imagenet(num_classes=1000, in_channels=3, activation="relu") -> nn.Module:
+    """torchvision.models.resnet18 with random init.
+
+    The stem is rebuilt when in_channels != 3, and every nn.ReLU is replaced by `activation`
+    (binary-input methods need a sign-keeping activation such as hardtanh).
+    """
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if activation != "relu":
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.ReLU):
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, make_activation(activation))
+    return model
