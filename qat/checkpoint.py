@@ -1,0 +1,119 @@
+"""Checkpoints that load with `torch.load(path, weights_only=True)`: no code runs from a checkpoint.
+
+A checkpoint is a dict of tensors, numbers, strings and lists only:
+  format_version, model (state_dict), optimizer (state_dict), scheduler (state_dict),
+  epoch (completed epochs), step (optimizer steps), batch_in_epoch (batches of `epoch` already done,
+  > 0 only for a mid-epoch save such as Ctrl-C), train_sums (the interrupted epoch's metric sums),
+  best_val_acc1, train_seconds, config_yaml (the run's resolved config as YAML text),
+  identity {model, method, data, num_classes}, rng {torch, cuda, numpy_*, python} as tensors.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+IDENTITY_KEYS = ("model", "method", "data", "num_classes")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or that belongs to a different model / setup."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG the training loop touches, as tensors (numpy's and Python's tuples unpacked)."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    python_version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_position": int(position), "numpy_has_gauss": int(has_gauss),
+        "numpy_cached_gauss": float(cached_gauss),
+        "python_version": int(python_version),
+        "python_state": torch.tensor(python_state, dtype=torch.int64),
+        "python_gauss": python_gauss,
+    }
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_position"], state["numpy_has_gauss"],
+                         state["numpy_cached_gauss"]))
+    random.setstate((state["python_version"], tuple(state["python_state"].tolist()),
+                     state["python_gauss"]))
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically (temp file + rename) so an interrupted save never leaves a corrupt file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"format_version": FORMAT_VERSION, **payload}, temporary)
+    os.replace(temporary, path)
+
+
+def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory (its checkpoints/last.pt or last.pt)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if candidate.is_file():
+                return candidate
+        raise CheckpointError(f"no last.pt in run directory {path} (looked in checkpoints/ and the "
+                              f"directory itself)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
+    """Read a checkpoint with weights_only=True; unreadable files raise CheckpointError."""
+    path = resolve_checkpoint_path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # corrupt zip, truncated file, pickle with code in it, ...
+        raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a checkpoint "
+                              f"of this framework ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        raise CheckpointError(f"{path} is not a checkpoint of this framework (format_version "
+                              f"{version!r}, expected {FORMAT_VERSION})")
+    return payload
+
+
+def check_identity(payload: dict[str, Any], expected: dict[str, Any], path: Any) -> None:
+    """Raise when the checkpoint was written for another model, method, dataset or class count."""
+    stored = payload.get("identity", {})
+    differences = [f"{key}: checkpoint has {stored.get(key)!r}, this run has {expected[key]!r}"
+                   for key in IDENTITY_KEYS if stored.get(key) != expected[key]]
+    if differences:
+        raise CheckpointError(f"checkpoint {path} belongs to a different setup: " + "; ".join(differences))
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
+    """load_state_dict(strict=True) with a message listing what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        def head(items):
+            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: "
+            + "; ".join(part for part in (
+                f"missing keys: {head(missing)}" if missing else "",
+                f"unexpected keys: {head(unexpected)}" if unexpected else "",
+                f"shape mismatches (checkpoint vs model): {head(mismatched)}" if mismatched else "",
+            ) if part))
+    model.load_state_dict(state, strict=True)
