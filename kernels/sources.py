@@ -108,11 +108,15 @@ def _compile_nvrtc(name: str, arch: str) -> CompileResult:
 
 
 def _compile_nvcc(name: str, arch: str) -> CompileResult:
-    instantiations = "".join(
-        f"template __global__ decltype({expr.split('<')[0]}{expr[expr.index('<'):]}) "
-        f"{expr};\n"
-        for expr in KERNEL_SOURCES[name]
-        if "<" in expr
+    # Taking the address of each template specialization instantiates it (nvcc has no name
+    # expressions); extern "C" kernels need nothing.
+    templated = [expr for expr in KERNEL_SOURCES[name] if "<" in expr]
+    instantiations = (
+        "static void* const kernels_instantiations[] = {"
+        + ", ".join(f"(void*)&{expr}" for expr in templated)
+        + "};\n"
+        if templated
+        else ""
     )
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / name
