@@ -20,8 +20,12 @@ from torch import nn
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) in {-1, +1} with sign(0) = +1 (and sign(-0.0) = +1); never ``torch.sign``."""
-    return torch.where(x >= 0, x.new_tensor(1.0), x.new_tensor(-1.0))
+    """sign(x) in {-1, +1} with sign(0) = +1 (and sign(-0.0) = +1); never ``torch.sign``.
+
+    Computed as copysign(1, x + 0.0): IEEE addition turns -0.0 into +0.0, and copysign is one
+    vectorised pass (``torch.where`` with scalar operands is ~10x slower on CPU).
+    """
+    return torch.copysign(x.new_ones(()), x + 0.0)
 
 
 class _SurrogateQuantize(torch.autograd.Function):
@@ -37,7 +41,7 @@ class _SurrogateQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
-        return grad_output * ctx.estimator.grad(x).to(grad_output.dtype), None, None
+        return ctx.estimator.grad(x).to(grad_output.dtype).mul_(grad_output), None, None
 
 
 class Estimator(nn.Module):

@@ -47,7 +47,7 @@ class ApproxSign(Estimator):
     name = "approx_sign"
 
     def grad(self, x):
-        return torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
+        return torch.relu(2.0 - 2.0 * x.abs())
 
 
 class SwishSign(Estimator):
@@ -66,9 +66,11 @@ class SwishSign(Estimator):
         self.beta = float(beta)
 
     def grad(self, x):
-        bx = self.beta * x
-        # cosh overflows to inf for |bx| > ~710 (float64), giving the correct limit 0.
-        return self.beta * (2.0 - bx * torch.tanh(bx / 2.0)) / (1.0 + torch.cosh(bx))
+        # With h = beta*x/2 and 1 + cosh(2h) = 2 cosh^2(h), the formula becomes
+        # beta * (1 - h tanh(h)) * (1 - tanh^2(h)): one tanh, no overflow for large |x|.
+        h = (0.5 * self.beta) * x
+        th = torch.tanh(h)
+        return self.beta * (1.0 - h * th) * (1.0 - th * th)
 
     def hyperparameters(self):
         return {"beta": self.beta}
@@ -150,18 +152,12 @@ class Fourier(Estimator):
     def grad(self, x):
         w, n = self.omega, self.terms
         wx = w * x
-        sin_wx = torch.sin(wx)
-        # Where sin(wx) ~ 0 use the limit of the ratio: sin(2(n+1)u)/sin(u) -> 2(n+1)cos(2(n+1)u)/cos(u).
-        near_zero = sin_wx.abs() < 1e-6
-        safe = torch.where(near_zero, torch.ones_like(sin_wx), sin_wx)
-        ratio = torch.where(
-            near_zero,
-            2 * (n + 1) * torch.cos(2 * (n + 1) * wx) / torch.cos(wx),
-            torch.sin(2 * (n + 1) * wx) / safe,
-        )
-        g = (2.0 * w / math.pi) * ratio
+        # sin(2(n+1)u)/sin(u) is accurate for any tiny u != 0; only u == 0 gives 0/0 = NaN, where
+        # the limit is 2(n+1). (Consequence: a NaN input also gets the derivative at 0.) At
+        # u = m*pi (|x| >= pi/w, only without clipping) sin(u) is tiny but not 0 in floating point.
+        g = torch.sin((2 * (n + 1)) * wx).div_(torch.sin(wx)).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
         if self.clip is not None:
-            g = torch.where(x.abs() <= self.clip, g, torch.zeros_like(g))
+            g.mul_(x.abs() <= self.clip)
         return g
 
     def hyperparameters(self):

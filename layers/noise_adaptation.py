@@ -35,8 +35,13 @@ class NoiseAdaptation(nn.Module):
 
     def forward(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """e(t) along ``dim`` (the feature axis of length d)."""
+        if t.dim() == 4 and dim == 1:
+            # NCHW feature maps: the per-position MLP is a pair of 1x1 convolutions, which keeps
+            # the layout contiguous (a channels-last view makes every elementwise op slow).
+            hidden = F.relu(F.conv2d(t, self.w1[:, :, None, None]))
+            return torch.add(F.conv2d(hidden, self.w2[:, :, None, None]), torch.sin(t), alpha=self.shortcut)
         rows = t.movedim(dim, -1)
-        e = F.linear(F.relu(F.linear(rows, self.w1)), self.w2) + self.shortcut * torch.sin(rows)
+        e = torch.add(F.linear(F.relu(F.linear(rows, self.w1)), self.w2), torch.sin(rows), alpha=self.shortcut)
         return e.movedim(-1, dim)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

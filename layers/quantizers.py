@@ -239,7 +239,7 @@ class _FourierWithNoise(Quantizer):
         z = self.estimator(t)
         if self.noise_weight == 0.0:
             return z
-        return z + self.noise_weight * self.nam(t, feature_dim)
+        return torch.add(z, self.nam(t, feature_dim), alpha=self.noise_weight)
 
     def extra_repr(self):
         return f"noise_weight={self.noise_weight:.4g}"
