@@ -12,8 +12,9 @@ Format (shared by every kernel in this package, CPU and CUDA):
 * Ternary values use two planes of the same format: the *sign plane* ``s`` (bit 1 where t = -1)
   and the *nonzero plane* ``m`` (bit 1 where t != 0).  ``t = m * (1 - 2 s)``.
 
-Packing and unpacking are pure torch ops (bytes via shifts, then a free ``view`` of 8 bytes as one
-int64), so they run unchanged on CPU and CUDA tensors.  Memory: a packed [N, K] matrix takes
+Packing and unpacking are torch ops (bytes via shifts, then a free ``view`` of 8 bytes as one
+int64), so they run unchanged on CPU and CUDA tensors; CPU unpacking uses NumPy's ``unpackbits``
+(weights of BWN/ternary layers with float activations are exported by unpacking on CPU).  Memory: a packed [N, K] matrix takes
 ``N * ceil(K/64) * 8`` bytes, i.e. exactly 1/32 of float32 when ``K % 64 == 0`` (ternary: 1/16).
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -77,6 +79,9 @@ def _unpack_bool(bits: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`_pack_bool`: int64 words [..., W] -> uint8 0/1 flags [..., k]."""
     check_packed(bits, k, "bits")
     as_bytes = bits.contiguous().view(torch.uint8)
+    if as_bytes.device.type == "cpu":  # NumPy's unpackbits is ~10x faster than the shift form
+        flat = np.unpackbits(as_bytes.numpy(), axis=-1, count=k, bitorder="little")
+        return torch.from_numpy(flat)
     flags = (as_bytes.unsqueeze(-1) >> _byte_shifts(bits.device)) & 1
     return flags.reshape(*bits.shape[:-1], -1)[..., :k]
 
@@ -123,8 +128,7 @@ def pack_bits(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(bits: torch.Tensor, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Unpack int64 words ``[..., ceil(k/64)]`` to +-1 values ``[..., k]``: value = 1 - 2 * bit."""
-    flags = _unpack_bool(bits, k)
-    return (1 - 2 * flags.to(torch.int8)).to(dtype)
+    return _lookup(_unpack_bool(bits, k), (1, -1), dtype)
 
 
 def pack_ternary(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,9 +151,16 @@ def unpack_ternary(
 ) -> torch.Tensor:
     """Unpack ``(sign_plane, nonzero_plane)`` to values ``m * (1 - 2 s)`` in {-1, 0, +1}."""
     sign, nonzero = _check_planes(planes, "planes")
-    s = _unpack_bool(sign, k).to(torch.int8)
-    m = _unpack_bool(nonzero, k).to(torch.int8)
-    return (m * (1 - 2 * s)).to(dtype)
+    s, m = _unpack_bool(sign, k), _unpack_bool(nonzero, k)
+    return _lookup(m + (s & m), (0, 1, -1), dtype)  # index 0: zero, 1: +1, 2: -1
+
+
+def _lookup(index: torch.Tensor, table: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``table[index]`` as ``dtype``: one pass writing the output (the cost of unpacking is the write)."""
+    values = torch.tensor(table, dtype=dtype, device=index.device)
+    if index.device.type == "cpu" and dtype != torch.bfloat16:  # NumPy has no bfloat16
+        return torch.from_numpy(np.take(values.numpy(), index.numpy()))
+    return values[index.long()]
 
 
 def _check_planes(planes, name: str) -> tuple[torch.Tensor, torch.Tensor]:
