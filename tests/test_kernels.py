@@ -405,3 +405,23 @@ def test_epilogue_errors():
         kernels.epilogue(torch.zeros(2, 3, dtype=torch.int32), scale=1.0, mul_add=(1.0, 0.0))
     with pytest.raises(ValueError, match="positive"):
         kernels.epilogue(torch.zeros(1, 2, dtype=torch.int32), bn=(0.0, -1.0, 1.0, 0.0, 0.0))
+
+
+# --------------------------------------------------------------------------- benchmark report
+
+
+def test_benchmark_results_section_replaced_and_others_kept(tmp_path, monkeypatch):
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "kernels.py")
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Training\nkeep me\n\n## Kernels\nold numbers\n\n## Other\nkeep too\n")
+    monkeypatch.setattr(bench, "RESULTS", results)
+    bench.write_results("python benchmarks/kernels.py", ["| cpu |"], ["GPU: x"], ["e2e"], "before", "after")
+    text = results.read_text()
+    assert "keep me" in text and "keep too" in text and "old numbers" not in text
+    assert text.count("## Kernels") == 1 and "| cpu |" in text and "not yet measured" in text
+    assert text.index("## Training") < text.index("## Kernels") < text.index("## Other")
