@@ -81,8 +81,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, An
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # corrupt zip, truncated file, pickle with code in it, ...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise CheckpointError(f"cannot read checkpoint {path}: it is corrupt or not a checkpoint "
-                              f"of this framework ({type(error).__name__}: {error})") from error
+                              f"of this framework ({type(error).__name__}: {first_line})") from error
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         version = payload.get("format_version") if isinstance(payload, dict) else None
         raise CheckpointError(f"{path} is not a checkpoint of this framework (format_version "

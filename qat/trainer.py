@@ -32,6 +32,7 @@ from qat import distributed, models
 from qat.config import as_path, to_plain, validate
 from qat.data import build_data
 from qat.diagnostics import LayerDiagnostics
+from qat.interrupt import DeferredInterrupt, StopRequested
 from qat.loaders import TrainLoader, eval_loader
 from qat.loggers import build_logger
 from qat.metrics import MetricSums
@@ -216,6 +217,8 @@ class Trainer:
             for images, labels in batches:
                 if state.batch_in_epoch >= self.steps_per_epoch:
                     break
+                if self.interrupt.requested:
+                    raise StopRequested
                 self._set_progress(state.step / self.total_steps)
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
@@ -244,7 +247,7 @@ class Trainer:
                 if max_steps and state.step >= max_steps:
                     stopped = True
                     break
-        except KeyboardInterrupt:
+        except StopRequested:  # at a batch boundary: the state is consistent, save it
             state.train_seconds += time.perf_counter() - started
             bar.close()
             self._save("last.pt", train_sums=sums.sums.tolist())
@@ -281,7 +284,9 @@ class Trainer:
             self.logger.log_summary(summary_facts(self.model_summary), layer_rows(self.model_summary))
         last_eval: dict[str, float] = {}
         interrupted = False
+        self.interrupt = DeferredInterrupt()
         try:
+            self.interrupt.__enter__()
             max_steps = cfg.trainer.get("max_steps")
             while state.epoch < cfg.trainer.epochs and not (max_steps and state.step >= max_steps):
                 epoch = state.epoch
@@ -309,8 +314,11 @@ class Trainer:
         except KeyboardInterrupt:
             interrupted = True
             if self.context.is_main:
-                print(f"interrupted: saved {self.run_dir / 'checkpoints' / 'last.pt'}; continue with "
-                      f"trainer.resume={self.run_dir / 'checkpoints' / 'last.pt'}", flush=True)
+                last = self.run_dir / "checkpoints" / "last.pt"
+                print(f"interrupted at step {state.step}; continue with trainer.resume={last}"
+                      if last.exists() else "interrupted before the first checkpoint", flush=True)
+        finally:
+            self.interrupt.__exit__()
         summary = self._write_summary(last_eval, interrupted)
         self.logger.log_summary(summary, [])
         self.logger.finish()
