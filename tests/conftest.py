@@ -1,0 +1,53 @@
+"""Shared fixtures: the repository paths, Hydra composition, and tiny synthetic training settings."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+CONFIGS = REPO / "configs"
+
+# Overrides that turn any experiment into a seconds-long CPU run on synthetic data.
+SMOKE_OVERRIDES = [
+    "data=synthetic", "data.num_train=16", "data.num_test=8", "data.batch_size=8",
+    "data.eval_batch_size=8", "logger=none", "trainer.max_steps=1", "trainer.progress_bar=false",
+    "trainer.threads=1", "device=cpu",
+]
+
+
+def compose_config(overrides: list[str]):
+    """The config `python train.py <overrides>` would run, composed with Hydra's compose API."""
+    import qat.config  # noqa: F401  (registers resolvers)
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def compose():
+    return compose_config
+
+
+@pytest.fixture
+def smoke_overrides():
+    return list(SMOKE_OVERRIDES)
+
+
+@pytest.fixture
+def subprocess_env():
+    """Environment for running train.py / torchrun in a subprocess: repo on the path, 1 thread, W&B offline."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", HYDRA_FULL_ERROR="1")
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+@pytest.fixture
+def python():
+    return sys.executable

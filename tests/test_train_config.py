@@ -1,0 +1,99 @@
+"""Every experiment composes and runs a step; group swaps, bad values and bad names fail clearly."""
+import json
+
+import pytest
+from hydra.errors import MissingConfigException
+from omegaconf import OmegaConf
+
+from conftest import CONFIGS
+from qat.config import ConfigError
+from qat.trainer import Trainer
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+METHODS = ("fp", "bwn", "xnor", "ternary", "hq", "fda")
+
+
+def test_the_issue_lists_every_required_experiment():
+    required = {f"resnet18_{m}" for m in METHODS} | {"mnist_bnn"}
+    required |= {f"{arch}_{m}" for arch in ("resnet20", "vgg_small") for m in ("fp", "bwn", "xnor", "ternary", "fda")}
+    assert required <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_trains_one_step(experiment, compose, smoke_overrides, tmp_path):
+    cfg = compose([f"+experiment={experiment}", *smoke_overrides])
+    method = experiment.rsplit("_", 1)[1] if experiment != "mnist_bnn" else "xnor"
+    assert cfg.quant.method == method and cfg.experiment_name == experiment
+    if experiment == "mnist_bnn":
+        cfg.data.channels = 1
+        cfg.data.image_size = 28
+    summary = Trainer(cfg, tmp_path).fit()
+    assert summary["steps"] == 1 and summary["method"] == method
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == cfg.model.name
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+def test_command_line_quant_wins_over_the_experiment(compose, smoke_overrides, tmp_path):
+    cfg = compose(["+experiment=resnet18_ternary", "quant=xnor", "quant.estimator=fourier", *smoke_overrides])
+    assert cfg.quant.method == "xnor" and cfg.quant.estimator == "fourier"
+    assert list(cfg.quant.keep_fp) == ["first", "last", "downsample"]  # the experiment's choice stays
+    assert cfg.model.activation == "hardtanh"  # binary inputs get a sign-keeping activation
+    assert "threshold_factor" not in cfg.quant  # ternary's hyperparameters left with it
+    summary = Trainer(cfg, tmp_path).fit()
+    assert (summary["method"], summary["estimator"], summary["w_bits"], summary["a_bits"]) == ("xnor", "fourier", 1, 1)
+
+
+def test_estimator_group_writes_a_full_estimator_spec(compose):
+    cfg = compose(["quant=fda", "estimator=fourier", "quant.estimator.max_terms=12"])
+    assert OmegaConf.to_container(cfg.quant.estimator) == {"name": "fourier", "terms": 9, "max_terms": 12,
+                                                           "omega": 0.1, "clip": 1.0}
+    assert compose(["quant=xnor"]).quant.estimator is None
+
+
+def test_model_and_data_swap(compose):
+    cfg = compose(["+experiment=resnet20_fda", "model=vgg_small", "data=cifar100"])
+    assert cfg.model.name == "vgg_small" and cfg.data.num_classes == 100 and cfg.trainer.epochs == 400
+
+
+@pytest.mark.parametrize("method, first_layer", [("xnor", "bwn"), ("fda", "bwn"), ("ternary", "ternary"),
+                                                 ("bwn", "bwn"), ("fp", "fp")])
+def test_mnist_bnn_keeps_its_shape_under_quant_swaps(compose, method, first_layer):
+    from qat import models, quantize_model, resolve_layer_specs
+
+    cfg = compose(["+experiment=mnist_bnn", f"quant={method}"])
+    spec = OmegaConf.to_container(cfg.quant, resolve=True)
+    model = models.build("mnist_cnn", num_classes=10, in_channels=1, activation="hardtanh")
+    methods = [s["method"] for s in resolve_layer_specs(model, spec).values()]
+    assert methods == [first_layer] + [method] * 4
+    quantize_model(model, spec)
+
+
+def test_mnist_bnn_recipe(compose):
+    cfg = compose(["+experiment=mnist_bnn"])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.data.batch_size, cfg.trainer.epochs) == ("adam", 1e-3, 64, 6)
+    assert list(cfg.quant.keep_fp) == []
+
+
+def test_misspelled_group_choice_lists_the_valid_ones(compose):
+    with pytest.raises(MissingConfigException) as error:
+        compose(["quant=xnorr"])
+    message = str(error.value)
+    assert "xnorr" in message and all(m in message for m in METHODS)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "optim.lr must be > 0, got 0"),
+    ("optim.lr=-0.1", "optim.lr must be > 0, got -0.1"),
+    ("trainer.epochs=0", "trainer.epochs must be an int >= 1, got 0"),
+    ("trainer.max_steps=0", "trainer.max_steps must be null or an int >= 1, got 0"),
+])
+def test_bad_values_fail_at_start(compose, smoke_overrides, tmp_path, override, message):
+    cfg = compose([*smoke_overrides, override])
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        Trainer(cfg, tmp_path)
+
+
+def test_unknown_estimator_name_is_reported(compose, smoke_overrides, tmp_path):
+    cfg = compose([*smoke_overrides, "quant=xnor", "quant.estimator=fourrier"])
+    with pytest.raises(ValueError, match="unknown estimator 'fourrier'"):
+        Trainer(cfg, tmp_path)
