@@ -24,6 +24,19 @@ import estimators
 from .methods import COMMON_OPTIONS, Method, split_options
 
 
+def conv_input_scale(x, kernel_size, stride, padding, dilation):
+    """XNOR-Net's K = A * k: A = mean_c |x| (an h x w map), k a kh x kw box filter of 1/(kh kw),
+    convolved with the layer's stride, padding and dilation: one beta per output position."""
+    a = x.abs().mean(dim=1, keepdim=True)
+    box = a.new_full((1, 1, *kernel_size), 1.0 / (kernel_size[0] * kernel_size[1]))
+    return F.conv2d(a, box, stride=stride, padding=padding, dilation=dilation)
+
+
+def linear_input_scale(x):
+    """XNOR-Net's activation scale for a dense layer: beta = mean |x| over the features."""
+    return x.abs().mean(dim=-1, keepdim=True)
+
+
 class QuantizedLayer:
     """Mixin over a float layer class; subclasses set ``method`` and ``float_type``."""
 
@@ -111,11 +124,7 @@ class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
         return self._conv_forward(x, weight, self.bias)
 
     def input_scale(self, x):
-        """XNOR-Net's K = A * k: A = mean_c |x| (an h x w map), k a kh x kw box filter of 1/(kh kw),
-        convolved with the layer's stride, padding and dilation: one beta per output position."""
-        a = x.abs().mean(dim=1, keepdim=True)
-        box = a.new_full((1, 1, *self.kernel_size), 1.0 / (self.kernel_size[0] * self.kernel_size[1]))
-        return F.conv2d(a, box, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return conv_input_scale(x, self.kernel_size, self.stride, self.padding, self.dilation)
 
 
 class QuantizedLinear(QuantizedLayer, nn.Linear):
@@ -129,5 +138,4 @@ class QuantizedLinear(QuantizedLayer, nn.Linear):
         return F.linear(x, weight, self.bias)
 
     def input_scale(self, x):
-        """XNOR-Net's activation scale for a dense layer: beta = mean |x| over the features."""
-        return x.abs().mean(dim=-1, keepdim=True)
+        return linear_input_scale(x)

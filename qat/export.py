@@ -1,0 +1,330 @@
+"""Packed inference models: ``pack_model``, ``save_packed``, ``load_packed``.
+
+``pack_model(model)`` turns a trained quantized model into an inference model in which every
+binary and ternary layer holds its weight as bits (``kernels.pack_bits`` / ``pack_ternary``, 64-bit
+words along K = C_in/groups * kh * kw, bit 1 = -1) plus one float32 scale per output channel (one
+per layer for per-layer TWN), and nothing else of the latent weight. Every quantized weight has
+the form ``W_q[c] = scale[c] * code[c]`` with code in {-1, +1} (BWN, XNOR, FDA) or {-1, 0, +1}
+(TWN, HQ); ``pack_model`` checks that the codes and scales rebuild ``quantized_weight()`` exactly.
+
+How a packed layer computes:
+- binary inputs (XNOR, FDA): the exact integer accumulator of the +-1 inputs and weights,
+  ``acc = kernels.binary_conv2d(x, bits)`` (zero padding reproduced exactly by the kernel's
+  correction term) or ``kernels.binary_matmul``, then ``y = scale[c] * acc + bias[c]``
+  (times XNOR's K map when the layer used it). Integer accumulators equal the float layer's
+  exactly; logits agree to float rounding (the float layer sums scale * (+-1) terms in float32).
+- float inputs (BWN, TWN, HQ): the weight is unpacked to ``scale * code`` on every call (so the
+  model stays 1/32 or 1/16 of float in memory) and the float conv/linear runs; outputs are
+  bit-identical to the training layer's, since the unpacked weight is bit-identical.
+Float layers (first/last, BatchNorm, ...) are kept as they are.
+
+``save_packed`` writes one safetensors file: the packed codes, scales, every float parameter and
+buffer, and metadata (format tag, per-layer geometry, and optionally the model's registry name)
+from which ``load_packed`` rebuilds a ready model.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from layers.quantized import conv_input_scale, linear_input_scale
+
+FORMAT = "bitqat-packed/1"
+
+
+@dataclass
+class PackedSpec:
+    """Everything needed to rebuild one packed layer (stored as JSON in the file's metadata)."""
+
+    kind: str  # "conv" | "linear"
+    code: str  # "binary" | "ternary"
+    in_features: int
+    out_features: int
+    bias: bool
+    binary_input: bool
+    activation_scale: bool = False
+    shared_scale: bool = False
+    method: str = ""
+    kernel_size: tuple = (1, 1)
+    stride: tuple = (1, 1)
+    padding: tuple | str = (0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+
+    @property
+    def k(self) -> int:
+        """Elements per output channel: C_in/groups * kh * kw, or in_features."""
+        if self.kind == "linear":
+            return self.in_features
+        return self.in_features // self.groups * math.prod(self.kernel_size)
+
+    @property
+    def weight_shape(self) -> tuple:
+        if self.kind == "linear":
+            return (self.out_features, self.in_features)
+        return (self.out_features, self.in_features // self.groups, *self.kernel_size)
+
+
+class PackedLayer(nn.Module):
+    """Base of the packed inference layers; subclasses add the geometry (conv or linear)."""
+
+    def __init__(self, spec: PackedSpec):
+        super().__init__()
+        self.spec = spec
+        words = kernels.packed_words(spec.k)
+        planes = ("weight_bits",) if spec.code == "binary" else ("weight_sign", "weight_nonzero")
+        for plane in planes:
+            self.register_buffer(plane, torch.zeros(spec.out_features, words, dtype=torch.int64))
+        self.register_buffer("scale", torch.zeros(1 if spec.shared_scale else spec.out_features))
+        self.register_buffer("bias", torch.zeros(spec.out_features) if spec.bias else None)
+
+    @classmethod
+    def from_quantized(cls, layer: QuantizedLayer) -> "PackedLayer":
+        for quantizer in (layer.weight_quantizer, layer.input_quantizer):
+            if getattr(quantizer, "noise_weight", 0.0) != 0.0:
+                raise ValueError(f"{type(layer).__name__} still has a noise-adaptation weight of "
+                                 f"{quantizer.noise_weight:g}; call qat.set_progress(model, 1.0) before packing")
+        with torch.no_grad():
+            quantized = layer.quantized_weight().detach().float().flatten(1)
+        spec = cls.spec_of(layer)
+        code = torch.sign(quantized) if layer.weight_bits == 2 else torch.where(quantized >= 0, 1.0, -1.0)
+        scale = quantized.abs().amax(dim=1)
+        if spec.shared_scale:
+            scale = scale.amax().reshape(1)
+        if not torch.equal(code * scale.unsqueeze(1), quantized):
+            raise ValueError(f"{type(layer).__name__}'s quantized weight is not scale[c] * code with "
+                             f"code in {{-1, 0, +1}}; it cannot be packed")
+        packed = cls(spec)
+        if spec.code == "binary":
+            packed.weight_bits.copy_(kernels.pack_bits(code))
+        else:
+            sign, nonzero = kernels.pack_ternary(code)
+            packed.weight_sign.copy_(sign)
+            packed.weight_nonzero.copy_(nonzero)
+        packed.scale.copy_(scale)
+        if spec.bias:
+            packed.bias.copy_(layer.bias.detach())
+        return packed.to(layer.weight.device)
+
+    @staticmethod
+    def common_spec(layer: QuantizedLayer) -> dict:
+        return {"code": "binary" if layer.weight_bits == 1 else "ternary", "bias": layer.bias is not None,
+                "binary_input": layer.input_bits == 1, "activation_scale": layer.activation_scale,
+                "shared_scale": layer.weight_quantizer.scale_count(layer.weight) == 1, "method": layer.method}
+
+    def codes(self, dtype=torch.float32) -> torch.Tensor:
+        """The weight codes [C_out, K] in {-1, +1} or {-1, 0, +1}."""
+        if self.spec.code == "binary":
+            return kernels.unpack_bits(self.weight_bits, self.spec.k, dtype=dtype)
+        return kernels.unpack_ternary((self.weight_sign, self.weight_nonzero), self.spec.k, dtype=dtype)
+
+    def float_weight(self, dtype=torch.float32) -> torch.Tensor:
+        """scale[c] * code[c], shaped like the training layer's weight."""
+        return (self.codes(dtype) * self.scale.to(dtype).unsqueeze(1)).reshape(self.spec.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.spec.binary_input:
+            return self.float_op(x, self.float_weight(x.dtype))
+        acc = self.binary_accumulator(x)
+        y = acc.to(x.dtype) * self.channel_vector(self.scale, acc.dim()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.channel_vector(self.bias, acc.dim()).to(x.dtype)
+        return y * self.input_scale(x) if self.spec.activation_scale else y
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{s.in_features}, {s.out_features}, method={s.method}, code={s.code}, binary_input={s.binary_input}"
+
+
+class PackedConv2d(PackedLayer):
+    """Packed stand-in for a quantized Conv2d."""
+
+    @staticmethod
+    def spec_of(layer: QuantizedConv2d) -> PackedSpec:
+        return PackedSpec(kind="conv", in_features=layer.in_channels, out_features=layer.out_channels,
+                          kernel_size=tuple(layer.kernel_size), stride=tuple(layer.stride),
+                          padding=layer.padding if isinstance(layer.padding, str) else tuple(layer.padding),
+                          dilation=tuple(layer.dilation), groups=layer.groups, padding_mode=layer.padding_mode,
+                          **PackedLayer.common_spec(layer))
+
+    def __init__(self, spec: PackedSpec):
+        super().__init__(spec)
+        # the kernel's runtime layout: taps-major words with C padded per tap (rebuilt on load)
+        self.register_buffer("_tap_bits", None, persistent=False)
+
+    def _explicit_padding(self) -> tuple[int, int]:
+        s = self.spec
+        if s.padding == "valid":
+            return (0, 0)
+        if s.padding == "same":
+            # nn.Conv2d 'same' (stride 1): total d*(k-1), the extra one on the right/bottom
+            totals = [d * (k - 1) for d, k in zip(s.dilation, s.kernel_size)]
+            if any(t % 2 for t in totals):
+                raise ValueError("packed conv supports 'same' padding only with symmetric totals")
+            return tuple(t // 2 for t in totals)
+        return tuple(s.padding)
+
+    def _pad_input(self, x):
+        """Non-zero padding modes pad the float input first (then the kernel pads nothing)."""
+        padding = self._explicit_padding()
+        if self.spec.padding_mode == "zeros" or max(padding) == 0:
+            return x, padding
+        ph, pw = padding
+        return F.pad(x, (pw, pw, ph, ph), mode=self.spec.padding_mode), (0, 0)
+
+    def float_op(self, x, weight):
+        x, padding = self._pad_input(x)
+        s = self.spec
+        return F.conv2d(x, weight, self.bias, s.stride, padding, s.dilation, s.groups)
+
+    def binary_accumulator(self, x):
+        s = self.spec
+        x, padding = self._pad_input(x)
+        if s.groups != 1:  # the packed kernel is for groups = 1: exact float conv of the +-1 values
+            signs = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+            return F.conv2d(signs, self.codes(x.dtype).reshape(s.weight_shape), None, s.stride, padding,
+                            s.dilation, s.groups)
+        if self._tap_bits is None or self._tap_bits.device != x.device:
+            self._tap_bits = kernels.pack_conv_weight(self.codes().reshape(s.weight_shape)).to(x.device)
+        return kernels.binary_conv2d(x, self._tap_bits, s.kernel_size, stride=s.stride, padding=padding,
+                                     dilation=s.dilation)
+
+    @staticmethod
+    def channel_vector(v, dim):
+        return v.view(1, -1, 1, 1)
+
+    def input_scale(self, x):
+        s = self.spec
+        return conv_input_scale(x, s.kernel_size, s.stride, s.padding, s.dilation)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._tap_bits = None
+
+
+class PackedLinear(PackedLayer):
+    """Packed stand-in for a quantized Linear."""
+
+    @staticmethod
+    def spec_of(layer: QuantizedLinear) -> PackedSpec:
+        return PackedSpec(kind="linear", in_features=layer.in_features, out_features=layer.out_features,
+                          **PackedLayer.common_spec(layer))
+
+    def float_op(self, x, weight):
+        return F.linear(x, weight, self.bias)
+
+    def binary_accumulator(self, x):
+        rows = x.reshape(-1, x.shape[-1])
+        acc = kernels.binary_matmul(kernels.pack_bits(rows), self.weight_bits, self.spec.k)
+        return acc.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def channel_vector(v, dim):
+        return v
+
+    def input_scale(self, x):
+        return linear_input_scale(x)
+
+
+PACKED_CLASSES = {"conv": PackedConv2d, "linear": PackedLinear}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if name == "":
+        return new
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def pack_model(model: nn.Module) -> nn.Module:
+    """A packed copy of ``model`` for inference (eval mode); ``model`` itself is left unchanged."""
+    packed = copy.deepcopy(model).eval()
+    targets = [(n, m) for n, m in packed.named_modules() if isinstance(m, QuantizedLayer)]
+    for name, layer in targets:
+        cls = PackedConv2d if isinstance(layer, QuantizedConv2d) else PackedLinear
+        packed = _replace(packed, name, cls.from_quantized(layer))
+    return packed
+
+
+def packed_specs(model: nn.Module) -> dict[str, dict]:
+    return {n: asdict(m.spec) for n, m in model.named_modules() if isinstance(m, PackedLayer)}
+
+
+def save_packed(model: nn.Module, path, architecture: dict | None = None) -> Path:
+    """Write a packed model (from ``pack_model``) to a safetensors file and return its path.
+
+    ``architecture`` = ``{"name": <qat.models name>, "num_classes": .., "in_channels": .., ...}``
+    lets ``load_packed(path)`` rebuild the model without being handed one.
+    """
+    from safetensors.torch import save_file
+
+    specs = packed_specs(model)
+    if not specs:
+        raise ValueError("the model holds no packed layers: pass the result of qat.export.pack_model(model)")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "layers": json.dumps(specs), "architecture": json.dumps(architecture)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a packed file, with clear errors for a wrong or broken file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no packed model file at {path}")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}); "
+                         f"write packed models with qat.export.save_packed") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is a safetensors file but not a packed model "
+                         f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+    return tensors, {"layers": json.loads(metadata["layers"]), "architecture": json.loads(metadata["architecture"])}
+
+
+def load_packed(path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a packed model from ``save_packed``'s file, ready for inference (eval mode).
+
+    Without ``model`` the file's architecture metadata names a ``qat.models`` builder; with it,
+    ``model`` is the float model of the same architecture (its weights are overwritten).
+    """
+    tensors, meta = read_packed(path)
+    if model is None:
+        architecture = meta["architecture"]
+        if not architecture:
+            raise ValueError(f"{path} records no architecture; pass the float model: load_packed(path, model=...)")
+        from qat import models
+        architecture = dict(architecture)
+        model = models.build(architecture.pop("name"), **architecture)
+    for name, spec_dict in meta["layers"].items():
+        spec = PackedSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_dict.items()})
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path} has a packed layer {name!r} that the given model does not have") from None
+        model = _replace(model, name, PACKED_CLASSES[spec.kind](spec))
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not match the model it is loaded into: {error}") from None
+    return model.eval()
