@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -197,7 +198,9 @@ def machine_line() -> str:
     )
 
 
-def write_results(command: str, cpu: list[str], gpu: list[str], e2e: list[str], before: str, after: str) -> None:
+def write_results(
+    command: str, cpu: list[str], gpu: list[str], e2e: list[str], before: str, after: str, note: str = ""
+) -> None:
     """Replace (or append) the '## Kernels' section of RESULTS.md, keeping other sections."""
     gpu_rows = gpu if _cuda_ready() is None else [f"GPU rows (G1-G5, F1, T1, P1, V1): {NO_GPU}."]
     body = [
@@ -207,6 +210,7 @@ def write_results(command: str, cpu: list[str], gpu: list[str], e2e: list[str], 
         "",
         f"Machine before: {before}",
         f"Machine after:  {after}",
+        *([f"Note: {note}"] if note else []),
         "",
         *cpu,
         "",
@@ -231,6 +235,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke run)")
     parser.add_argument("--skip-gpu", action="store_true", help="CPU section only")
     parser.add_argument("--write-results", action="store_true", help="update the Kernels section of RESULTS.md")
+    parser.add_argument("--note", default="", help="a line about the run's conditions, written with the results")
     args = parser.parse_args(argv)
     before = machine_line()
     print(before)
@@ -243,8 +248,8 @@ def main(argv=None) -> None:
     after = machine_line()
     print(after)
     if args.write_results:
-        command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results(command.strip(), cpu, gpu, e2e, before, after)
+        command = "python benchmarks/kernels.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+        write_results(command.strip(), cpu, gpu, e2e, before, after, args.note)
 
 
 if __name__ == "__main__":
