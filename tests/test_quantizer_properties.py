@@ -1,0 +1,53 @@
+"""Hypothesis property tests of the quantizers' value sets and scale invariances."""
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+import numpy as np
+
+import layers
+from estimators import get
+from layers import quantizers
+
+weights = arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(1, 20)),
+                 elements=st.floats(-10, 10, allow_nan=False, allow_subnormal=False))
+
+
+@settings(max_examples=80, deadline=None)
+@given(w=weights)
+def test_bwn_values_are_plus_minus_channel_mean(w):
+    w = torch.from_numpy(w)
+    q = quantizers.ScaledSignWeight(get("identity"))(w)
+    alpha = w.abs().mean(dim=1, keepdim=True)
+    assert torch.equal(q.abs(), alpha.expand_as(q))
+    assert torch.equal(q >= 0, w >= 0)
+
+
+@settings(max_examples=80, deadline=None)
+@given(w=weights, factor=st.floats(0.0, 1.5))
+def test_ternary_has_three_levels_and_is_scale_equivariant(w, factor):
+    w = torch.from_numpy(w)
+    quantizer = quantizers.TernaryWeight(get("identity"), threshold_factor=factor)
+    q = quantizer(w)
+    levels = q.abs().unique()
+    assert len(levels) <= 2 and (levels.numel() == 1 or levels[0] == 0)
+    assert torch.all((q == 0) | (torch.sign(q) == torch.sign(w)))
+    # survivors are exactly the entries above the threshold
+    assert torch.equal(q != 0, w.abs() > factor * w.abs().mean())
+    torch.testing.assert_close(quantizer(3.0 * w), 3.0 * q)
+
+
+@settings(max_examples=60, deadline=None)
+@given(w=weights, sparsity=st.floats(0.0, 0.95))
+def test_hq_filters_are_unit_ternary_and_scale_invariant(w, sparsity):
+    w = torch.from_numpy(w)
+    quantizer = quantizers.HypersphericalTernaryWeight(get("identity"), target_sparsity=sparsity, prune_end=0.5)
+    quantizer.set_progress(1.0)
+    q = quantizer(w)
+    nonzero_rows = w.abs().sum(dim=1) > 0
+    for row, keep in zip(q, nonzero_rows):
+        if keep and row.abs().sum() > 0:
+            k = (row != 0).sum()
+            torch.testing.assert_close(row[row != 0].abs(), torch.full((int(k),), float(1 / k.double().sqrt()), dtype=w.dtype))
+    assert (q == 0).sum() >= int(sparsity * w.numel())
+    torch.testing.assert_close(quantizer(5.0 * w), q)
