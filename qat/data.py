@@ -128,8 +128,9 @@ def build_transforms(augment: str, mean, std, image_size: int):
 
 def _offline_help(name: str, looked_in: Path, cause: BaseException | None) -> str:
     folder = TORCHVISION_FOLDERS.get(name, "")
+    reason = (str(cause).strip().splitlines() or [""])[0] if cause else ""
     lines = [f"dataset {name!r} not found in {looked_in}"
-             + (f" and it could not be downloaded ({type(cause).__name__}: {cause})" if cause else "")]
+             + (f" and it could not be downloaded ({type(cause).__name__}: {reason})" if cause else "")]
     if name in ("mnist", "fashion_mnist"):
         lines.append(f"provide the four torchvision .gz files in {looked_in}/raw/, or set "
                      f"data.source=<dir holding {folder}/raw/> (e.g. ../shared/data) to copy them, "

@@ -1,0 +1,125 @@
+"""Accuracy benchmarks: launch the runs and turn their summary.json files into ACCURACY.md tables.
+
+    # mnist_bnn on MNIST and Fashion-MNIST, every method, 3 seeds, CPU (about 3 min per run):
+    python benchmarks/accuracy.py run --data mnist fashion_mnist --seeds 0 1 2 --out runs/bench
+    # tables from whatever finished (also partially finished sweeps):
+    python benchmarks/accuracy.py table runs/bench --write benchmarks/ACCURACY.md
+
+`run` starts one Hydra multirun per dataset (`train.py -m +experiment=mnist_bnn data=<d>
+seed=... quant=...`, seed-major so every method gets seed 0 first) with 1 thread and no data
+workers, so the epoch times of the methods are comparable. `table` groups runs by (model, data,
+method) and reports the mean and spread of test top-1 over seeds, the mean seconds per epoch, and that
+time relative to the fp runs of the same sweep. It replaces the text between the
+`<!-- <section>:begin -->` / `<!-- <section>:end -->` markers of the file given to --write.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("fp", "bwn", "xnor", "ternary", "hq", "fda")
+GOALS = {("mnist_cnn", "mnist", "xnor"): 98.5, ("mnist_cnn", "fashion_mnist", "xnor"): 86.0}
+MAX_BINARY_TIME_RATIO = 1.10
+
+
+def run_command(data: str, seeds: list[int], out: Path, source: str, root: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "-m", "+experiment=mnist_bnn", f"data={data}",
+            "seed=" + ",".join(map(str, seeds)), "quant=" + ",".join(METHODS), f"data.source={source}",
+            f"data.root={root}", "data.num_workers=0", "trainer.threads=1", "trainer.progress_bar=false",
+            "logger=csv", f"hydra.sweep.dir={out / f'mnist_bnn-{data}'}"]
+
+
+def load(directory: Path) -> list[dict]:
+    runs = []
+    for path in sorted(directory.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        if not summary.get("interrupted") and summary.get("epochs") == summary.get("epochs_planned"):
+            summary["sweep"] = path.parent.parent.name
+            runs.append(summary)
+    return runs
+
+
+def mean_spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(runs: list[dict]) -> str:
+    """One row per (model, data, method): test top-1 over seeds, epoch time and its ratio to fp."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["model"], run["data"], run["method"]), []).append(run)
+    lines = ["| model | data | method | W/A | seeds | test top-1 (mean ± sd) | per seed | s/epoch | × fp time | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99))):
+        model, data, method = key
+        group = sorted(groups[key], key=lambda r: r["seed"])
+        accuracies = [r["test_acc1"] for r in group if r.get("test_acc1") is not None]
+        seconds = statistics.mean(r["seconds_per_epoch"] for r in group)
+        fp_runs = groups.get((model, data, "fp"), [])
+        fp_seconds = statistics.mean(r["seconds_per_epoch"] for r in fp_runs) if fp_runs else None
+        ratio = f"{seconds / fp_seconds:.2f}" if fp_seconds else "-"
+        goal = GOALS.get(key)
+        goal_text = ""
+        if goal is not None and accuracies:
+            met = statistics.mean(accuracies) >= goal and len(accuracies) >= 3
+            goal_text = f"≥ {goal} over 3 seeds: {'met' if met else 'not met' if len(accuracies) >= 3 else 'open'}"
+        if method != "fp" and fp_seconds:
+            goal_text += ("; " if goal_text else "") + (
+                f"time ≤ {MAX_BINARY_TIME_RATIO}× fp: {'met' if seconds / fp_seconds <= MAX_BINARY_TIME_RATIO else 'not met'}")
+        lines.append(f"| {model} | {data} | {method} | {group[0]['w_bits']}/{group[0]['a_bits']} | "
+                     f"{','.join(str(r['seed']) for r in group)} | {mean_spread(accuracies)} | "
+                     f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {seconds:.1f} | {ratio} | {goal_text} |")
+    return "\n".join(lines)
+
+
+def replace_section(path: Path, section: str, text: str) -> None:
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    content = path.read_text() if path.exists() else f"{begin}\n{end}\n"
+    if begin not in content or end not in content:
+        content += f"\n{begin}\n{end}\n"
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="accuracy benchmarks: run, then tabulate")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="launch the mnist_bnn sweeps (sequentially)")
+    run.add_argument("--data", nargs="+", default=["mnist", "fashion_mnist"])
+    run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    run.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
+    run.add_argument("--source", default=str(REPO.parent / "shared" / "data"),
+                     help="folder with MNIST/raw and FashionMNIST/raw (copied into --root)")
+    run.add_argument("--root", default=str(REPO / "data"))
+    tab = commands.add_parser("table", help="tabulate finished runs")
+    tab.add_argument("directory", type=Path)
+    tab.add_argument("--write", type=Path, default=None, help="a Markdown file whose marked section to replace")
+    tab.add_argument("--section", default="mnist_bnn")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        for data in args.data:
+            command = run_command(data, args.seeds, args.out, args.source, args.root)
+            print(" ".join(command), flush=True)
+            subprocess.run(command, cwd=REPO, check=True)
+        return
+    text = table(load(args.directory))
+    if args.write:
+        replace_section(args.write, args.section, text)
+        print(f"wrote section {args.section!r} of {args.write}")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
