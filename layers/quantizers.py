@@ -157,6 +157,8 @@ class HypersphericalTernaryWeight(Quantizer):
             raise ValueError(f"hq: need 0 <= prune_start < prune_end <= 1, got {prune_start!r}, {prune_end!r}")
         self.target_sparsity, self.prune_start, self.prune_end = float(target_sparsity), float(prune_start), float(prune_end)
         self.reinitialize = bool(reinitialize)
+        # persistent, so a resumed run does not reinitialise a second time
+        self.register_buffer("reinitialized", torch.tensor(False))
         self._reinitialized = False
         self.set_progress(0.0)
 
@@ -201,6 +203,15 @@ class HypersphericalTernaryWeight(Quantizer):
         norm = per_channel(torch.linalg.vector_norm, weight)
         weight.copy_(norm * self.project(self.normalize(weight)))
         self._reinitialized, self._reinit_due = True, False
+        self.reinitialized.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "reinitialized" in missing_keys:  # a float layer's state_dict: a fresh start
+            missing_keys.remove(prefix + "reinitialized")
+        # mirror the buffer in a Python flag: set_progress runs every step and must not sync
+        self._reinitialized = bool(self.reinitialized)
+        self._reinit_due = self._reinit_due and not self._reinitialized
 
     def extra_repr(self):
         return (f"target_sparsity={self.target_sparsity:g}, sparsity={self.sparsity:.3f}, "

@@ -276,3 +276,19 @@ def test_bad_method_hyperparameters_raise():
 def test_device_and_dtype_arguments():
     conv = layers.FDAConv2d(2, 3, 3, dtype=torch.float64)
     assert conv.weight.dtype == torch.float64 and conv.weight_quantizer.nam.w1.dtype == torch.float64
+
+
+def test_hq_reinitialisation_state_survives_a_checkpoint():
+    conv = layers.HQConv2d(8, 4, 3, target_sparsity=0.5)
+    conv.set_progress(0.7)
+    with torch.no_grad():
+        conv.weight.add_(0.01 * torch.randn_like(conv.weight))  # training moves on after the reset
+    resumed = layers.HQConv2d(8, 4, 3, target_sparsity=0.5)
+    resumed.load_state_dict(conv.state_dict())
+    resumed.set_progress(0.8)
+    assert torch.equal(resumed.weight, conv.weight)
+    fresh = layers.HQConv2d(8, 4, 3, target_sparsity=0.5)
+    fresh.load_state_dict(layers.HQConv2d(8, 4, 3).state_dict() | {"weight_quantizer.reinitialized": torch.tensor(False)})
+    before = fresh.weight.detach().clone()
+    fresh.set_progress(0.8)
+    assert not torch.equal(fresh.weight, before)
