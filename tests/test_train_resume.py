@@ -36,12 +36,14 @@ def assert_same_training(straight_dir, resumed_dir, straight, resumed):
     assert a["scheduler"] == b["scheduler"]
 
 
-@pytest.mark.parametrize("method", ["xnor", "fda"])
-def test_resume_at_an_epoch_boundary_equals_uninterrupted_training(compose, tmp_path, method):
-    straight, straight_dir = run(compose, tmp_path, "straight", f"quant={method}")
-    first, first_dir = run(compose, tmp_path, "first", f"quant={method}", "trainer.max_steps=4")
+# fda: Fourier terms and noise weight follow progress; hq: pruned and reinitialised at p = 0.25,
+# before the resume point, so a resumed run must not reinitialise its latent weights again.
+@pytest.mark.parametrize("quant", [["quant=xnor"], ["quant=fda"], ["quant=hq", "quant.prune_end=0.25"]])
+def test_resume_at_an_epoch_boundary_equals_uninterrupted_training(compose, tmp_path, quant):
+    straight, straight_dir = run(compose, tmp_path, "straight", *quant)
+    first, first_dir = run(compose, tmp_path, "first", *quant, "trainer.max_steps=4")
     assert first["steps"] == 4 and first["epochs"] == 1.0
-    resumed, resumed_dir = run(compose, tmp_path, "resumed", f"quant={method}",
+    resumed, resumed_dir = run(compose, tmp_path, "resumed", *quant,
                                f"trainer.resume={first_dir / 'checkpoints' / 'last.pt'}")
     assert_same_training(straight_dir, resumed_dir, straight, resumed)
     # epochs-long schedule: the lr at the end follows `epochs`, not the max_steps of the first part.
