@@ -212,7 +212,7 @@ class Trainer:
         log_every = int(cfg.logger.get("log_every", 50))
         diag_every = int(cfg.logger.get("diagnostics_every", 200))
         started, max_steps = time.perf_counter(), cfg.trainer.get("max_steps")
-        stopped = False
+        stopped, images_seen = False, 0
         try:
             for images, labels in batches:
                 if state.batch_in_epoch >= self.steps_per_epoch:
@@ -233,13 +233,14 @@ class Trainer:
                 sums.update(loss, logits, labels)
                 state.step += 1
                 state.batch_in_epoch += 1
+                images_seen += images.shape[0]
                 bar.update(images.shape[0])
                 if state.step % log_every == 0 and self.context.is_main:
                     elapsed = time.perf_counter() - started
                     metrics = {"train/step_loss": loss.item(),
                                "train/lr": self.optimizer.param_groups[0]["lr"],
                                "train/progress": state.step / self.total_steps,
-                               "train/images_per_second": bar.n * self.context.world_size / max(elapsed, 1e-9)}
+                               "train/images_per_second": images_seen * self.context.world_size / max(elapsed, 1e-9)}
                     bar.set_postfix(loss=f"{metrics['train/step_loss']:.3f}", lr=f"{metrics['train/lr']:.2e}")
                     self.logger.log_step(state.step, metrics)
                 if state.step % diag_every == 0 and self.context.is_main:

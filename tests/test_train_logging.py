@@ -54,6 +54,9 @@ def test_csv_logger_writes_steps_epochs_and_layers(compose, smoke_overrides, tmp
     assert {"train/loss", "test/acc1", "test/acc5", "best_val_acc1"} <= set(rows)
     steps = (tmp_path / "steps.csv").read_text()
     assert "train/step_loss" in steps and "zero_fraction" in steps
+    with open(tmp_path / "steps.csv") as handle:
+        throughput = [float(r["value"]) for r in csv.DictReader(handle) if r["metric"] == "train/images_per_second"]
+    assert len(throughput) == 2 and all(t > 0 for t in throughput)  # progress bar off: still counted
     assert "XNORConv2d" not in (tmp_path / "layers.csv").read_text() and "TernaryConv2d" in (tmp_path / "layers.csv").read_text()
 
 
