@@ -10,8 +10,8 @@ GEMV M = 1 / 8 at N = K = 16384 vs cuBLAS fp16 ``F.linear`` with 4 rotating weig
 the CUDA-core and tensor-core GEMMs at 8192^3 vs fp32 (TF32 off) and fp16, plus the copy bandwidth
 and bf16 GEMM rate measured in the same run as ceilings.  CUDA events, median of >= 20 reps.
 
-End to end: ``END_TO_END`` is a hook for timing a packed inference model (filled in once
-``qat.export`` exists); without it the row says so.
+End to end: packed ``mnist_cnn`` (XNOR, first layer BWN) and CIFAR ResNet-18 (XNOR, first/last
+float) against the float model of the same architecture, batch 1 and 64, on CPU.
 
 Usage: ``python benchmarks/kernels.py [--quick] [--write-results]``.
 """
@@ -40,7 +40,30 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NO_GPU = "not yet measured (no GPU available in this session)"
 
 # Hook for end-to-end packed-model timing: a callable (quick: bool) -> list of result lines.
-END_TO_END: Callable[[bool], list[str]] | None = None
+def packed_models_section(quick: bool) -> list[str]:
+    """Packed inference (qat.export) against the float model of the same architecture."""
+    import qat
+    from qat import models
+    from qat.export import pack_model, time_inference
+
+    cases = [("mnist_cnn", 1, 28, {"method": "xnor", "keep_fp": [], "overrides": {"first": {"method": "bwn"}}}),
+             ("resnet18", 3, 32, {"method": "xnor"})]
+    lines = ["CPU end to end: packed model (exact popcount kernels) vs the float model, min of interleaved rounds",
+             "", "| model | batch | float (ms) | packed (ms) | packed speed vs float |", "|---|---|---|---|---|"]
+    for name, channels, size, spec in cases:
+        torch.manual_seed(0)
+        float_model = models.build(name, num_classes=10, in_channels=channels).eval()
+        quantized = qat.quantize_model(models.build(name, num_classes=10, in_channels=channels), spec)
+        qat.set_progress(quantized, 1.0)
+        packed = pack_model(quantized.eval())
+        rows = time_inference({"float": float_model, "packed": packed}, (channels, size, size), (1, 64),
+                              rounds=3 if quick else 10)
+        lines += [f"| {name} | {r['batch']} | {r['float_ms']:.2f} | {r['packed_ms']:.2f} | "
+                  f"{r['float_ms'] / r['packed_ms']:.2f}x |" for r in rows]
+    return lines
+
+
+END_TO_END: Callable[[bool], list[str]] | None = packed_models_section
 
 
 def interleaved_min(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:

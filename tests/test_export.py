@@ -126,3 +126,24 @@ def test_load_errors(tmp_path, resnets):
         load_packed(path)
     with pytest.raises(ValueError, match="does not match"):
         load_packed(path, model=torchvision.models.resnet18(num_classes=100))
+
+
+def test_export_cli_from_a_training_run(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    subprocess.run([sys.executable, "train.py", "+experiment=mnist_bnn", "data=synthetic", "trainer.max_steps=2",
+                    "logger=none", f"hydra.run.dir={run}"], cwd=root, check=True, capture_output=True, env=env)
+    out = tmp_path / "model.safetensors"
+    result = subprocess.run([sys.executable, "-m", "qat.export", str(run), "--out", str(out)],
+                            cwd=root, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "identical top-1: True" in result.stdout and out.is_file()
+    loaded = load_packed(out)
+    assert sum(isinstance(m, PackedLayer) for m in loaded.modules()) == 5
+    bad = subprocess.run([sys.executable, "-m", "qat.export", str(tmp_path / "nothing"), "--out", str(out)],
+                         cwd=root, capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
