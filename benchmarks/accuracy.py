@@ -3,7 +3,7 @@
     # mnist_bnn on MNIST and Fashion-MNIST, every method, 3 seeds, CPU (about 3 min per run):
     python benchmarks/accuracy.py run --data mnist fashion_mnist --seeds 0 1 2 --out runs/bench
     # tables from whatever finished (also partially finished sweeps):
-    python benchmarks/accuracy.py table runs/bench --write benchmarks/ACCURACY.md
+    python benchmarks/accuracy.py table runs/bench/mnist_bnn-* --write benchmarks/ACCURACY.md
 
 `run` starts one Hydra multirun per dataset (`train.py -m +experiment=mnist_bnn data=<d>
 seed=... quant=...`, seed-major so every method gets seed 0 first) with 1 thread and no data
@@ -57,8 +57,9 @@ def table(runs: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         groups.setdefault((run["model"], run["data"], run["method"]), []).append(run)
-    lines = ["| model | data | method | W/A | seeds | test top-1 (mean ± sd) | per seed | s/epoch | × fp time | goal |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | data | method | W/A | epochs | seeds | test top-1 (mean ± sd) | per seed | best val top-1 "
+             "| s/epoch | × fp time | goal |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99))):
         model, data, method = key
@@ -76,9 +77,11 @@ def table(runs: list[dict]) -> str:
         if method != "fp" and fp_seconds:
             goal_text += ("; " if goal_text else "") + (
                 f"time ≤ {MAX_BINARY_TIME_RATIO}× fp: {'met' if seconds / fp_seconds <= MAX_BINARY_TIME_RATIO else 'not met'}")
+        validation = [r["best_val_acc1"] for r in group if r.get("val_source") == "val"]
         lines.append(f"| {model} | {data} | {method} | {group[0]['w_bits']}/{group[0]['a_bits']} | "
-                     f"{','.join(str(r['seed']) for r in group)} | {mean_spread(accuracies)} | "
-                     f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {seconds:.1f} | {ratio} | {goal_text} |")
+                     f"{group[0]['epochs']:g} | {','.join(str(r['seed']) for r in group)} | {mean_spread(accuracies)} | "
+                     f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {mean_spread(validation)} | {seconds:.1f} | "
+                     f"{ratio} | {goal_text} |")
     return "\n".join(lines)
 
 
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                      help="folder with MNIST/raw and FashionMNIST/raw (copied into --root)")
     run.add_argument("--root", default=str(REPO / "data"))
     tab = commands.add_parser("table", help="tabulate finished runs")
-    tab.add_argument("directory", type=Path)
+    tab.add_argument("directories", type=Path, nargs="+", help="sweep directories (searched recursively)")
     tab.add_argument("--write", type=Path, default=None, help="a Markdown file whose marked section to replace")
     tab.add_argument("--section", default="mnist_bnn")
     args = parser.parse_args(argv)
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             print(" ".join(command), flush=True)
             subprocess.run(command, cwd=REPO, check=True)
         return
-    text = table(load(args.directory))
+    text = table([run for directory in args.directories for run in load(directory)])
     if args.write:
         replace_section(args.write, args.section, text)
         print(f"wrote section {args.section!r} of {args.write}")
