@@ -54,10 +54,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def estimator_label(estimator: Any) -> str:
-    """`default` for None, the registry name for a string or a mapping {name: ...}."""
+def estimator_label(estimator: Any, method: str) -> str:
+    """The estimator's registry name: the method's default for None (`none` for fp), else the name
+    of a string or a mapping {name: ...}."""
     if estimator is None:
-        return "default"
+        from layers import get_method
+
+        return "none" if method == "fp" else get_method(method).default_estimator
     if isinstance(estimator, dict):
         return str(estimator.get("name", "custom"))
     return str(estimator)
@@ -149,7 +152,7 @@ class Trainer:
     def _build_logger(self):
         cfg = self.cfg
         config = {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits,
-                  "estimator": estimator_label(to_plain(cfg.quant).get("estimator")),
+                  "estimator": estimator_label(to_plain(cfg.quant).get("estimator"), self.method),
                   **to_plain(cfg)}
         group = cfg.get("experiment_name", "default")
         name = f"{group}-{self.method}-{config['estimator']}-s{cfg.seed}"
@@ -344,7 +347,7 @@ class Trainer:
         summary = {
             "experiment": cfg.get("experiment_name", "default"),
             "method": self.method,
-            "estimator": estimator_label(to_plain(cfg.quant).get("estimator")),
+            "estimator": estimator_label(to_plain(cfg.quant).get("estimator"), self.method),
             "w_bits": self.w_bits, "a_bits": self.a_bits,
             "model": cfg.model.name, "data": cfg.data.name, "seed": int(cfg.seed),
             "epochs": round(epochs_trained, 4), "epochs_planned": int(cfg.trainer.epochs),

@@ -29,6 +29,9 @@ def test_experiment_composes_and_trains_one_step(experiment, compose, smoke_over
         cfg.data.image_size = 28
     summary = Trainer(cfg, tmp_path).fit()
     assert summary["steps"] == 1 and summary["method"] == method
+    default_estimator = {"fp": "none", "bwn": "clipped_ste", "xnor": "clipped_ste", "ternary": "identity",
+                         "hq": "identity", "fda": "fourier"}[method]
+    assert summary["estimator"] == default_estimator
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == cfg.model.name
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
 
