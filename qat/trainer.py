@@ -315,6 +315,9 @@ class Trainer:
                 self._save("last.pt", None if completed else train_sums)
                 if improved:
                     self._save("best.pt", None if completed else train_sums)
+            if not last_eval and self.eval_loaders:  # resumed a finished run: evaluate it once
+                self._set_progress(1.0)
+                last_eval = {k: v for split in self.eval_loaders for k, v in self.evaluate(split).items()}
         except KeyboardInterrupt:
             interrupted = True
             if self.context.is_main:

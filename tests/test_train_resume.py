@@ -73,6 +73,12 @@ def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_equals_uninterrupted(compose,
     assert_same_training(straight_dir, resumed_dir, straight, resumed)
 
 
+def test_resuming_a_finished_run_reports_its_accuracy_without_training(compose, tmp_path):
+    done, done_dir = run(compose, tmp_path, "done", "quant=xnor")
+    again, _ = run(compose, tmp_path, "again", "quant=xnor", f"trainer.resume={done_dir}")
+    assert again["steps"] == done["steps"] == 8 and again["test_acc1"] == done["test_acc1"]
+
+
 def test_checkpoint_loads_with_weights_only_and_holds_config_and_rng(compose, tmp_path):
     _, run_dir = run(compose, tmp_path, "run", "quant=ternary", "trainer.max_steps=1")
     payload = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
