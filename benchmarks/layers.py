@@ -21,17 +21,22 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch
 from torch import nn
 
-import layers
-import qat
+import layers  # noqa: E402
+import qat  # noqa: E402
 
-METHODS = ["bwn", "xnor", "ternary", "hq", "fda"]
+#: (row label, method, training progress): FDA twice, with its noise module active (mid-training)
+#: and at the end of training, where only the Fourier estimator remains.
+CASES = [("nn.Conv2d", "fp", None), ("BWNConv2d", "bwn", 0.5), ("XNORConv2d", "xnor", 0.5),
+         ("TernaryConv2d", "ternary", 0.5), ("HQConv2d", "hq", 0.5),
+         ("FDAConv2d (noise module on, p=0.5)", "fda", 0.5), ("FDAConv2d (noise module off, p=1)", "fda", 1.0)]
 
 
-def build(method: str, channels: int, device) -> nn.Module:
-    conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False, device=device)
+def build(method: str, progress, channels: int, device) -> nn.Module:
     if method == "fp":
-        return conv
-    return layers.LAYER_CLASSES[(method, nn.Conv2d)](channels, channels, 3, padding=1, bias=False, device=device)
+        return nn.Conv2d(channels, channels, 3, padding=1, bias=False, device=device)
+    layer = layers.LAYER_CLASSES[(method, nn.Conv2d)](channels, channels, 3, padding=1, bias=False, device=device)
+    qat.set_progress(layer, progress)
+    return layer
 
 
 def step(layer: nn.Module, x: torch.Tensor) -> None:
@@ -48,10 +53,9 @@ def synchronize(device):
 def time_layers(device, channels, size, batch, repeats, warmup):
     torch.manual_seed(0)
     x = torch.randn(batch, channels, size, size, device=device, requires_grad=True)
-    names = ["fp", *METHODS]
-    built = {m: build(m, channels, device) for m in names}
-    for m, layer in built.items():
-        qat.set_progress(layer, 0.5) if m != "fp" else None  # mid-training: FDA's noise module active
+    names = [label for label, _, _ in CASES]
+    built = {label: build(method, progress, channels, device) for label, method, progress in CASES}
+    for layer in built.values():
         for _ in range(warmup):
             step(layer, x)
     best = {m: float("inf") for m in names}
@@ -81,9 +85,8 @@ def main():
     for device in devices:
         best = time_layers(device, args.channels, args.size, args.batch, args.repeats, args.warmup)
         print(f"\n| device | layer | ms | ratio to nn.Conv2d |\n|---|---|---|---|")
-        for m, t in best.items():
-            name = "nn.Conv2d" if m == "fp" else layers.LAYER_CLASSES[(m, nn.Conv2d)].__name__
-            print(f"| {device.type} | {name} | {t * 1e3:.1f} | {t / best['fp']:.2f}x |")
+        for label, t in best.items():
+            print(f"| {device.type} | {label} | {t * 1e3:.1f} | {t / best['nn.Conv2d']:.2f}x |")
 
 
 if __name__ == "__main__":

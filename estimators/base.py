@@ -25,7 +25,8 @@ def sign(x: torch.Tensor) -> torch.Tensor:
     Computed as copysign(1, x + 0.0): IEEE addition turns -0.0 into +0.0, and copysign is one
     vectorised pass (``torch.where`` with scalar operands is ~10x slower on CPU).
     """
-    return torch.copysign(x.new_ones(()), x + 0.0)
+    out = x + 0.0
+    return torch.copysign(x.new_ones(()), out, out=out)
 
 
 class _SurrogateQuantize(torch.autograd.Function):

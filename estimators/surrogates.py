@@ -32,7 +32,7 @@ class ClippedSTE(Estimator):
         self.clip = float(clip)
 
     def grad(self, x):
-        return (x.abs() <= self.clip).to(x.dtype)
+        return x.abs().le_(self.clip)  # in-place comparison on a float tensor writes 1.0 / 0.0
 
     def hyperparameters(self):
         return {"clip": self.clip}
@@ -151,13 +151,14 @@ class Fourier(Estimator):
 
     def grad(self, x):
         w, n = self.omega, self.terms
-        wx = w * x
         # sin(2(n+1)u)/sin(u) is accurate for any tiny u != 0; only u == 0 gives 0/0 = NaN, where
         # the limit is 2(n+1). (Consequence: a NaN input also gets the derivative at 0.) At
         # u = m*pi (|x| >= pi/w, only without clipping) sin(u) is tiny but not 0 in floating point.
-        g = torch.sin((2 * (n + 1)) * wx).div_(torch.sin(wx)).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
+        # In-place steps: on CPU every fresh activation-sized tensor costs page faults.
+        g = (x * (2 * (n + 1) * w)).sin_()
+        g.div_((x * w).sin_()).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
         if self.clip is not None:
-            g.mul_(x.abs() <= self.clip)
+            g.mul_(x.abs().le_(self.clip))
         return g
 
     def hyperparameters(self):

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import estimators
 import layers
 from layers import quantizers
 
@@ -292,3 +293,21 @@ def test_hq_reinitialisation_state_survives_a_checkpoint():
     before = fresh.weight.detach().clone()
     fresh.set_progress(0.8)
     assert not torch.equal(fresh.weight, before)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (6, 5)])
+def test_fused_fda_activation_matches_autograd_of_the_formula(shape):
+    torch.manual_seed(3)
+    act = quantizers.FourierActivation(estimators.get("fourier"), features=5, nam_reduction=2).double()
+    act.set_progress(0.3)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape, dtype=torch.float64)
+    fused = act(x)
+    fused.backward(g)
+    grads_fused = [x.grad.clone(), act.nam.w1.grad.clone(), act.nam.w2.grad.clone()]
+    x.grad = act.nam.w1.grad = act.nam.w2.grad = None
+    reference = act.binarize(x, feature_dim=1 if len(shape) == 4 else -1)  # estimator + NAM via autograd
+    reference.backward(g)
+    torch.testing.assert_close(fused, reference)
+    for got, want in zip(grads_fused, [x.grad, act.nam.w1.grad, act.nam.w2.grad]):
+        torch.testing.assert_close(got, want)
