@@ -5,6 +5,10 @@
     # tables from whatever finished (also partially finished sweeps):
     python benchmarks/accuracy.py table runs/bench/mnist_bnn-* --write benchmarks/ACCURACY.md
 
+`timing` measures the epoch-time ratio under equal conditions: one multirun that trains every
+method for --steps optimizer steps, --repeats times in round-robin order (seed-major), and reports
+the median seconds per epoch (extrapolated from the steps) and its ratio to fp.
+
 `run` starts one Hydra multirun per dataset (`train.py -m +experiment=mnist_bnn data=<d>
 seed=... quant=...`, seed-major so every method gets seed 0 first) with 1 thread and no data
 workers, so the epoch times of the methods are comparable. `table` groups runs by (model, data,
@@ -32,6 +36,31 @@ def run_command(data: str, seeds: list[int], out: Path, source: str, root: str) 
             "seed=" + ",".join(map(str, seeds)), "quant=" + ",".join(METHODS), f"data.source={source}",
             f"data.root={root}", "data.num_workers=0", "trainer.threads=1", "trainer.progress_bar=false",
             "logger=csv", f"hydra.sweep.dir={out / f'mnist_bnn-{data}'}"]
+
+
+def timing_command(data: str, steps: int, repeats: int, out: Path, source: str, root: str) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "-m", "+experiment=mnist_bnn", f"data={data}",
+            "seed=" + ",".join(str(i) for i in range(repeats)), "quant=" + ",".join(METHODS),
+            f"trainer.max_steps={steps}", f"data.source={source}", f"data.root={root}", "data.num_workers=0",
+            "trainer.threads=1", "trainer.progress_bar=false", "logger=none", f"hydra.sweep.dir={out}"]
+
+
+def timing_table(directory: Path) -> str:
+    """Median s/epoch per method over the round-robin repeats, and the ratio to fp's median."""
+    by_method: dict[str, list[float]] = {}
+    for path in sorted(directory.rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        by_method.setdefault(summary["method"], []).append(summary["seconds_per_epoch"])
+    if "fp" not in by_method:
+        raise ValueError(f"no fp runs under {directory}: the ratio needs them")
+    fp = statistics.median(by_method["fp"])
+    lines = ["| method | repeats | median s/epoch | × fp | ≤ 1.10× fp |", "|---|---|---|---|---|"]
+    for method in METHODS:
+        if method in by_method:
+            median = statistics.median(by_method[method])
+            verdict = "" if method == "fp" else ("met" if median / fp <= MAX_BINARY_TIME_RATIO else "not met")
+            lines.append(f"| {method} | {len(by_method[method])} | {median:.1f} | {median / fp:.2f} | {verdict} |")
+    return "\n".join(lines)
 
 
 def load(directory: Path) -> list[dict]:
@@ -105,6 +134,15 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--source", default=str(REPO.parent / "shared" / "data"),
                      help="folder with MNIST/raw and FashionMNIST/raw (copied into --root)")
     run.add_argument("--root", default=str(REPO / "data"))
+    timing = commands.add_parser("timing", help="round-robin epoch-time comparison of the methods")
+    timing.add_argument("--data", default="mnist")
+    timing.add_argument("--steps", type=int, default=300)
+    timing.add_argument("--repeats", type=int, default=3)
+    timing.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "timing")
+    timing.add_argument("--source", default=str(REPO.parent / "shared" / "data"))
+    timing.add_argument("--root", default=str(REPO / "data"))
+    timing.add_argument("--table-only", action="store_true", help="only tabulate an existing --out")
+    timing.add_argument("--write", type=Path, default=None)
     tab = commands.add_parser("table", help="tabulate finished runs")
     tab.add_argument("directories", type=Path, nargs="+", help="sweep directories (searched recursively)")
     tab.add_argument("--write", type=Path, default=None, help="a Markdown file whose marked section to replace")
@@ -115,6 +153,16 @@ def main(argv: list[str] | None = None) -> None:
             command = run_command(data, args.seeds, args.out, args.source, args.root)
             print(" ".join(command), flush=True)
             subprocess.run(command, cwd=REPO, check=True)
+        return
+    if args.command == "timing":
+        if not args.table_only:
+            command = timing_command(args.data, args.steps, args.repeats, args.out, args.source, args.root)
+            print(" ".join(command), flush=True)
+            subprocess.run(command, cwd=REPO, check=True)
+        text = timing_table(args.out)
+        if args.write:
+            replace_section(args.write, "timing", text)
+        print(text)
         return
     text = table([run for directory in args.directories for run in load(directory)])
     if args.write:
