@@ -6,9 +6,11 @@ Each class takes exactly its float base class's constructor arguments, plus keyw
 weights and inputs, ``weight_estimator=`` / ``input_estimator=`` to set them separately, and the
 method's hyperparameters (``layers.methods.METHODS[name].option_names()``). The forward is
 
-    y = op(Q_in(x), Q_w(W)) [* K]
+    y = op(x, Q_w(W)) + b                              (float inputs: BWN, TWN, HQ)
+    y = alpha_c * op(Q_in(x), code(W)) + b  [* K]      (binary inputs: XNOR, FDA)
 
-with op = conv2d or linear and K XNOR's optional activation scale. A float layer's ``state_dict``
+with op = conv2d or linear, Q_w(W) = alpha_c * code(W) = ``quantized_weight()``, and K XNOR's
+optional activation scale. The binary-input form sums +-1 products exactly (see ``forward``). A float layer's ``state_dict``
 loads as is.
 """
 from __future__ import annotations
@@ -97,7 +99,16 @@ class QuantizedLayer:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.float_op(self.quantize_input(x), self.quantized_weight())
+        if self.input_quantizer is None:
+            return self.float_op(x, self.quantized_weight(), self.bias)
+        # Binary inputs: y = alpha_c * op(sign(x), code) + b. With +-1 codes op() sums integers,
+        # exact in float (|sum| < 2^24), so the result equals the packed kernels' integer
+        # accumulator times alpha_c bit for bit, ties (sum == 0) included; op(x, alpha_c code)
+        # would round each product and could turn an exact 0 into +-eps, flipping a later sign.
+        code, scale = self.weight_quantizer.factors(self.weight)
+        y = self.float_op(self.quantize_input(x), code, None) * self.channel_view(scale.reshape(-1))
+        if self.bias is not None:
+            y = y + self.channel_view(self.bias)
         return y * self.input_scale(x) if self.activation_scale else y
 
     def set_progress(self, progress: float) -> None:
@@ -120,8 +131,12 @@ class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
     def input_features(self) -> int:
         return self.in_channels
 
-    def float_op(self, x, weight):
-        return self._conv_forward(x, weight, self.bias)
+    def float_op(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def channel_view(v):
+        return v.view(1, -1, 1, 1)
 
     def input_scale(self, x):
         return conv_input_scale(x, self.kernel_size, self.stride, self.padding, self.dilation)
@@ -134,8 +149,12 @@ class QuantizedLinear(QuantizedLayer, nn.Linear):
     def input_features(self) -> int:
         return self.in_features
 
-    def float_op(self, x, weight):
-        return F.linear(x, weight, self.bias)
+    def float_op(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def channel_view(v):
+        return v
 
     def input_scale(self, x):
         return linear_input_scale(x)

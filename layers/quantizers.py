@@ -76,9 +76,14 @@ class ScaledSignWeight(Quantizer):
         super().__init__(estimator)
         self.detach_scale = bool(detach_scale)
 
-    def forward(self, w):
+    def factors(self, w):
+        """(code, scale): sign(W) with the estimator's backward, and alpha_c shaped [C_out, 1, ...]."""
         alpha = per_channel(torch.mean, w.abs())
-        return self.estimator(w) * (alpha.detach() if self.detach_scale else alpha)
+        return self.estimator(w), (alpha.detach() if self.detach_scale else alpha)
+
+    def forward(self, w):
+        code, scale = self.factors(w)
+        return code * scale
 
 
 def ternarize(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -262,10 +267,14 @@ class FourierWeight(_FourierWithNoise):
     (d = C_in/groups * kh * kw). The per-output-channel scale is detached (BiBench's reading; the
     MindSpore inference code uses one per-layer scalar)."""
 
-    def forward(self, w):
+    def factors(self, w):
+        """(code, scale): sign(W_c) + alpha e(W_c) shaped like W, and mean|W_c| shaped [C_out, 1]."""
         rows = w.flatten(1)
-        scale = rows.abs().mean(dim=1, keepdim=True).detach()
-        return (self.binarize(rows, feature_dim=-1) * scale).view_as(w)
+        return self.binarize(rows, feature_dim=-1).view_as(w), rows.abs().mean(dim=1, keepdim=True).detach()
+
+    def forward(self, w):
+        code, scale = self.factors(w)
+        return code * scale.view(-1, *([1] * (w.dim() - 1)))
 
 
 def _mix(t: torch.Tensor, w: torch.Tensor, channels_first: bool) -> torch.Tensor:

@@ -36,15 +36,20 @@ def resnets():
 def test_packed_resnet18_reproduces_eval_outputs(resnets, method):
     model = resnets[method]
     x = torch.randn(3, 3, 32, 32)
-    packed = pack_model(model)
+    packed = pack_model(model, fold_batchnorm=False)
     assert sum(isinstance(m, PackedLayer) for m in packed.modules()) == 19
     with torch.no_grad():
         ref, out = model(x), packed(x)
-    if method in ("bwn", "ternary", "hq"):
-        assert torch.equal(out, ref)  # the unpacked weight is bit-identical
-    else:
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert torch.equal(out.argmax(1), ref.argmax(1))
+    # float inputs: the unpacked weight is bit-identical; binary inputs: integer accumulator * alpha
+    # + bias in the same float ops as the training layer
+    assert torch.equal(out, ref)
+    folded = pack_model(model)  # BatchNorm folded into the binary layers' epilogue
+    with torch.no_grad():
+        out_folded = folded(x)
+    torch.testing.assert_close(out_folded, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out_folded.argmax(1), ref.argmax(1))
+    folded_bns = sum(type(m).__name__ == "FoldedBatchNorm" for m in folded.modules())
+    assert folded_bns == (19 if method in ("xnor", "fda") else 0)
     # the packed model keeps no latent float weight of the quantized layers
     assert not any(isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d for m in packed.modules())
 
@@ -82,7 +87,7 @@ def test_mnist_cnn_packed_round_trip(tmp_path):
 @pytest.mark.parametrize("method,planes", [("xnor", 1), ("ternary", 2)])
 def test_file_size_matches_summary(resnets, tmp_path, method, planes):
     model = resnets[method]
-    packed = pack_model(model)
+    packed = pack_model(model, fold_batchnorm=False)
     path = save_packed(packed, tmp_path / "m.safetensors")
     tensors, meta = read_packed(path)
     summary = qat.summary(model, (3, 32, 32))
@@ -94,6 +99,8 @@ def test_file_size_matches_summary(resnets, tmp_path, method, planes):
     size = os.path.getsize(path)
     assert summary.quantized_bytes + buffers <= size <= summary.quantized_bytes + buffers + 64 * 1024
     assert size < summary.fp32_bytes / (12 if planes == 1 else 8)
+    folded = save_packed(pack_model(model), tmp_path / "folded.safetensors")
+    assert os.path.getsize(folded) <= size
 
 
 def test_packed_weight_bytes_are_one_thirty_second():

@@ -60,6 +60,7 @@ class PackedSpec:
     dilation: tuple = (1, 1)
     groups: int = 1
     padding_mode: str = "zeros"
+    folded_batchnorm: bool = False
 
     @property
     def k(self) -> int:
@@ -135,11 +136,26 @@ class PackedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spec.binary_input:
             return self.float_op(x, self.float_weight(x.dtype))
-        acc = self.binary_accumulator(x)
-        y = acc.to(x.dtype) * self.channel_vector(self.scale, acc.dim()).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.channel_vector(self.bias, acc.dim()).to(x.dtype)
+        acc = self.channels_to_last(self.binary_accumulator(x))
+        scale = self.scale.expand(self.spec.out_features)
+        y = self.channels_from_last(kernels.epilogue(acc, scale=scale, bias=self.bias)).to(x.dtype)
         return y * self.input_scale(x) if self.spec.activation_scale else y
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.Module) -> None:
+        """Absorb an eval-mode BatchNorm that follows this layer into the epilogue:
+        y = gamma (scale acc + b - mean) / sqrt(var + eps) + beta = mul acc + add, with
+        mul = gamma scale / sqrt(var + eps) and add = gamma (b - mean) / sqrt(var + eps) + beta
+        (``kernels.fold_bn``, in float64). Only for binary-input layers, whose output is acc."""
+        if not self.spec.binary_input or self.spec.activation_scale:
+            raise ValueError("only binary-input layers without an activation scale fold BatchNorm")
+        n = self.spec.out_features
+        mul, add = kernels.fold_bn(n, self.scale.expand(n), self.bias,
+                                   (bn.running_mean, bn.running_var, bn.weight if bn.affine else 1.0,
+                                    bn.bias if bn.affine else 0.0, bn.eps), device=self.scale.device)
+        self.spec.shared_scale, self.spec.bias, self.spec.folded_batchnorm = False, True, True
+        self.scale = mul.float()
+        self.bias = add.float()
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -200,8 +216,12 @@ class PackedConv2d(PackedLayer):
                                      dilation=s.dilation)
 
     @staticmethod
-    def channel_vector(v, dim):
-        return v.view(1, -1, 1, 1)
+    def channels_to_last(acc):
+        return acc.permute(0, 2, 3, 1)  # the kernel's NHWC output: no copy
+
+    @staticmethod
+    def channels_from_last(y):
+        return y.permute(0, 3, 1, 2)
 
     def input_scale(self, x):
         s = self.spec
@@ -229,11 +249,17 @@ class PackedLinear(PackedLayer):
         return acc.reshape(*x.shape[:-1], -1)
 
     @staticmethod
-    def channel_vector(v, dim):
-        return v
+    def channels_to_last(acc):
+        return acc
+
+    channels_from_last = channels_to_last
 
     def input_scale(self, x):
         return linear_input_scale(x)
+
+
+class FoldedBatchNorm(nn.Identity):
+    """Stands where a BatchNorm was folded into the preceding packed layer (``load_packed`` puts it back)."""
 
 
 PACKED_CLASSES = {"conv": PackedConv2d, "linear": PackedLinear}
@@ -247,14 +273,55 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def pack_model(model: nn.Module) -> nn.Module:
-    """A packed copy of ``model`` for inference (eval mode); ``model`` itself is left unchanged."""
+def pack_model(model: nn.Module, fold_batchnorm: bool = True) -> nn.Module:
+    """A packed copy of ``model`` for inference (eval mode); ``model`` itself is left unchanged.
+
+    ``fold_batchnorm``: a BatchNorm whose only input is a binary-input packed layer's output (found
+    by tracing the model with torch.fx) is folded into that layer's epilogue and replaced by
+    ``nn.Identity``. Models that cannot be traced are packed without folding.
+    """
     packed = copy.deepcopy(model).eval()
     targets = [(n, m) for n, m in packed.named_modules() if isinstance(m, QuantizedLayer)]
     for name, layer in targets:
         cls = PackedConv2d if isinstance(layer, QuantizedConv2d) else PackedLinear
         packed = _replace(packed, name, cls.from_quantized(layer))
+    if fold_batchnorm:
+        for layer_name, bn_name in _batchnorms_after_binary_layers(packed):
+            packed.get_submodule(layer_name).fold_batchnorm(packed.get_submodule(bn_name))
+            packed = _replace(packed, bn_name, FoldedBatchNorm())
     return packed
+
+
+def _batchnorms_after_binary_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(packed layer, BatchNorm) module-name pairs where the BN consumes only that layer's output."""
+    import torch.fx
+
+    class PackedLeafTracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualified_name):
+            return isinstance(m, PackedLayer) or super().is_leaf_module(m, qualified_name)
+
+    try:
+        graph = PackedLeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: pack without folding
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or len(node.users) != 1:
+            continue
+        layer = model.get_submodule(node.target)
+        if not (isinstance(layer, PackedLayer) and layer.spec.binary_input and not layer.spec.activation_scale):
+            continue
+        (user,) = node.users
+        if user.op != "call_module" or calls[user.target] != 1 or calls[node.target] != 1:
+            continue
+        bn = model.get_submodule(user.target)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and user.args[0] is node:
+            pairs.append((node.target, user.target))
+    return pairs
 
 
 def packed_specs(model: nn.Module) -> dict[str, dict]:
@@ -273,7 +340,9 @@ def save_packed(model: nn.Module, path, architecture: dict | None = None) -> Pat
     if not specs:
         raise ValueError("the model holds no packed layers: pass the result of qat.export.pack_model(model)")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    metadata = {"format": FORMAT, "layers": json.dumps(specs), "architecture": json.dumps(architecture)}
+    folded = [n for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]
+    metadata = {"format": FORMAT, "layers": json.dumps(specs), "architecture": json.dumps(architecture),
+                "folded_batchnorms": json.dumps(folded)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
@@ -299,7 +368,7 @@ def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a packed model "
                          f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
-    return tensors, {"layers": json.loads(metadata["layers"]), "architecture": json.loads(metadata["architecture"])}
+    return tensors, {key: json.loads(metadata.get(key, "[]")) for key in ("layers", "architecture", "folded_batchnorms")}
 
 
 def load_packed(path, model: nn.Module | None = None) -> nn.Module:
@@ -323,6 +392,8 @@ def load_packed(path, model: nn.Module | None = None) -> nn.Module:
         except AttributeError:
             raise ValueError(f"{path} has a packed layer {name!r} that the given model does not have") from None
         model = _replace(model, name, PACKED_CLASSES[spec.kind](spec))
+    for name in meta["folded_batchnorms"]:
+        model = _replace(model, name, FoldedBatchNorm())
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
