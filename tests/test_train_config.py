@@ -74,6 +74,7 @@ def test_mnist_bnn_keeps_its_shape_under_quant_swaps(compose, method, first_laye
 def test_mnist_bnn_recipe(compose):
     cfg = compose(["+experiment=mnist_bnn"])
     assert (cfg.optim.name, cfg.optim.lr, cfg.data.batch_size, cfg.trainer.epochs) == ("adam", 1e-3, 64, 6)
+    assert (cfg.sched.name, cfg.sched.warmup_epochs, cfg.sched.final_lr_fraction) == ("cosine", 0, 0.0)
     assert list(cfg.quant.keep_fp) == []
 
 
