@@ -39,6 +39,39 @@ def linear_input_scale(x):
     return x.abs().mean(dim=-1, keepdim=True)
 
 
+class _ScaledAfterOp(torch.autograd.Function):
+    """y = op(x, code) * s_c + b_c, with the gradients of op(x, W~) + b for W~ = s_c * code:
+
+        dL/dx = op_x^T(g; W~),   dL/dcode = s_c * G,   dL/ds_c = sum_{i in c} G_i code_i,
+        dL/db_c = sum g,          with G = op_W^T(g; x) the weight gradient of op at W~.
+
+    The value is the exact-integer form of ``QuantizedLayer.forward``; the backward is what
+    autograd gives for ``op(x, code) * s + b`` (the same function), computed without the two
+    extra passes over activation-sized tensors that autograd's mul would take: scale and bias
+    act on weight-sized tensors and one in-place pass over the output.
+    """
+
+    @staticmethod
+    def forward(ctx, x, code, scale, bias, layer):
+        with torch.no_grad():
+            y = layer.float_op(x, code, None).mul_(layer.channel_view(scale))
+            if bias is not None:
+                y.add_(layer.channel_view(bias))
+        ctx.save_for_backward(x, code, scale)
+        ctx.layer, ctx.has_bias = layer, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, code, scale = ctx.saved_tensors
+        layer = ctx.layer
+        per_channel = scale.view(-1, *([1] * (code.dim() - 1)))
+        grad_x, grad_w = layer.op_backward(g, x, code * per_channel, ctx.needs_input_grad[0])
+        grad_scale = (grad_w * code).flatten(1).sum(1) if ctx.needs_input_grad[2] else None
+        grad_bias = layer.output_channel_sum(g) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_x, grad_w * per_channel, grad_scale, grad_bias, None
+
+
 class QuantizedLayer:
     """Mixin over a float layer class; subclasses set ``method`` and ``float_type``."""
 
@@ -106,9 +139,13 @@ class QuantizedLayer:
         # accumulator times alpha_c bit for bit, ties (sum == 0) included; op(x, alpha_c code)
         # would round each product and could turn an exact 0 into +-eps, flipping a later sign.
         code, scale = self.weight_quantizer.factors(self.weight)
-        y = self.float_op(self.quantize_input(x), code, None) * self.channel_view(scale.reshape(-1))
-        if self.bias is not None:
-            y = y + self.channel_view(self.bias)
+        x_q = self.quantize_input(x)
+        if self.has_fast_backward():
+            y = _ScaledAfterOp.apply(x_q, code, scale.reshape(-1), self.bias, self)
+        else:
+            y = self.float_op(x_q, code, None) * self.channel_view(scale.reshape(-1))
+            if self.bias is not None:
+                y = y + self.channel_view(self.bias)
         return y * self.input_scale(x) if self.activation_scale else y
 
     def set_progress(self, progress: float) -> None:
@@ -138,6 +175,19 @@ class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
     def channel_view(v):
         return v.view(1, -1, 1, 1)
 
+    def has_fast_backward(self) -> bool:
+        return self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+    def op_backward(self, g, x, weight, need_x):
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            g, x, weight, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups,
+            [need_x, True, False])
+        return grad_x, grad_w
+
+    @staticmethod
+    def output_channel_sum(g):
+        return g.sum(dim=(0, 2, 3))
+
     def input_scale(self, x):
         return conv_input_scale(x, self.kernel_size, self.stride, self.padding, self.dilation)
 
@@ -155,6 +205,20 @@ class QuantizedLinear(QuantizedLayer, nn.Linear):
     @staticmethod
     def channel_view(v):
         return v
+
+    @staticmethod
+    def has_fast_backward() -> bool:
+        return True
+
+    @staticmethod
+    def op_backward(g, x, weight, need_x):
+        rows_g, rows_x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = (rows_g @ weight).view_as(x) if need_x else None
+        return grad_x, rows_g.T @ rows_x
+
+    @staticmethod
+    def output_channel_sum(g):
+        return g.reshape(-1, g.shape[-1]).sum(0)
 
     def input_scale(self, x):
         return linear_input_scale(x)

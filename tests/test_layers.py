@@ -325,3 +325,33 @@ def test_fused_fda_activation_matches_autograd_of_the_formula(shape):
     torch.testing.assert_close(fused, reference)
     for got, want in zip(grads_fused, [x.grad, act.nam.w1.grad, act.nam.w2.grad]):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("XNORConv2d", dict(stride=2, padding=1, dilation=1, groups=2, bias=True)),
+    ("XNORConv2d", dict(padding=2, dilation=2, bias=False)),
+    ("FDAConv2d", dict(padding=1, bias=True)),
+    ("XNORLinear", dict(bias=True)),
+    ("FDALinear", dict(bias=False)),
+])
+def test_binary_input_backward_matches_autograd(name, kwargs):
+    """The fused scale-after-op node gives autograd's gradients of op(x, code) * alpha + b."""
+    torch.manual_seed(2)
+    is_conv = name.endswith("Conv2d")
+    layer = (getattr(layers, name)(4, 6, 3, **kwargs) if is_conv else getattr(layers, name)(5, 3, **kwargs)).double()
+    layer.set_progress(0.4)
+    x = torch.randn(*((2, 4, 7, 7) if is_conv else (4, 5)), dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    fast = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    code, scale = layer.weight_quantizer.factors(layer.weight)
+    ref = layer.float_op(layer.quantize_input(x), code, None) * layer.channel_view(scale.reshape(-1))
+    if layer.bias is not None:
+        ref = ref + layer.channel_view(layer.bias)
+    torch.testing.assert_close(y, ref)
+    ref.backward(g)
+    for got, want in zip(fast, [x.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(got, want)
