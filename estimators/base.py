@@ -42,7 +42,7 @@ class _SurrogateQuantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (x,) = ctx.saved_tensors
-        return ctx.estimator.grad(x).to(grad_output.dtype).mul_(grad_output), None, None
+        return ctx.estimator.backward(x, grad_output), None, None
 
 
 class Estimator(nn.Module):
@@ -57,6 +57,10 @@ class Estimator(nn.Module):
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def backward(self, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
+        """dL/dx = dL/dy * grad(x); an estimator may override it with a fused equivalent."""
+        return self.grad(x).to(grad_output.dtype).mul_(grad_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x, sign)

@@ -34,6 +34,12 @@ class ClippedSTE(Estimator):
     def grad(self, x):
         return x.abs().le_(self.clip)  # in-place comparison on a float tensor writes 1.0 / 0.0
 
+    def backward(self, x, grad_output):
+        # One fused pass: hardtanh's backward keeps g where min < x < max (exclusive), so the
+        # bounds are moved one ulp of x's dtype outwards to keep |x| == clip (inclusive).
+        bound = float(torch.nextafter(torch.tensor(self.clip, dtype=x.dtype), torch.tensor(math.inf, dtype=x.dtype)))
+        return torch.ops.aten.hardtanh_backward(grad_output, x, -bound, bound)
+
     def hyperparameters(self):
         return {"clip": self.clip}
 

@@ -142,3 +142,15 @@ def test_get_accepts_mapping_and_object():
 def test_progress_out_of_range(p):
     with pytest.raises(ValueError, match="progress"):
         estimators.get("ede").set_progress(p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clipped_ste_fused_backward_is_inclusive_in_every_dtype(dtype):
+    est = estimators.get("clipped_ste")
+    one = torch.tensor(1.0, dtype=dtype)
+    above = torch.nextafter(one, torch.tensor(2.0, dtype=dtype))
+    below = torch.nextafter(one, torch.tensor(0.0, dtype=dtype))
+    x = torch.stack([one, -one, above, -above, below, -below, torch.tensor(0.0, dtype=dtype)]).requires_grad_(True)
+    est(x).backward(torch.full_like(x, 3.0))
+    assert x.grad.tolist() == [3.0, 3.0, 0.0, 0.0, 3.0, 3.0, 3.0]
+    assert torch.equal(x.grad, 3.0 * est.grad(x.detach()).to(dtype))
