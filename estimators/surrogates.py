@@ -157,14 +157,18 @@ class Fourier(Estimator):
 
     def grad(self, x):
         w, n = self.omega, self.terms
-        # sin(2(n+1)u)/sin(u) is accurate for any tiny u != 0; only u == 0 gives 0/0 = NaN, where
-        # the limit is 2(n+1). (Consequence: a NaN input also gets the derivative at 0.) At
-        # u = m*pi (|x| >= pi/w, only without clipping) sin(u) is tiny but not 0 in floating point.
-        # In-place steps: on CPU every fresh activation-sized tensor costs page faults.
-        g = (x * (2 * (n + 1) * w)).sin_()
-        g.div_((x * w).sin_()).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
+        # The derivative is even, so it is computed from a = |x|. sin(2(n+1)u)/sin(u) is accurate
+        # while u = w a is a normal float; below that (subnormal a) the quotient of rounded
+        # subnormals is wrong, so such a is set to 0, where 0/0 = NaN is replaced by the limit
+        # 2(n+1) (the true value differs by a relative O((n w a)^2), far below rounding). A NaN
+        # input also gets the derivative at 0. At u = m*pi (|x| >= pi/w, only without clipping)
+        # sin(u) is tiny but not 0 in floating point. In-place steps: on CPU every fresh
+        # activation-sized tensor costs page faults.
+        a = torch.threshold(x.abs(), torch.finfo(x.dtype).tiny / w, 0.0)
+        g = (a * (2 * (n + 1) * w)).sin_()
+        g.div_((a * w).sin_()).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
         if self.clip is not None:
-            g.mul_(x.abs().le_(self.clip))
+            g.mul_(a.le_(self.clip))
         return g
 
     def hyperparameters(self):
