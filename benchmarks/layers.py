@@ -84,7 +84,7 @@ def main():
           f"min of {args.repeats} interleaved rounds")
     for device in devices:
         best = time_layers(device, args.channels, args.size, args.batch, args.repeats, args.warmup)
-        print(f"\n| device | layer | ms | ratio to nn.Conv2d |\n|---|---|---|---|")
+        print("\n| device | layer | ms | ratio to nn.Conv2d |\n|---|---|---|---|")
         for label, t in best.items():
             print(f"| {device.type} | {label} | {t * 1e3:.1f} | {t / best['nn.Conv2d']:.2f}x |")
 

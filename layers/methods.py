@@ -15,7 +15,6 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-import estimators
 
 from . import quantizers as q
 

@@ -17,7 +17,6 @@ does not take, or a glob (in keep_fp or overrides) that matches no layer raises 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
 
 from torch import nn
 

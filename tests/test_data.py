@@ -1,5 +1,4 @@
 """Datasets: synthetic data, the validation split, ImageFolder trees, offline errors, real MNIST."""
-import shutil
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 import numpy as np
 
-import layers
 from estimators import get
 from layers import quantizers
 

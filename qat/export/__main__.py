@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
         arch = dict(architecture)
         float_model = models.build(arch.pop("name"), **arch)
         rows = time_inference({"float": float_model, "packed": packed}, input_shape, args.batch_sizes, args.rounds)
-        print(f"\n| batch | float (ms) | packed (ms) | packed speed vs float |\n|---|---|---|---|")
+        print("\n| batch | float (ms) | packed (ms) | packed speed vs float |\n|---|---|---|---|")
         for row in rows:
             print(f"| {row['batch']} | {row['float_ms']:.2f} | {row['packed_ms']:.2f} | "
                   f"{row['float_ms'] / row['packed_ms']:.2f}x |")
