@@ -164,7 +164,7 @@ class Fourier(Estimator):
         # input also gets the derivative at 0. At u = m*pi (|x| >= pi/w, only without clipping)
         # sin(u) is tiny but not 0 in floating point. In-place steps: on CPU every fresh
         # activation-sized tensor costs page faults.
-        a = torch.threshold(x.abs(), torch.finfo(x.dtype).tiny / w, 0.0)
+        a = torch.threshold_(x.abs(), torch.finfo(x.dtype).tiny / w, 0.0)
         g = (a * (2 * (n + 1) * w)).sin_()
         g.div_((a * w).sin_()).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
         if self.clip is not None:

@@ -287,6 +287,18 @@ def _mix(t: torch.Tensor, w: torch.Tensor, channels_first: bool) -> torch.Tensor
     return F.linear(t, w)
 
 
+def _mix_add_(out: torch.Tensor, w: torch.Tensor, t: torch.Tensor, alpha: float, channels_first: bool) -> torch.Tensor:
+    """out += alpha * (w t) in place (``_mix`` accumulated, without a temporary of out's size)."""
+    if not out.is_contiguous():  # e.g. channels_last inputs: no flat view, take the plain route
+        return out.add_(_mix(t, w, channels_first), alpha=alpha)
+    if channels_first:
+        n, c_in, h, w_ = t.shape
+        out.view(n, w.shape[0], h * w_).baddbmm_(w.expand(n, *w.shape), t.reshape(n, c_in, h * w_), alpha=alpha)
+    else:
+        out.view(-1, w.shape[0]).addmm_(t.reshape(-1, t.shape[-1]), w.T, alpha=alpha)
+    return out
+
+
 def _outer(a: torch.Tensor, b: torch.Tensor, channels_first: bool) -> torch.Tensor:
     """sum over positions of a b^T: the weight gradient of ``_mix``."""
     if channels_first:
@@ -308,8 +320,8 @@ class _SignWithNoise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, w1, w2, estimator, alpha, shortcut, channels_first):
         hidden = F.relu(_mix(t, w1, channels_first))
-        z = _mix(hidden, w2, channels_first)
-        z.add_(torch.sin(t), alpha=shortcut).mul_(alpha).add_(sign(t))
+        z = sign(t).add_(torch.sin(t), alpha=alpha * shortcut)
+        _mix_add_(z, w2, hidden, alpha, channels_first)
         ctx.save_for_backward(t, hidden, w1, w2)
         ctx.estimator, ctx.alpha, ctx.shortcut, ctx.channels_first = estimator, alpha, shortcut, channels_first
         return z
@@ -321,7 +333,7 @@ class _SignWithNoise(torch.autograd.Function):
         grad_t = ctx.estimator.grad(t).mul_(g)
         grad_t.addcmul_(torch.cos(t), g, value=alpha * ctx.shortcut)
         grad_hidden = _mix(g, w2.T, cf).mul_(alpha).mul_(hidden > 0)
-        grad_t.add_(_mix(grad_hidden, w1.T, cf))
+        _mix_add_(grad_t, w1.T, grad_hidden, 1.0, cf)
         grad_w2 = _outer(g, hidden, cf).mul_(alpha)
         grad_w1 = _outer(grad_hidden, t, cf)
         return grad_t, grad_w1, grad_w2, None, None, None, None

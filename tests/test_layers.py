@@ -309,12 +309,15 @@ def test_hq_reinitialisation_state_survives_a_checkpoint():
     assert not torch.equal(fresh.weight, before)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (6, 5)])
-def test_fused_fda_activation_matches_autograd_of_the_formula(shape):
+@pytest.mark.parametrize("shape,channels_last", [((2, 5, 4, 3), False), ((2, 5, 4, 3), True), ((6, 5), False)])
+def test_fused_fda_activation_matches_autograd_of_the_formula(shape, channels_last):
     torch.manual_seed(3)
     act = quantizers.FourierActivation(estimators.get("fourier"), features=5, nam_reduction=2).double()
     act.set_progress(0.3)
-    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*shape, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     g = torch.randn(*shape, dtype=torch.float64)
     fused = act(x)
     fused.backward(g)
