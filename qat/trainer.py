@@ -66,12 +66,6 @@ def estimator_label(estimator: Any, method: str) -> str:
     return str(estimator)
 
 
-def model_options(model_cfg: DictConfig) -> dict:
-    options = to_plain(model_cfg)
-    options.pop("name")
-    return options
-
-
 def summary_facts(model_summary) -> dict[str, Any]:
     facts = {}
     for key in ("params", "fp32_bytes", "quantized_bytes", "compression", "binary_mac_share",
@@ -105,8 +99,8 @@ class Trainer:
         self.w_bits, self.a_bits = qat.method_bits(self.method)
 
         self.data = build_data(cfg.data)
-        float_model = models.build(cfg.model.name, num_classes=self.data.num_classes,
-                                   in_channels=self.data.channels, **model_options(cfg.model))
+        float_model = models.build_architecture(
+            models.architecture(cfg.model, self.data.num_classes, self.data.channels))
         self.model = qat.quantize_model(float_model, to_plain(cfg.quant))
         self.model_summary = qat.summary(self.model, self.data.input_size)
         self.model.to(self.device)

@@ -26,11 +26,8 @@ def trained_model_from_checkpoint(path):
     """(quantized model with the checkpoint's weights, its architecture dict, input shape)."""
     payload = checkpoint.load_checkpoint(path)
     cfg = OmegaConf.create(payload["config_yaml"])
-    options = to_plain(cfg.model)
-    architecture = {"name": options.pop("name"), "num_classes": int(cfg.data.num_classes),
-                    "in_channels": int(cfg.data.channels), **options}
-    arch = dict(architecture)
-    model = qat.quantize_model(models.build(arch.pop("name"), **arch), to_plain(cfg.quant))
+    architecture = models.architecture(cfg.model, cfg.data.num_classes, cfg.data.channels)
+    model = qat.quantize_model(models.build_architecture(architecture), to_plain(cfg.quant))
     checkpoint.load_model_state(model, payload["model"], path)
     qat.set_progress(model, 1.0)
     input_shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
@@ -62,8 +59,7 @@ def main(argv=None) -> int:
     print(f"wrote {path}: {os.path.getsize(path):,} bytes (summary quantized_bytes {summary.quantized_bytes:,}, "
           f"float32 {summary.fp32_bytes:,}, {summary.fp32_bytes / os.path.getsize(path):.1f}x smaller)")
     if args.benchmark:
-        arch = dict(architecture)
-        float_model = models.build(arch.pop("name"), **arch)
+        float_model = models.build_architecture(architecture)
         rows = time_inference({"float": float_model, "packed": packed}, input_shape, args.batch_sizes, args.rounds)
         print("\n| batch | float (ms) | packed (ms) | packed speed vs float |\n|---|---|---|---|")
         for row in rows:

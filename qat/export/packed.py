@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from estimators import sign
 from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from layers.quantized import conv_input_scale, linear_input_scale
 
@@ -98,7 +99,7 @@ class PackedLayer(nn.Module):
         with torch.no_grad():
             quantized = layer.quantized_weight().detach().float().flatten(1)
         spec = cls.spec_of(layer)
-        code = torch.sign(quantized) if layer.weight_bits == 2 else torch.where(quantized >= 0, 1.0, -1.0)
+        code = torch.sign(quantized) if layer.weight_bits == 2 else sign(quantized)
         scale = quantized.abs().amax(dim=1)
         if spec.shared_scale:
             scale = scale.amax().reshape(1)
@@ -109,9 +110,9 @@ class PackedLayer(nn.Module):
         if spec.code == "binary":
             packed.weight_bits.copy_(kernels.pack_bits(code))
         else:
-            sign, nonzero = kernels.pack_ternary(code)
-            packed.weight_sign.copy_(sign)
-            packed.weight_nonzero.copy_(nonzero)
+            sign_plane, nonzero_plane = kernels.pack_ternary(code)
+            packed.weight_sign.copy_(sign_plane)
+            packed.weight_nonzero.copy_(nonzero_plane)
         packed.scale.copy_(scale)
         if spec.bias:
             packed.bias.copy_(layer.bias.detach())
@@ -207,8 +208,7 @@ class PackedConv2d(PackedLayer):
         s = self.spec
         x, padding = self._pad_input(x)
         if s.groups != 1:  # the packed kernel is for groups = 1: exact float conv of the +-1 values
-            signs = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-            return F.conv2d(signs, self.codes(x.dtype).reshape(s.weight_shape), None, s.stride, padding,
+            return F.conv2d(sign(x), self.codes(x.dtype).reshape(s.weight_shape), None, s.stride, padding,
                             s.dilation, s.groups)
         if self._tap_bits is None or self._tap_bits.device != x.device:
             self._tap_bits = kernels.pack_conv_weight(self.codes().reshape(s.weight_shape)).to(x.device)
@@ -383,8 +383,7 @@ def load_packed(path, model: nn.Module | None = None) -> nn.Module:
         if not architecture:
             raise ValueError(f"{path} records no architecture; pass the float model: load_packed(path, model=...)")
         from qat import models
-        architecture = dict(architecture)
-        model = models.build(architecture.pop("name"), **architecture)
+        model = models.build_architecture(architecture)
     for name, spec_dict in meta["layers"].items():
         spec = PackedSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_dict.items()})
         try:

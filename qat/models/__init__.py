@@ -46,4 +46,19 @@ def build(name: str, num_classes: int, in_channels: int = 3, **options) -> nn.Mo
         raise ValueError(f"bad options for model {name!r}: {error}") from error
 
 
-__all__ = ["MODELS", "build", "names"]
+def architecture(model_cfg, num_classes: int, in_channels: int) -> dict:
+    """The plain ``{"name": ..., "num_classes": ..., "in_channels": ..., **options}`` a model config
+    describes: what ``build_architecture`` takes and what packed model files record."""
+    from qat.config import to_plain
+
+    options = dict(to_plain(model_cfg))
+    return {"name": options.pop("name"), "num_classes": int(num_classes), "in_channels": int(in_channels), **options}
+
+
+def build_architecture(arch: dict) -> nn.Module:
+    """``build`` from an ``architecture`` dict (the dict is not modified)."""
+    options = dict(arch)
+    return build(options.pop("name"), **options)
+
+
+__all__ = ["MODELS", "architecture", "build", "build_architecture", "names"]
