@@ -9,6 +9,19 @@ import torch
 from .base import Estimator, check_progress, require
 
 
+def sech_squared(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """sech^2(scale * x) = 1 - tanh^2(scale * x), computed as 4 s (1 - s), s = sigmoid(-2 scale |x|).
+
+    ``1 - tanh(y)**2`` cancels: tanh(y) rounds to exactly 1 once |y| > 9 in float32 (19 in float64),
+    so the difference is 0 although sech^2(9) = 6e-8 (a SwishSign with beta = 10 loses its whole
+    tail beyond |x| = 1.8). s = 1 / (1 + e^{2|y|}) <= 1/2 keeps its relative accuracy down to the
+    underflow of e^{-2|y|} (|y| ~ 44 in float32), and 1 - s has no cancellation. (sigmoid is
+    also much cheaper than tanh or cosh on CPU.) NaN stays NaN, +-inf gives 0.
+    """
+    s = x.abs().mul_(-2.0 * scale).sigmoid_()
+    return s.mul_(torch.rsub(s, 1.0)).mul_(4.0)
+
+
 class Identity(Estimator):
     """Plain straight-through estimator (BinaryConnect): d sign/dx := 1."""
 
@@ -62,6 +75,9 @@ class SwishSign(Estimator):
         d sign/dx := beta * (2 - beta*x * tanh(beta*x/2)) / (1 + cosh(beta*x)),
 
     the derivative of 2*sigmoid(beta*x)*(1 + beta*x*(1 - sigmoid(beta*x))) - 1. Default beta = 5.
+    With h = beta*x/2 and 1 + cosh(2h) = 2 cosh^2(h) it is computed as
+    beta * (1 - h tanh(h)) * sech^2(h) (``sech_squared``: no cancellation, so the tail stays
+    nonzero in float32, e.g. at |x| = 5 with beta = 10, and no overflow). +-inf gives the limit 0.
     """
 
     name = "swish_sign"
@@ -71,12 +87,15 @@ class SwishSign(Estimator):
         require(beta > 0, f"swish_sign: beta must be > 0, got {beta!r}")
         self.beta = float(beta)
 
+    # sech^2(h) is exactly 0 beyond |h| = 374 in every float dtype (4 e^{-748} < the smallest
+    # float64), so clamping h there changes no finite value and turns +-inf into 0 instead of
+    # (1 - inf) * 0 = NaN.
+    _H_MAX = 400.0
+
     def grad(self, x):
-        # With h = beta*x/2 and 1 + cosh(2h) = 2 cosh^2(h), the formula becomes
-        # beta * (1 - h tanh(h)) * (1 - tanh^2(h)): one tanh, no overflow for large |x|.
-        h = (0.5 * self.beta) * x
-        th = torch.tanh(h)
-        return self.beta * (1.0 - h * th) * (1.0 - th * th)
+        h = torch.clamp(x, -self._H_MAX / (0.5 * self.beta), self._H_MAX / (0.5 * self.beta)).mul_(0.5 * self.beta)
+        g = torch.tanh(h).mul_(h).neg_().add_(1.0)
+        return g.mul_(sech_squared(h)).mul_(self.beta)
 
     def hyperparameters(self):
         return {"beta": self.beta}
@@ -85,13 +104,14 @@ class SwishSign(Estimator):
 class ErrorDecay(Estimator):
     """IR-Net's Error Decay Estimator (Qin et al. 2020): sign(x) ~ k*tanh(t*x), so
 
-        d sign/dx := k * t * (1 - tanh^2(t*x)),
+        d sign/dx := k * t * (1 - tanh^2(t*x)) = k * t * sech^2(t*x),
         t(p) = t_min * 10^(p * log10(t_max / t_min)),   k(p) = max(1/t(p), 1),
 
     with p the training progress in [0, 1] (the paper's epoch i of N). Stage 1 (t < 1, k = 1/t)
     is near-identity, stage 2 (t >= 1) approaches sign. Paper: t_min = 0.1, t_max = 10 (the
     official CIFAR ResNet-20 1w1a trainer uses t_min = 1e-3). The official code updates t once per
-    epoch; here it follows whatever progress the trainer hands in (every step).
+    epoch; here it follows whatever progress the trainer hands in (every step). sech^2 is computed
+    by ``sech_squared``, not as 1 - tanh^2, which is exactly 0 in float32 once |t x| > 9.
     """
 
     name = "ede"
@@ -110,7 +130,7 @@ class ErrorDecay(Estimator):
         self.k = max(1.0 / self.t, 1.0)
 
     def grad(self, x):
-        return self.k * self.t * (1.0 - torch.tanh(self.t * x) ** 2)
+        return sech_squared(x, self.t).mul_(self.k * self.t)
 
     def hyperparameters(self):
         return {"t_min": self.t_min, "t_max": self.t_max, "t": self.t, "k": self.k}
@@ -133,6 +153,12 @@ class Fourier(Estimator):
     ``max_terms = terms`` fixes n. The paper does not give omega either; BiBench uses 0.1.
     Late in training the surrogate is negative just inside |x| <= 1 (first zero at
     pi / (2 (n+1) w)); that is a property of the truncated series and is kept.
+
+    Non-finite inputs, the same with and without ``clip``: a NaN input gives a NaN derivative (it
+    propagates, so anomaly detection and AMP's inf/NaN check on gradients see it), and x = +-inf
+    gives 0: it lies outside every clip range, and without clipping the periodic series has no
+    limit at infinity, so 0, the derivative of sign there (and every other estimator's value at
+    +-inf but the identity's), is used.
     """
 
     name = "fourier"
@@ -157,19 +183,20 @@ class Fourier(Estimator):
 
     def grad(self, x):
         w, n = self.omega, self.terms
-        # The derivative is even, so it is computed from a = |x|. sin(2(n+1)u)/sin(u) is accurate
-        # while u = w a is a normal float; below that (subnormal a) the quotient of rounded
-        # subnormals is wrong, so such a is set to 0, where 0/0 = NaN is replaced by the limit
-        # 2(n+1) (the true value differs by a relative O((n w a)^2), far below rounding). A NaN
-        # input also gets the derivative at 0. At u = m*pi (|x| >= pi/w, only without clipping)
-        # sin(u) is tiny but not 0 in floating point. In-place steps: on CPU every fresh
-        # activation-sized tensor costs page faults.
-        a = torch.threshold_(x.abs(), torch.finfo(x.dtype).tiny / w, 0.0)
-        g = (a * (2 * (n + 1) * w)).sin_()
-        g.div_((a * w).sin_()).nan_to_num_(nan=2.0 * (n + 1)).mul_(2.0 * w / math.pi)
-        if self.clip is not None:
-            g.mul_(a.le_(self.clip))
-        return g
+        # The derivative is even, so it is computed from a = |x| and u = w a. sin(2(n+1)u)/sin(u)
+        # is accurate while u is a normal float; below that (0 and subnormal u) u is raised to
+        # the smallest normal float, a power of two, where both sines are exactly their arguments
+        # and the quotient is exactly the limit 2(n+1) (the true value differs by a relative
+        # O((n u)^2), far below rounding): no 0/0, so a NaN input stays NaN. u is also capped
+        # where 2(n+1)u would overflow, so +-inf gives a finite quotient, which the mask
+        # 1[a <= clip] (1[a <= largest float] without clip) then sets to 0, while NaN * 0 stays
+        # NaN. At u = m*pi (|x| >= pi/w, only without clipping) sin(u) is tiny but not 0 in
+        # floating point. In-place steps: on CPU every fresh activation-sized tensor costs page faults.
+        finfo = torch.finfo(x.dtype)
+        a = x.abs()
+        u = torch.clamp_(a * w, min=finfo.tiny, max=finfo.max / (2 * (n + 1)))
+        g = (u * (2 * (n + 1))).sin_().div_(u.sin_()).mul_(2.0 * w / math.pi)
+        return g.mul_(a.le_(finfo.max if self.clip is None else self.clip))
 
     def hyperparameters(self):
         return {"terms": self.terms, "start_terms": self.start_terms, "max_terms": self.max_terms,
