@@ -234,7 +234,12 @@ class _FourierWithNoise(Quantizer):
     forward pass (Fig. 2a: yes, Alg. 1: no); this follows Fig. 2a and BiBench (it is), which is the
     reading under which the alpha -> 0 schedule matters. Gradients of the NAM term come from
     autograd on Eq. 14, i.e. every NAM term is scaled by alpha (Eq. 15-17 as printed drop it).
-    Once alpha == 0 the module is skipped entirely.
+
+    The noise term is a training-time adaptation: it is applied only in ``train()`` mode while
+    alpha > 0. In ``eval()`` mode, and whenever alpha == 0, the module is skipped entirely and the
+    quantizer computes the binary network itself (exactly the values it gives at p = 1), so every
+    validation figure, and the checkpoint chosen on it, is that of the network that is deployed
+    (reference/algorithms.md §8a: evaluate with training-only modules inactive).
     """
 
     bits = 1
@@ -252,9 +257,14 @@ class _FourierWithNoise(Quantizer):
         super().set_progress(progress)
         self.noise_weight = cosine_schedule(self.initial_noise_weight, check_progress(progress))
 
+    @property
+    def noise_active(self) -> bool:
+        """Whether the forward adds alpha e(t): only while training and alpha > 0."""
+        return self.training and self.noise_weight != 0.0
+
     def binarize(self, t, feature_dim):
         z = self.estimator(t)
-        if self.noise_weight == 0.0:
+        if not self.noise_active:
             return z
         return torch.add(z, self.nam(t, feature_dim), alpha=self.noise_weight)
 
@@ -341,11 +351,11 @@ class _SignWithNoise(torch.autograd.Function):
 
 class FourierActivation(_FourierWithNoise):
     """FDA activations: sign(x) + alpha e(x), the NAM along the channel axis (dim 1) at every
-    position (d = C_in), as BiBench does (the paper does not say how x is reshaped). While alpha > 0
-    the fused ``_SignWithNoise`` computes it."""
+    position (d = C_in), as BiBench does (the paper does not say how x is reshaped). While the noise
+    is active (training, alpha > 0) the fused ``_SignWithNoise`` computes it; otherwise sign(x)."""
 
     def forward(self, x):
-        if self.noise_weight == 0.0:
+        if not self.noise_active:
             return self.estimator(x)
         channels_first = x.dim() == 4
         return _SignWithNoise.apply(x, self.nam.w1, self.nam.w2, self.estimator, self.noise_weight,

@@ -24,6 +24,32 @@ def signs(t):
     return torch.where(t >= 0, 1.0, -1.0).to(t.dtype)
 
 
+def hq_unit_ternary(w, sparsity):
+    """HQ written from its definition: w^_c = W_c / ||W_c||, delta = the floor(s N)-th smallest |w^|
+    of the layer, t_c = sign(w^_c) 1[|w^_c| > delta], t^_c = t_c / sqrt(||t_c||_0)."""
+    unit = w / w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+    pruned = math.floor(sparsity * unit.numel())
+    kept = unit.abs() > (unit.abs().flatten().sort().values[pruned - 1] if pruned else -1.0)
+    t = signs(unit) * kept
+    return unit, t / t.flatten(1).abs().sum(dim=1).sqrt().view(-1, *([1] * (w.dim() - 1)))
+
+
+def hq_cosine(w, sparsity):
+    """mean over filters of cos(w^_c, t^_c) (both unit vectors)."""
+    unit, t_hat = hq_unit_ternary(w, sparsity)
+    return (unit * t_hat).flatten(1).sum(dim=1).mean().item()
+
+
+def fda_noise(t, w1, w2, shortcut=0.1):
+    """FDA's e(t) = ReLU(t W1^T) W2^T + a sin(t) along the last axis (Eq. 13)."""
+    return F.relu(t @ w1.T) @ w2.T + shortcut * torch.sin(t)
+
+
+def fourier_derivative(x, n, omega=0.1, clip=1.0):
+    """(4w/pi) sum_{i<=n} cos((2i+1) w x), zeroed for |x| > clip (Eq. 10)."""
+    return (4 * omega / math.pi) * sum(torch.cos((2 * i + 1) * omega * x) for i in range(n + 1)) * (x.abs() <= clip)
+
+
 @pytest.mark.parametrize("name", CONV)
 @pytest.mark.parametrize("kwargs", [
     dict(stride=1, padding=1, bias=True),
@@ -154,6 +180,8 @@ def test_hq_unit_ternary_filters_and_schedule():
         assert torch.linalg.vector_norm(q[c]).item() == pytest.approx(1.0)
     cos_before = conv.cosine_similarity
     assert 0 < cos_before < 1
+    assert cos_before == pytest.approx(hq_cosine(conv.weight.detach(), expected), rel=1e-6)
+    torch.testing.assert_close(q, hq_unit_ternary(conv.weight.detach(), expected)[1])
 
 
 def test_hq_reaches_target_sparsity_and_reinitialises():
@@ -183,6 +211,7 @@ def test_hq_keeps_target_sparsity_while_training():
         opt.step()
     assert model[0].sparsity == pytest.approx(0.7, abs=1 / 512)
     assert 0.5 < model[0].cosine_similarity <= 1.0
+    assert model[0].cosine_similarity == pytest.approx(hq_cosine(model[0].weight.detach(), 0.7), rel=1e-6)
 
 
 def test_fda_builds_noise_modules_eagerly_with_nonzero_width():
@@ -216,6 +245,67 @@ def test_fda_noise_term_is_in_forward_before_the_end():
     conv = layers.FDALinear(8, 4)
     x = torch.randn(3, 8)
     assert not set(conv.quantize_input(x).unique().tolist()) <= {-1.0, 1.0}
+    # exactly z = sign(x) + alpha(p) e(x), alpha(0) = 0.1, and likewise for the weights
+    nam = conv.input_quantizer.nam
+    torch.testing.assert_close(conv.quantize_input(x), signs(x) + 0.1 * fda_noise(x, nam.w1, nam.w2))
+    w, wnam = conv.weight.detach(), conv.weight_quantizer.nam
+    torch.testing.assert_close(conv.quantized_weight(), (signs(w) + 0.1 * fda_noise(w, wnam.w1, wnam.w2)) * w.abs().mean(1, keepdim=True))
+
+
+def test_fda_eval_runs_the_binary_network():
+    """At p = 0.5 (alpha = 0.05) eval() computes exactly the binary network (= the layer at p = 1):
+    inputs sign(x), weights mean|W_c| sign(W); train() still adds the noise term."""
+    import copy
+    torch.manual_seed(4)
+    conv = layers.FDAConv2d(8, 6, 3, padding=1, bias=True)
+    conv.set_progress(0.5)
+    at_end = copy.deepcopy(conv)
+    at_end.set_progress(1.0)
+    x = torch.randn(2, 8, 7, 7)
+    w = conv.weight.detach()
+    alpha = w.abs().mean(dim=(1, 2, 3)).view(1, -1, 1, 1)
+    binary = F.conv2d(signs(x), signs(w), padding=1) * alpha + conv.bias.detach().view(1, -1, 1, 1)
+    seen = []
+    conv.float_op = lambda x_q, code, bias: seen.append((x_q, code)) or type(conv).float_op(conv, x_q, code, bias)
+    conv.eval()
+    y = conv(x)
+    x_q, code = seen[-1]
+    assert set(x_q.unique().tolist()) == {-1.0, 1.0} and torch.equal(x_q, signs(x))
+    assert torch.equal(code, signs(w))
+    assert torch.equal(y, at_end.eval()(x)) and torch.equal(y, at_end.train()(x))
+    torch.testing.assert_close(y, binary, rtol=0, atol=0)
+    torch.testing.assert_close(conv.quantized_weight(), signs(w) * alpha.view(-1, 1, 1, 1), rtol=0, atol=0)
+    # train(): the noise term is applied to both paths (Fig. 2a)
+    conv.train()
+    y_train = conv(x)
+    x_q, code = seen[-1]
+    nam, wnam = conv.input_quantizer.nam, conv.weight_quantizer.nam
+    noisy_x = signs(x) + 0.05 * fda_noise(x.movedim(1, -1), nam.w1, nam.w2).movedim(-1, 1)
+    noisy_w = (signs(w.flatten(1)) + 0.05 * fda_noise(w.flatten(1), wnam.w1, wnam.w2)).view_as(w)
+    torch.testing.assert_close(x_q, noisy_x)
+    torch.testing.assert_close(code, noisy_w)
+    torch.testing.assert_close(y_train, F.conv2d(noisy_x, noisy_w, padding=1) * alpha + conv.bias.detach().view(1, -1, 1, 1))
+    assert not torch.equal(y_train, y)
+
+
+def test_fda_model_eval_equals_the_model_at_the_end_of_training():
+    import copy
+
+    import qat
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 36, 16),
+                          nn.Linear(16, 4))
+    model = qat.quantize_model(model, {"method": "fda"})
+    assert sum(isinstance(m, (layers.FDAConv2d, layers.FDALinear)) for m in model.modules()) == 3
+    qat.set_progress(model, 0.5)
+    at_end = copy.deepcopy(model)
+    qat.set_progress(at_end, 1.0)
+    x = torch.randn(4, 3, 6, 6)
+    model.eval(), at_end.eval()
+    assert torch.equal(model(x), at_end(x))
+    model.train(), at_end.train()
+    assert not torch.allclose(model(x), at_end(x))
 
 
 def test_xnor_activation_scale_k():
@@ -307,6 +397,9 @@ def test_hq_reinitialisation_state_survives_a_checkpoint():
     before = fresh.weight.detach().clone()
     fresh.set_progress(0.8)
     assert not torch.equal(fresh.weight, before)
+    # the reinitialisation: W_c <- ||W_c|| t^_c
+    norms = before.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(fresh.weight.detach(), norms * hq_unit_ternary(before, 0.5)[1])
 
 
 @pytest.mark.parametrize("shape,channels_last", [((2, 5, 4, 3), False), ((2, 5, 4, 3), True), ((6, 5), False)])
