@@ -9,18 +9,32 @@ Where files come from:
   - `data.root` (default: env QAT_DATA, else ./data) is where torchvision looks and writes.
   - `data.source` (default: env QAT_DATA_SOURCE) is an optional read-only folder holding
     `<Dataset>/raw/*.gz` (MNIST, FashionMNIST); the raw files are copied into root when missing there,
-    because torchvision unpacks next to them and the source may be read-only.
+    because torchvision unpacks next to them and the source may be read-only. Every raw file is
+    checked against torchvision's published md5 (`<Dataset>.resources`) before it is copied and
+    again in root: a corrupt source file is named and never copied; a corrupt copy already in root
+    (e.g. left by an earlier version) is replaced from an intact source, else named (`CorruptDataError`).
   - `data.imagefolder` points at a tree `train/<class>/*` (+ optional `test/<class>/*`).
-A dataset that is missing while offline raises DatasetNotFoundError naming the path and the fixes.
+A dataset that is missing while offline raises DatasetNotFoundError naming the path and the fixes;
+an image that cannot be decoded raises UnreadableImageError naming the file.
+
+Validation split (`data.val_split`, carved from the train set with a seeded permutation): the
+configs default to 5,000 images for MNIST, Fashion-MNIST, CIFAR-10/100 and 2 % for ImageFolder
+trees, so best.pt is chosen on held-out training images and the test set only gives the final
+figure. Synthetic data instead draws a separate validation set of `data.num_val` images (default: as
+many as the test set) from the same distribution, so the tiny smoke configs keep every training image.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from qat.config import as_path
@@ -38,8 +52,19 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "syn
 AUGMENTATIONS = ("none", "crop_flip", "imagenet")
 
 
+log = logging.getLogger(__name__)
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are missing and could not be downloaded."""
+
+
+class CorruptDataError(DatasetNotFoundError):
+    """A dataset file whose md5 differs from torchvision's published sum (truncated or damaged)."""
+
+
+class UnreadableImageError(OSError):
+    """An image file that PIL cannot decode."""
 
 
 @dataclass
@@ -75,6 +100,7 @@ class InMemoryDataset(Dataset):
 
     def __init__(self, base: Dataset):
         self.items = [base[i] for i in range(len(base))]
+        self.classes = getattr(base, "classes", None)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -143,18 +169,75 @@ def _offline_help(name: str, looked_in: Path, cause: BaseException | None) -> st
     return "; ".join(lines)
 
 
-def copy_raw_files(name: str, source: Path, root: Path) -> None:
-    """Copy `<source>/<Folder>/raw/*` into `<root>/<Folder>/raw/` where a file is missing."""
+def raw_resources(name: str) -> list[tuple[str, str]]:
+    """(file name, md5) of the raw files of MNIST / FashionMNIST, as torchvision publishes them."""
+    from torchvision import datasets
+
+    return [(file, md5) for file, md5 in {"mnist": datasets.MNIST,
+                                          "fashion_mnist": datasets.FashionMNIST}[name].resources]
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unpacked(raw_file: Path) -> Path:
+    """The file torchvision unpacks a raw .gz into (next to it)."""
+    return raw_file.with_suffix("") if raw_file.suffix == ".gz" else raw_file
+
+
+def copy_raw_files(name: str, source: Path | None, root: Path) -> None:
+    """Make `<root>/<Folder>/raw/` hold intact copies of the raw files (see the module doc).
+
+    For each of torchvision's (file, md5): a file in root with the right md5 is kept; a missing or
+    corrupt one is copied from `<source>/<Folder>/raw/` after that file's md5 is checked, through a
+    temporary file renamed into place, so a failed or corrupt copy never stays in root (a corrupt
+    one in root is replaced, together with what torchvision unpacked from it). A corrupt file with
+    no intact source raises CorruptDataError naming it; files missing everywhere are left to
+    torchvision (download, or its not-found error).
+    """
     folder = TORCHVISION_FOLDERS[name]
-    source_raw = source / folder / "raw"
-    if not source_raw.is_dir():
+    source_raw = source / folder / "raw" if source is not None else None
+    if source_raw is not None and not source_raw.is_dir():
         raise DatasetNotFoundError(f"data.source={source} has no {folder}/raw/ folder; "
                                    f"expected the torchvision .gz files in {source_raw}")
     target_raw = root / folder / "raw"
-    target_raw.mkdir(parents=True, exist_ok=True)
-    for file in source_raw.iterdir():
-        if file.is_file() and not (target_raw / file.name).exists():
-            shutil.copy2(file, target_raw / file.name)
+    for file, md5 in raw_resources(name):
+        target = target_raw / file
+        found = md5sum(target) if target.is_file() else None
+        if found == md5:
+            continue
+        origin = source_raw / file if source_raw is not None else None
+        if origin is None or not origin.is_file():
+            if found is not None:
+                raise CorruptDataError(
+                    f"{target} is corrupt: md5 {found}, expected {md5} (torchvision's published sum); "
+                    f"delete it and {_unpacked(target).name} next to it, and provide an intact copy "
+                    f"(data.source=<dir holding {folder}/raw/{file}>, or a download)")
+            continue
+        source_md5 = md5sum(origin)
+        if source_md5 != md5:
+            raise CorruptDataError(
+                f"data.source file {origin} is corrupt: md5 {source_md5}, expected {md5} (torchvision's "
+                f"published sum); nothing was copied into {target_raw}; replace it with an intact copy")
+        target_raw.mkdir(parents=True, exist_ok=True)
+        temporary = target_raw / f".{file}.{os.getpid()}.partial"
+        try:
+            shutil.copyfile(origin, temporary)
+            copied = md5sum(temporary)
+            if copied != md5:
+                raise CorruptDataError(f"copying {origin} to {target} gave md5 {copied}, expected {md5}; "
+                                       f"check the disk holding data.root={root}")
+            if found is not None:  # a corrupt copy from an earlier run: what was unpacked from it goes too
+                _unpacked(target).unlink(missing_ok=True)
+                log.warning("replaced corrupt %s (md5 %s) with the intact copy from %s", target, found, origin)
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def load_torchvision(name: str, root: Path, train: bool, download: bool) -> Dataset:
@@ -170,6 +253,18 @@ def load_torchvision(name: str, root: Path, train: bool, download: bool) -> Data
                                                  error if download else None)) from error
 
 
+def read_image(path: str):
+    """torchvision's ImageFolder loader (PIL, RGB), raising UnreadableImageError naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UnreadableImageError(f"cannot read image {path} ({reason}); replace or delete the file") from error
+
+
 def load_imagefolder(path: Path, split: str, required: bool) -> Dataset | None:
     from torchvision import datasets
 
@@ -178,7 +273,12 @@ def load_imagefolder(path: Path, split: str, required: bool) -> Dataset | None:
         if required:
             raise DatasetNotFoundError(_offline_help("imagefolder", folder, None))
         return None
-    return datasets.ImageFolder(str(folder))
+    try:
+        return datasets.ImageFolder(str(folder), loader=read_image)
+    except FileNotFoundError as error:  # no class folder, or no image file in any of them
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise DatasetNotFoundError(f"data.imagefolder {folder} holds no images ({reason}); expected "
+                                   f"{folder}/<class>/<image> files (.png, .jpg, ...)") from error
 
 
 def split_indices(size: int, val_split: float | int, seed: int) -> tuple[list[int], list[int]]:
@@ -202,14 +302,21 @@ def build_data(cfg: Any) -> DataBundle:
     if name not in DATASETS:
         raise ValueError(f"unknown data.name {name!r}; valid: {', '.join(DATASETS)}")
     channels, image_size, num_classes = int(cfg.channels), int(cfg.image_size), int(cfg.num_classes)
+    generated_val = None
     if name == "synthetic":
+        for key, least in (("num_train", 1), ("num_test", 0), ("num_val", 0)):
+            value = cfg.get(key, 0)
+            if not (isinstance(value, int) and value >= least):
+                raise ValueError(f"data.{key} must be an int >= {least}, got {value!r}")
         train_base = SyntheticImages(cfg.num_train, num_classes, channels, image_size, cfg.seed)
         test_base = SyntheticImages(cfg.num_test, num_classes, channels, image_size, cfg.seed + 1)
+        if cfg.get("num_val"):
+            generated_val = SyntheticImages(cfg.num_val, num_classes, channels, image_size, cfg.seed + 2)
         train_tf = eval_tf = None
     else:
         mean, std = NORMALIZATION[cfg.get("normalization") or name]
         train_tf, eval_tf = build_transforms(cfg.augment, mean, std, image_size)
-        imagefolder = cfg.get("imagefolder")
+        imagefolder = None if OmegaConf.is_missing(cfg, "imagefolder") else cfg.get("imagefolder")
         if name == "imagefolder" or imagefolder:
             if not imagefolder:
                 raise ValueError("data=imagefolder needs data.imagefolder=<dir with train/<class>/>")
@@ -221,15 +328,20 @@ def build_data(cfg: Any) -> DataBundle:
                 test_base = InMemoryDataset(test_base) if test_base is not None else None
         else:
             root = as_path(cfg.root)
-            if cfg.get("source") and name in ("mnist", "fashion_mnist"):
-                copy_raw_files(name, as_path(cfg.source), root)
+            if name in ("mnist", "fashion_mnist"):
+                copy_raw_files(name, as_path(cfg.source) if cfg.get("source") else None, root)
             train_base = load_torchvision(name, root, True, bool(cfg.download))
             test_base = load_torchvision(name, root, False, bool(cfg.download))
-        if hasattr(train_base, "classes") and len(train_base.classes) != num_classes:
+        if getattr(train_base, "classes", None) is not None and len(train_base.classes) != num_classes:
             raise ValueError(f"data.num_classes={num_classes} but {name} has "
                              f"{len(train_base.classes)} classes")
     val_split = cfg.get("val_split") or 0
-    if val_split:
+    if generated_val is not None and val_split:
+        raise ValueError(f"data.num_val={cfg.num_val} and data.val_split={val_split}: synthetic data takes "
+                         f"one validation set; set one of them to 0")
+    if generated_val is not None:
+        train, val = TransformedSubset(train_base, None, train_tf), TransformedSubset(generated_val, None, None)
+    elif val_split:
         train_idx, val_idx = split_indices(len(train_base), val_split, int(cfg.get("split_seed", 0)))
         train = TransformedSubset(train_base, train_idx, train_tf)
         val = TransformedSubset(train_base, val_idx, eval_tf)

@@ -1,12 +1,15 @@
 """Datasets: synthetic data, the validation split, ImageFolder trees, offline errors, real MNIST."""
 
+import gzip
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SHARED_DATA
-from qat.data import DatasetNotFoundError, build_data, split_indices
+from qat.data import (CorruptDataError, DatasetNotFoundError, UnreadableImageError, build_data, md5sum,
+                      split_indices)
 
 
 def data_cfg(**values):
@@ -106,3 +109,127 @@ def test_mnist_loads_offline_from_a_copy_of_the_shared_raw_files(tmp_path):
     assert (tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").is_file()
     assert sorted(p.name for p in (SHARED_DATA / "MNIST" / "raw").iterdir()) == sorted(
         p.name for p in (SHARED_DATA / "MNIST" / "raw").iterdir() if p.suffix == ".gz")
+
+
+# ------------------------------------------------------------------ default validation split
+@pytest.mark.parametrize("data, expected", [("mnist", 5000), ("fashion_mnist", 5000), ("cifar10", 5000),
+                                            ("cifar100", 5000), ("imagefolder", 0.02)])
+def test_every_dataset_config_carves_a_validation_split_by_default(compose, data, expected):
+    cfg = compose([f"data={data}"])
+    assert cfg.data.val_split == expected and cfg.data.split_seed == 0
+
+
+def test_synthetic_data_draws_its_own_validation_set_and_keeps_every_training_image(compose, smoke_overrides):
+    cfg = compose(smoke_overrides)
+    assert (cfg.data.num_val, cfg.data.val_split) == (cfg.data.num_test, 0)
+    bundle = build_data(cfg.data)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 8, 8)
+    train = torch.stack([bundle.train[i][0] for i in range(16)]).flatten(1)
+    val = torch.stack([bundle.val[i][0] for i in range(8)]).flatten(1)
+    test = torch.stack([bundle.test[i][0] for i in range(8)]).flatten(1)
+    assert torch.cdist(val, train).min() > 1 and torch.cdist(val, test).min() > 1  # no shared image
+    with pytest.raises(ValueError, match="data.num_val=8 and data.val_split=4"):
+        build_data(OmegaConf.merge(cfg.data, {"val_split": 4}))
+
+
+def assert_seeded_disjoint_split(bundle, size, n_val):
+    assert (len(bundle.train), len(bundle.val)) == (size - n_val, n_val)
+    train, val = set(bundle.train.indices), set(bundle.val.indices)
+    assert not train & val and train | val == set(range(size))
+    assert bundle.train.base is bundle.val.base  # both carved from the one training set
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="no shared MNIST copy")
+def test_mnist_default_config_validates_on_5000_training_images(compose, tmp_path):
+    cfg = compose(["data=mnist", f"data.root={tmp_path}", f"data.source={SHARED_DATA}"]).data
+    first, second = build_data(cfg), build_data(cfg)
+    assert_seeded_disjoint_split(first, 60000, 5000)
+    assert first.val.indices == second.val.indices and len(first.test) == 10000
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "CIFAR10-imagefolder" / "train").is_dir(), reason="no shared CIFAR-10 tree")
+def test_cifar10_default_config_validates_on_5000_training_images(compose):
+    cfg = compose(["data=cifar10", f"data.imagefolder={SHARED_DATA / 'CIFAR10-imagefolder'}", "data.cache=false"])
+    bundle = build_data(cfg.data)
+    assert_seeded_disjoint_split(bundle, 50000, 5000)
+    assert len(bundle.test) == 1000
+
+
+# ------------------------------------------------------------------ empty trees, unreadable images
+def test_empty_imagefolder_names_the_folder_and_what_it_should_hold(tmp_path):
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    cfg = OmegaConf.create(dict(name="cifar10", imagefolder=str(tmp_path), num_classes=2, channels=3,
+                                image_size=8, augment="none", batch_size=2, eval_batch_size=2))
+    with pytest.raises(DatasetNotFoundError, match=f"data.imagefolder {tmp_path / 'train'} holds no images"):
+        build_data(cfg)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_unreadable_image_names_the_file(tmp_path, cache):
+    make_tree(tmp_path)
+    broken = tmp_path / "train" / "dog" / "00002.png"
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG
+    cfg = OmegaConf.create(dict(name="cifar10", imagefolder=str(tmp_path), cache=cache, num_classes=2, channels=3,
+                                image_size=8, augment="none", val_split=0, batch_size=2, eval_batch_size=2))
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {broken}"):
+        bundle = build_data(cfg)
+        [bundle.train[i] for i in range(len(bundle.train))]
+
+
+def test_imagefolder_config_without_a_folder_says_what_to_set(compose):
+    with pytest.raises(ValueError, match=r"data=imagefolder needs data.imagefolder=<dir with train/<class>/>"):
+        build_data(compose(["data=imagefolder"]).data)
+
+
+# ------------------------------------------------------------------ md5-checked raw files
+def mnist_cfg(root, source):
+    return OmegaConf.create(dict(name="mnist", root=str(root), source=str(source) if source else None, download=True,
+                                 num_classes=10, channels=1, image_size=28, augment="none", val_split=0,
+                                 batch_size=2, eval_batch_size=2))
+
+
+def copy_of_shared_mnist(folder, truncate=None):
+    raw = folder / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for file in (SHARED_DATA / "MNIST" / "raw").glob("*.gz"):
+        data = file.read_bytes()
+        (raw / file.name).write_bytes(data[: len(data) // 2] if file.name == truncate else data)
+    return raw
+
+
+needs_mnist = pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="no shared MNIST copy")
+LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+@needs_mnist
+def test_corrupt_source_file_is_named_and_never_copied_and_fixing_the_source_helps(tmp_path):
+    source_raw = copy_of_shared_mnist(tmp_path / "source", truncate=LABELS)
+    root = tmp_path / "root"
+    with pytest.raises(CorruptDataError) as error:
+        build_data(mnist_cfg(root, tmp_path / "source"))
+    assert f"data.source file {source_raw / LABELS} is corrupt" in str(error.value)
+    assert "ec29112dd5afa0611ce80d1b7f02629c" in str(error.value)  # torchvision's sum, the right one
+    assert LABELS not in {p.name for p in (root / "MNIST" / "raw").iterdir()}
+    assert not list((root / "MNIST" / "raw").glob(".*partial"))
+    (source_raw / LABELS).write_bytes((SHARED_DATA / "MNIST" / "raw" / LABELS).read_bytes())
+    bundle = build_data(mnist_cfg(root, tmp_path / "source"))
+    assert bundle.test[0][1] == 7 and len(bundle.test) == 10000
+
+
+@needs_mnist
+def test_a_corrupt_copy_left_in_root_is_replaced_from_an_intact_source(tmp_path):
+    # What earlier versions left behind: a truncated .gz (and what torchvision unpacked from it).
+    root_raw = copy_of_shared_mnist(tmp_path / "root", truncate=LABELS)
+    for file in root_raw.glob("*.gz"):  # all four unpacked, the labels only partly: torchvision would use them
+        (root_raw / file.stem).write_bytes(b"\x00\x00\x08\x01 partial" if file.name == LABELS
+                                           else gzip.decompress(file.read_bytes()))
+    bundle = build_data(mnist_cfg(tmp_path / "root", SHARED_DATA))
+    assert md5sum(root_raw / LABELS) == "ec29112dd5afa0611ce80d1b7f02629c"
+    assert bundle.test[0][1] == 7 and len(bundle.test) == 10000
+
+
+@needs_mnist
+def test_a_corrupt_copy_in_root_without_a_source_is_named(tmp_path):
+    root_raw = copy_of_shared_mnist(tmp_path / "root", truncate=LABELS)
+    with pytest.raises(CorruptDataError, match=f"{root_raw / LABELS} is corrupt: md5 [0-9a-f]{{32}}, expected ec29"):
+        build_data(mnist_cfg(tmp_path / "root", None))
