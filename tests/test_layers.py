@@ -327,6 +327,86 @@ def test_gradcheck_float_input_layers(name):
     assert torch.autograd.gradcheck(conv, (x,))
 
 
+def per_filter(reduce_sum):
+    return reduce_sum.flatten(1).sum(dim=1).view(-1, *([1] * (reduce_sum.dim() - 1)))
+
+
+def bwn_weight_grad(w, grad_w_tilde):
+    """XNOR-Net's exact chain rule through alpha_c sign(W_c) with the clipped STE:
+    (1/n) sign(W_i) sum_j G_j sign(W_j) + alpha 1[|W_i| <= 1] G_i."""
+    s, n = signs(w), w[0].numel()
+    alpha = per_filter(w.abs()) / n
+    return s / n * per_filter(grad_w_tilde * s) + alpha * (w.abs() <= 1) * grad_w_tilde
+
+
+@pytest.mark.parametrize("name", ["BWNConv2d", "TernaryConv2d", "HQConv2d"])
+def test_float_input_layers_weight_gradient_is_the_formula(name):
+    """dL/dW from G = dL/dW~ (the conv's own weight gradient at W~ = Q(W)) and each method's
+    backward, written from its definition: the input gradcheck cannot see the weight path."""
+    torch.manual_seed(6)
+    conv = getattr(layers, name)(3, 4, 3, padding=1, bias=True).double()
+    with torch.no_grad():
+        conv.weight.mul_(8)  # latent weights on both sides of BWN's clip at |W| = 1
+    conv.set_progress(0.3)  # HQ: some pruning (no reinitialisation before p = 0.5)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    y = conv(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    w = conv.weight.detach()
+    G = torch.nn.grad.conv2d_weight(x, w.shape, g, padding=1)
+    if name == "BWNConv2d":
+        assert (w.abs() > 1).any() and (w.abs() <= 1).any()
+        expected = bwn_weight_grad(w, G)
+    elif name == "TernaryConv2d":
+        expected = G  # straight through (identity estimator), delta and alpha constant
+    else:  # straight through from t^ to w^, then through w^ = W / ||W_c||
+        norm = per_filter(w.square()).sqrt()
+        unit = w / norm
+        expected = (G - unit * per_filter(unit * G)) / norm
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(conv.weight.grad, expected)
+    torch.testing.assert_close(conv.bias.grad, g.sum(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("name,progress", [
+    ("XNORConv2d", 0.0), ("XNORLinear", 0.0), ("FDAConv2d", 1.0), ("FDAConv2d", 0.4), ("FDALinear", 0.4),
+])
+def test_binary_input_layers_weight_gradient_is_the_formula(name, progress):
+    """The weight (and weight-NAM) gradients of XNOR and FDA from independent formulas."""
+    torch.manual_seed(7)
+    is_conv = name.endswith("Conv2d")
+    layer = (getattr(layers, name)(4, 6, 3, padding=1) if is_conv else getattr(layers, name)(12, 5)).double()
+    with torch.no_grad():
+        layer.weight.mul_(6)
+    layer.set_progress(progress)
+    x = torch.randn(*((2, 4, 6, 6) if is_conv else (7, 12)), dtype=torch.float64)
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    x_q = layer.quantize_input(x).detach()  # sign(x), plus FDA's noise while training
+    w = layer.weight.detach()
+    G = torch.nn.grad.conv2d_weight(x_q, w.shape, g, padding=1) if is_conv else g.T @ x_q
+    if name.startswith("XNOR"):
+        torch.testing.assert_close(layer.weight.grad, bwn_weight_grad(w, G))
+        return
+    # FDA: W~ = (sign(W_c) + a e(W_c)) * mean|W_c| (scale detached), Fourier backward for sign
+    a = 0.1 * (1 + math.cos(math.pi * progress)) / 2
+    n = min(18, 9 + math.floor(10 * progress))
+    rows = w.flatten(1)
+    v = (G * (per_filter(w.abs()) / w[0].numel())).flatten(1)  # dL/dcode
+    nam = layer.weight_quantizer.nam
+    w1, w2 = nam.w1.detach().clone().requires_grad_(True), nam.w2.detach().clone().requires_grad_(True)
+    t = rows.clone().requires_grad_(True)
+    (a * fda_noise(t, w1, w2) * v).sum().backward()
+    expected = fourier_derivative(rows, n) * v + t.grad
+    torch.testing.assert_close(layer.weight.grad, expected.view_as(w))
+    if a == 0.0:
+        assert nam.w1.grad is None or nam.w1.grad.abs().sum() == 0
+    else:
+        torch.testing.assert_close(nam.w1.grad, w1.grad)
+        torch.testing.assert_close(nam.w2.grad, w2.grad)
+
+
 def test_gradcheck_noise_adaptation_and_activation_scale():
     nam = layers.NoiseAdaptation(5, reduction=2).double()
     t = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)

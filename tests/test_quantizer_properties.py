@@ -31,8 +31,11 @@ def test_ternary_has_three_levels_and_is_scale_equivariant(w, factor):
     levels = q.abs().unique()
     assert len(levels) <= 2 and (levels.numel() == 1 or levels[0] == 0)
     assert torch.all((q == 0) | (torch.sign(q) == torch.sign(w)))
-    # survivors are exactly the entries above the threshold
-    assert torch.equal(q != 0, w.abs() > factor * w.abs().mean())
+    # survivors are exactly the entries above the threshold, all at alpha = their mean magnitude
+    kept = w.abs() > factor * w.abs().mean()
+    assert torch.equal(q != 0, kept)
+    if kept.any():
+        torch.testing.assert_close(q[kept], w[kept].abs().mean() * torch.sign(w[kept]))
     torch.testing.assert_close(quantizer(3.0 * w), 3.0 * q)
 
 
@@ -49,4 +52,9 @@ def test_hq_filters_are_unit_ternary_and_scale_invariant(w, sparsity):
             k = (row != 0).sum()
             torch.testing.assert_close(row[row != 0].abs(), torch.full((int(k),), float(1 / k.double().sqrt()), dtype=w.dtype))
     assert (q == 0).sum() >= int(sparsity * w.numel())
+    # the zeros are exactly the entries at or below the floor(s N)-th smallest |w^| of the layer
+    unit = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    pruned = int(sparsity * w.numel())
+    delta = unit.abs().flatten().sort().values[pruned - 1] if pruned else -1.0
+    assert torch.equal(q == 0, unit.abs() <= delta)
     torch.testing.assert_close(quantizer(5.0 * w), q)
