@@ -6,19 +6,31 @@ A checkpoint is a dict of tensors, numbers, strings and lists only:
   > 0 only for a mid-epoch save such as Ctrl-C), train_sums (the interrupted epoch's metric sums),
   best_val_acc1, train_seconds, config_yaml (the run's resolved config as YAML text),
   identity {model, method, data, num_classes}, rng {torch, cuda, numpy_*, python} as tensors.
+
+`config_differences` compares a checkpoint's config_yaml with the config of the run resuming it,
+leaving out the settings that may legitimately change on resume (RESUME_FREE_KEYS).
 """
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 FORMAT_VERSION = 1
 IDENTITY_KEYS = ("model", "method", "data", "num_classes")
+# Dotted config keys (a key covers everything under it) a resumed run may change without changing
+# what is trained: where to resume from and where to stop, how progress and logs are shown, where
+# the data lives and how it is loaded, threads and device, the evaluation batch size, the run's label.
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.max_steps", "trainer.progress_bar", "trainer.progress_interval",
+                    "trainer.progress_log_interval", "trainer.threads", "logger", "device", "experiment_name",
+                    "data.root", "data.source", "data.imagefolder", "data.download", "data.cache",
+                    "data.num_workers", "data.pin_memory", "data.eval_batch_size")
+ABSENT = "(absent)"
 
 
 class CheckpointError(RuntimeError):
@@ -118,3 +130,30 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
                 f"shape mismatches (checkpoint vs model): {head(mismatched)}" if mismatched else "",
             ) if part))
     model.load_state_dict(state, strict=True)
+
+
+def flatten_config(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: leaf value} of nested mappings (lists are leaves)."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(flatten_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _is_free(key: str) -> bool:
+    return any(key == free or key.startswith(free + ".") for free in RESUME_FREE_KEYS)
+
+
+def config_differences(saved_yaml: str | None, current: Mapping) -> dict[str, dict[str, Any]]:
+    """{key: {"checkpoint": value, "run": value}} for every training setting that differs between a
+    checkpoint's config_yaml and the resolved config `current` of the run resuming it; a key present
+    on one side only shows ABSENT on the other. RESUME_FREE_KEYS are left out."""
+    if not saved_yaml:
+        return {}
+    saved = flatten_config(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=True))
+    now = flatten_config(current)
+    return {key: {"checkpoint": saved.get(key, ABSENT), "run": now.get(key, ABSENT)}
+            for key in sorted(set(saved) | set(now))
+            if not _is_free(key) and saved.get(key, ABSENT) != now.get(key, ABSENT)}

@@ -5,11 +5,15 @@ counter out of step with each other, and the saved `last.pt` could not resume ex
 `DeferredInterrupt` is active the first SIGINT only sets `requested`; the loop checks it between
 batches, saves `last.pt` and raises KeyboardInterrupt. A second SIGINT interrupts at once.
 Outside the main thread (where signals cannot be caught) it does nothing.
+The message goes to the `qat` logger (console and, under Hydra, the run's train.log).
 """
 from __future__ import annotations
 
+import logging
 import signal
 import threading
+
+log = logging.getLogger(__name__)
 
 
 class StopRequested(KeyboardInterrupt):
@@ -24,8 +28,8 @@ class DeferredInterrupt:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-        print("\nCtrl-C: stopping after this batch and saving last.pt (Ctrl-C again to abort now)",
-              flush=True)
+        log.warning("Ctrl-C: stopping after this batch and saving last.pt (Ctrl-C again to abort now, "
+                    "losing the steps since the last checkpoint)")
 
     def __enter__(self) -> "DeferredInterrupt":
         if threading.current_thread() is threading.main_thread():

@@ -7,16 +7,40 @@ than 0 always get NullLogger.
 W&B mode: `logger.mode` = online | offline | disabled | auto (default). auto honours an explicit
 WANDB_MODE, else runs online when WANDB_API_KEY is set and offline otherwise, so a machine without
 a key never prompts or waits; upload an offline run later with `wandb sync <run dir>/wandb/offline-*`.
+
+Text lines (the model summary, epoch lines, resume / interrupt messages, progress lines off a
+terminal) go to the `qat` logger (`console_logging()`), so Hydra's handlers print them once on the
+console and write them to the run's `train.log`.
 """
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 LOGGERS = ("wandb", "csv", "none")
+
+
+def console_logging() -> logging.Logger:
+    """The `qat` logger, at INFO unless a level was set for it.
+
+    Where the application configured logging (Hydra: a console handler and the run's train.log on
+    the root logger) the records propagate there and are shown once. Where nothing is configured
+    (the library used directly) one stdout handler printing the bare message is attached, so the
+    lines still show; it is attached once per process, however many runs follow.
+    """
+    logger = logging.getLogger("qat")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger
 
 
 class NullLogger:
@@ -27,15 +51,32 @@ class NullLogger:
 
 
 class CsvLogger(NullLogger):
-    """steps.csv / epochs.csv (long format: step, epoch, metric, value) and layers.csv in the run dir."""
+    """steps.csv / epochs.csv (long format: step, epoch, metric, value) and layers.csv in the run dir.
 
-    def __init__(self, run_dir: Path):
+    Rows are appended, so a run resumed into its own directory continues the same files. With
+    `resume_step` set, rows of steps after it (logged by a run aborted past its last checkpoint,
+    and about to be trained again) are dropped first, so each step appears once.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_step = resume_step
         self.files = {}
+
+    def _drop_rows_after_resume_step(self, path: Path) -> None:
+        if self.resume_step is None or not path.is_file():
+            return
+        with open(path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= self.resume_step]
+        if len(kept) != len(rows):
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerows(kept)
 
     def _writer(self, name: str):
         if name not in self.files:
+            self._drop_rows_after_resume_step(self.run_dir / name)
             handle = open(self.run_dir / name, "a", newline="")
             writer = csv.writer(handle)
             if handle.tell() == 0:
@@ -115,12 +156,13 @@ def _table_cell(value):
 
 
 def build_logger(cfg: Any, run_dir: Path, config: dict, group: str, name: str, tags: list[str],
-                 is_main: bool):
-    """The logger named by `cfg.name` (NullLogger on ranks other than 0)."""
+                 is_main: bool, resume_step: int | None = None):
+    """The logger named by `cfg.name` (NullLogger on ranks other than 0); `resume_step`: the step
+    a resumed run continues from (see CsvLogger)."""
     if cfg.name not in LOGGERS:
         raise ValueError(f"unknown logger.name {cfg.name!r}; valid: {', '.join(LOGGERS)}")
     if not is_main or cfg.name == "none":
         return NullLogger()
     if cfg.name == "csv":
-        return CsvLogger(run_dir)
+        return CsvLogger(run_dir, resume_step)
     return WandbLogger(cfg, run_dir, config, group, name, tags)

@@ -6,12 +6,27 @@ without weight decay, `qat.latent.param_groups`) -> per-step schedule -> epochs 
   clip latent weights -> log
 with evaluation (loss, top-1, top-5) on validation and test after every epoch, `last.pt` / `best.pt`
 checkpoints, W&B / CSV logging, and `summary.json` at the end (also after max_steps or Ctrl-C).
-Before the final evaluation progress is set to 1.0, so progress-driven modules (FDA's noise weight)
-are at their end values in the evaluated network.
+
+Progress. Step s (0-based) trains at p = s / total_steps, total_steps = epochs x steps per epoch:
+max_steps only stops the run, it never changes p, the lr schedule or anything else of the first
+max_steps steps. Before each evaluation p is set to step / total_steps, the value the next step
+would set anyway (so evaluating changes nothing of the trajectory, HQ's reinitialisation
+included): the evaluated, checkpointed network is the one the run has reached. At the end of the
+planned run that is exactly 1.0, so progress-driven modules (FDA's noise weight, HQ's sparsity)
+are at their end values there; a run stopped early by max_steps is evaluated at its real progress,
+so its evaluations and checkpoints equal those of the uncapped run at the same step.
+
+summary.json describes the checkpoint a run can be continued from (last.pt; after a second
+Ctrl-C, the one saved before it) and the trained network's size (qat.summary at the end; HQ's
+sparsity grows while training). On resume, settings that differ from the checkpoint's config are
+warned about and recorded (`resume_config_changes`). Text lines go to the `qat` logger
+(qat.loggers.console_logging), progress to qat.run_progress.RunProgress.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -23,20 +38,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 import qat
 import qat.latent
 from qat import checkpoint as ckpt
 from qat import distributed, models
-from qat.config import as_path, to_plain, validate
+from qat.config import ConfigError, as_path, to_plain, validate
 from qat.data import build_data
 from qat.diagnostics import LayerDiagnostics
 from qat.interrupt import DeferredInterrupt, StopRequested
 from qat.loaders import TrainLoader, eval_loader
-from qat.loggers import build_logger
+from qat.loggers import build_logger, console_logging
 from qat.metrics import MetricSums
 from qat.optim import build_optimizer, build_scheduler
+from qat.run_progress import RunProgress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +63,15 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch resume)
     best_val_acc1: float = -math.inf
     train_seconds: float = 0.0
+
+
+@dataclass
+class SavedPoint:
+    """What the newest last.pt this run can be continued from holds (the resumed checkpoint until
+    this run saves one): its path, the training state in it and the evaluation that preceded it."""
+    path: Path
+    state: TrainState
+    evaluation: dict[str, float]
 
 
 def seed_everything(seed: int) -> None:
@@ -89,6 +115,10 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         validate(cfg)
+        console_logging()
+        log_interval = cfg.trainer.get("progress_log_interval", 30.0)
+        if isinstance(log_interval, bool) or not isinstance(log_interval, (int, float)) or not log_interval >= 0:
+            raise ConfigError(f"trainer.progress_log_interval must be a number of seconds >= 0, got {log_interval!r}")
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.context = distributed.setup(cfg.get("device", "auto"))
         self.device = self.context.device
@@ -102,6 +132,7 @@ class Trainer:
         float_model = models.build_architecture(
             models.architecture(cfg.model, self.data.num_classes, self.data.channels))
         self.model = qat.quantize_model(float_model, to_plain(cfg.quant))
+        # The start-of-run figures; fit() reports those of the trained network (HQ prunes while training).
         self.model_summary = qat.summary(self.model, self.data.input_size)
         self.model.to(self.device)
 
@@ -124,6 +155,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.steps_per_epoch, planned)
         self.state = TrainState()
         self.resumed_sums: list[float] | None = None
+        self.saved: SavedPoint | None = None
+        self.resumed_from: Path | None = None
+        self.resume_changes: dict[str, dict[str, Any]] = {}
         if cfg.trainer.get("resume"):
             self._resume(as_path(cfg.trainer.resume))
         # Different augmentation noise per rank, same model init (DDP also broadcasts rank 0's).
@@ -137,6 +171,8 @@ class Trainer:
         self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
         self.diagnostics = LayerDiagnostics(self.model)
         self.logger = self._build_logger()
+        self.last_eval: dict[str, float] = {}
+        self.progress = RunProgress(0, enabled=False)  # fit() shows the run's; evaluate() alone shows none
 
     # ----------------------------------------------------------------------------- set-up helpers
     def _identity(self) -> dict[str, Any]:
@@ -151,11 +187,21 @@ class Trainer:
         group = cfg.get("experiment_name", "default")
         name = f"{group}-{self.method}-{config['estimator']}-s{cfg.seed}"
         tags = [self.method, cfg.model.name, cfg.data.name, f"w{self.w_bits}a{self.a_bits}"]
-        return build_logger(cfg.logger, self.run_dir, config, group, name, tags, self.context.is_main)
+        return build_logger(cfg.logger, self.run_dir, config, group, name, tags, self.context.is_main,
+                            resume_step=self.state.step if self.resumed_from else None)
 
     def _resume(self, path: Path) -> None:
+        """Load the checkpoint (fully, before this run writes anything: resuming into the run's own
+        directory overwrites its last.pt only later), warn about changed settings, restore the state."""
+        path = ckpt.resolve_checkpoint_path(path)
         payload = ckpt.load_checkpoint(path)
         ckpt.check_identity(payload, self._identity(), path)
+        self.resume_changes = ckpt.config_differences(payload.get("config_yaml"), to_plain(self.cfg))
+        if self.resume_changes and self.context.is_main:
+            log.warning(f"resuming {path} with settings that differ from the checkpoint's (its steps used the "
+                        f"checkpoint's, the rest of this run uses these): " + "; ".join(
+                            f"{key}: {change['checkpoint']!r} -> {change['run']!r}"
+                            for key, change in self.resume_changes.items()))
         ckpt.load_model_state(self.model, payload["model"], path)
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
@@ -164,17 +210,25 @@ class Trainer:
                                 best_val_acc1=float(payload["best_val_acc1"]),
                                 train_seconds=float(payload["train_seconds"]))
         self.resumed_sums = payload.get("train_sums")
+        self.resumed_from = path
+        self.saved = SavedPoint(path, dataclasses.replace(self.state), {})
         if self.context.enabled:
             seed_everything(int(self.cfg.seed) + self.context.rank + 7919 * self.state.step)
         else:
             ckpt.restore_rng_state(payload["rng"])
         if self.context.is_main:
-            print(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}"
-                  + (f", batch {self.state.batch_in_epoch} of the epoch" if self.state.batch_in_epoch else ""))
+            log.info(f"resumed from {path}: epoch {self.state.epoch}, step {self.state.step}"
+                     + (f", batch {self.state.batch_in_epoch} of the epoch" if self.state.batch_in_epoch else ""))
 
-    def _save(self, name: str, train_sums: list[float] | None = None) -> None:
-        if not self.context.is_main:
-            return
+    def _save(self, name: str, evaluation: dict[str, float], train_sums: list[float] | None = None) -> None:
+        """Write checkpoints/`name`; for last.pt, remember what it holds once it is on disk."""
+        path = self.run_dir / "checkpoints" / name
+        if self.context.is_main:
+            self._write_checkpoint(path, train_sums)
+        if name == "last.pt":
+            self.saved = SavedPoint(path, dataclasses.replace(self.state), dict(evaluation))
+
+    def _write_checkpoint(self, path: Path, train_sums: list[float] | None) -> None:
         payload = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.state.epoch,
@@ -184,16 +238,16 @@ class Trainer:
             "config_yaml": OmegaConf.to_yaml(self.cfg, resolve=True),
             "identity": self._identity(), "rng": ckpt.capture_rng_state(),
         }
-        ckpt.save_checkpoint(self.run_dir / "checkpoints" / name, payload)
+        ckpt.save_checkpoint(path, payload)
 
     # ------------------------------------------------------------------------------- the loop
     def _set_progress(self, progress: float) -> None:
         qat.set_progress(self.model, min(1.0, max(0.0, progress)))
 
-    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], list[float], bool]:
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], list[float]]:
         """Train epoch `epoch` from batch `batch_in_epoch` on, stopping early at max_steps.
 
-        Returns (metrics, metric sums, whether max_steps stopped it)."""
+        Returns (metrics, this rank's metric sums)."""
         cfg, state = self.cfg, self.state
         self.ddp_model.train()
         sums = MetricSums(self.device)
@@ -201,15 +255,11 @@ class Trainer:
             sums.sums += torch.tensor(self.resumed_sums, dtype=torch.float64, device=self.device)
         self.resumed_sums = None
         batches = self.train_loader.epoch(epoch, state.batch_in_epoch)
-        remaining = self.steps_per_epoch - state.batch_in_epoch
-        bar = tqdm(total=remaining * self.train_loader.batch_size, unit="img", unit_scale=True,
-                   desc=f"epoch {epoch + 1}/{cfg.trainer.epochs}", leave=False, dynamic_ncols=True,
-                   disable=not (self.context.is_main and cfg.trainer.get("progress_bar", True)),
-                   mininterval=float(cfg.trainer.get("progress_interval", 0.5)))
+        self.progress.set_description(f"epoch {epoch + 1}/{cfg.trainer.epochs}")
         log_every = int(cfg.logger.get("log_every", 50))
         diag_every = int(cfg.logger.get("diagnostics_every", 200))
         started, max_steps = time.perf_counter(), cfg.trainer.get("max_steps")
-        stopped, images_seen = False, 0
+        images_seen = 0
         try:
             for images, labels in batches:
                 if state.batch_in_epoch >= self.steps_per_epoch:
@@ -231,30 +281,28 @@ class Trainer:
                 state.step += 1
                 state.batch_in_epoch += 1
                 images_seen += images.shape[0]
-                bar.update(images.shape[0])
+                postfix = {}
                 if state.step % log_every == 0 and self.context.is_main:
                     elapsed = time.perf_counter() - started
                     metrics = {"train/step_loss": loss.item(),
                                "train/lr": self.optimizer.param_groups[0]["lr"],
                                "train/progress": state.step / self.total_steps,
                                "train/images_per_second": images_seen * self.context.world_size / max(elapsed, 1e-9)}
-                    bar.set_postfix(loss=f"{metrics['train/step_loss']:.3f}", lr=f"{metrics['train/lr']:.2e}")
+                    postfix = {"loss": f"{metrics['train/step_loss']:.3f}", "lr": f"{metrics['train/lr']:.2e}"}
                     self.logger.log_step(state.step, metrics)
+                self.progress.update(images.shape[0] * self.context.world_size, **postfix)
                 if state.step % diag_every == 0 and self.context.is_main:
                     self.logger.log_step(state.step, self.diagnostics.collect())
                 if max_steps and state.step >= max_steps:
-                    stopped = True
                     break
         except StopRequested:  # at a batch boundary: the state is consistent, save it
             state.train_seconds += time.perf_counter() - started
-            bar.close()
-            self._save("last.pt", train_sums=sums.sums.tolist())
+            self._save("last.pt", self.last_eval, train_sums=sums.sums.tolist())
             raise
         state.train_seconds += time.perf_counter() - started
-        bar.close()
         local_sums = sums.sums.tolist()
         distributed.all_reduce_sum(sums.sums, self.context)
-        return sums.result("train"), local_sums, stopped
+        return sums.result("train"), local_sums
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
@@ -264,70 +312,99 @@ class Trainer:
                 torch.distributed.broadcast(buffer, src=0)
         self.model.eval()
         sums = MetricSums(self.device)
-        loader = self.eval_loaders[split]
-        for images, labels in tqdm(loader, desc=split, leave=False, unit="batch", dynamic_ncols=True,
-                                   disable=not (self.context.is_main and self.cfg.trainer.get("progress_bar", True))):
-            images, labels = images.to(self.device), labels.to(self.device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.model(images)
-            sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
+        with self.progress.paused():
+            for images, labels in self.progress.wrap(self.eval_loaders[split], split):
+                images, labels = images.to(self.device), labels.to(self.device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    logits = self.model(images)
+                sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
         self.model.train()
         distributed.all_reduce_sum(sums.sums, self.context)
         return sums.result(split)
 
+    def _evaluate_reached(self) -> dict[str, float]:
+        """Every evaluation split, with the network at the progress the run has reached."""
+        self._set_progress(self.state.step / self.total_steps)
+        return {k: v for split in self.eval_loaders for k, v in self.evaluate(split).items()}
+
+    def run_total_steps(self) -> int:
+        """The step this run stops at: the planned total, or max_steps when that comes first."""
+        max_steps = self.cfg.trainer.get("max_steps")
+        return min(self.total_steps, int(max_steps)) if max_steps else self.total_steps
+
     def fit(self) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
         if self.context.is_main:
-            print(self.model_summary)
+            log.info(str(self.model_summary))
             self.logger.log_summary(summary_facts(self.model_summary), layer_rows(self.model_summary))
-        last_eval: dict[str, float] = {}
+        self.last_eval = {}
         interrupted = False
         self.interrupt = DeferredInterrupt()
+        self.progress = RunProgress(
+            self.run_total_steps(), state.step,
+            enabled=self.context.is_main and bool(cfg.trainer.get("progress_bar", True)),
+            refresh_interval=float(cfg.trainer.get("progress_interval", 0.5)),
+            log_interval=float(cfg.trainer.get("progress_log_interval", 30.0)))
         try:
             self.interrupt.__enter__()
             max_steps = cfg.trainer.get("max_steps")
             while state.epoch < cfg.trainer.epochs and not (max_steps and state.step >= max_steps):
                 epoch = state.epoch
-                train_metrics, train_sums, stopped = self._train_epoch(epoch)
+                train_metrics, train_sums = self._train_epoch(epoch)
                 completed = state.batch_in_epoch >= self.steps_per_epoch
                 if completed:
                     state.epoch, state.batch_in_epoch = epoch + 1, 0
-                final = stopped or state.epoch >= cfg.trainer.epochs
-                if final:
-                    self._set_progress(1.0)
-                last_eval = {k: v for split in self.eval_loaders for k, v in self.evaluate(split).items()}
-                val_acc1 = last_eval.get(f"{self.val_source}/acc1") if self.val_source else None
+                self.last_eval = self._evaluate_reached()
+                val_acc1 = self.last_eval.get(f"{self.val_source}/acc1") if self.val_source else None
                 improved = val_acc1 is not None and val_acc1 > state.best_val_acc1
                 if improved:
                     state.best_val_acc1 = val_acc1
-                metrics = {**train_metrics, **last_eval, "best_val_acc1": state.best_val_acc1,
+                metrics = {**train_metrics, **self.last_eval, "best_val_acc1": state.best_val_acc1,
                            "train/seconds": state.train_seconds}
                 self.logger.log_epoch(epoch + 1, state.step, metrics)
                 if self.context.is_main:
                     self.logger.log_step(state.step, self.diagnostics.collect())
-                    print(self._epoch_line(epoch, metrics), flush=True)
-                self._save("last.pt", None if completed else train_sums)
+                    log.info(self._epoch_line(epoch, metrics))
+                self._save("last.pt", self.last_eval, None if completed else train_sums)
                 if improved:
-                    self._save("best.pt", None if completed else train_sums)
-            if not last_eval and self.eval_loaders:  # resumed a finished run: evaluate it once
-                self._set_progress(1.0)
-                last_eval = {k: v for split in self.eval_loaders for k, v in self.evaluate(split).items()}
+                    self._save("best.pt", self.last_eval, None if completed else train_sums)
+            if not self.last_eval and self.eval_loaders:  # resumed a finished run: evaluate it once
+                self.last_eval = self._evaluate_reached()
         except KeyboardInterrupt:
             interrupted = True
             if self.context.is_main:
-                last = self.run_dir / "checkpoints" / "last.pt"
-                print(f"interrupted at step {state.step}; continue with trainer.resume={last}"
-                      if last.exists() else "interrupted before the first checkpoint", flush=True)
+                log.warning(self._interrupt_message())
         finally:
             self.interrupt.__exit__()
-        summary = self._write_summary(last_eval, interrupted)
-        self.logger.log_summary(summary, [])
+            self.progress.close()
+        # The trained network's figures (HQ's sparsity grows while training); after an abort, the
+        # network in memory at the abort.
+        self.trained_summary = qat.summary(self.model, self.data.input_size) if self.context.is_main \
+            else self.model_summary
+        summary = self._write_summary(interrupted)
+        if self.context.is_main:
+            log.info(f"trained model: quantized size {summary['quantized_bytes']:,} B (entropy-coded "
+                     f"{summary['entropy_coded_bytes']:,.0f} B) | compression {summary['compression']:.2f}x")
+        self.logger.log_summary(summary, layer_rows(self.trained_summary))
         self.logger.finish()
         distributed.barrier(self.context)
         distributed.teardown(self.context)
         if interrupted:
             raise KeyboardInterrupt
         return summary
+
+    def _interrupt_message(self) -> str:
+        """What a Ctrl-C left behind, naming the step the checkpoint really holds."""
+        state, saved = self.state, self.saved
+        if saved is None:
+            return f"interrupted at step {state.step} before the first checkpoint: nothing to resume from"
+        resume = f"continue with trainer.resume={saved.path}"
+        if saved.state.step == state.step:
+            return f"interrupted at step {state.step}, saved in {saved.path}; {resume}"
+        lost = saved.state.step + 1, state.step
+        again = f"step {lost[0]}" if lost[0] == lost[1] else f"steps {lost[0]}-{lost[1]}"
+        return (f"aborted after step {state.step} without saving it: {saved.path} holds step {saved.state.step} "
+                f"({again} will be trained again); {resume}")
 
     def _epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
         parts = [f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", f"step {self.state.step}",
@@ -338,8 +415,15 @@ class Trainer:
         parts.append(f"{self.state.train_seconds:.1f}s train")
         return " | ".join(parts)
 
-    def _write_summary(self, last_eval: dict[str, float], interrupted: bool) -> dict[str, Any]:
-        cfg, state = self.cfg, self.state
+    def _write_summary(self, interrupted: bool) -> dict[str, Any]:
+        """summary.json: the state and evaluation of the checkpoint the run can be continued from.
+
+        Normally that is the state the run ended in. After an abort (a second Ctrl-C) past the last
+        checkpoint, the steps, times, accuracies are those of that checkpoint and `aborted_after_step`
+        says how far training had got; with no checkpoint at all, the state at the abort."""
+        cfg, saved = self.cfg, self.saved
+        aborted = interrupted and saved is not None and saved.state.step != self.state.step
+        state, evaluation = (saved.state, saved.evaluation) if aborted else (self.state, self.last_eval)
         epochs_trained = state.step / self.steps_per_epoch
         summary = {
             "experiment": cfg.get("experiment_name", "default"),
@@ -351,18 +435,25 @@ class Trainer:
             "steps": state.step,
             "best_val_acc1": state.best_val_acc1 if state.best_val_acc1 > -math.inf else None,
             "val_source": self.val_source,
-            "val_acc1": last_eval.get("val/acc1"),
-            "test_acc1": last_eval.get("test/acc1"), "test_acc5": last_eval.get("test/acc5"),
+            "val_acc1": evaluation.get("val/acc1"),
+            "test_acc1": evaluation.get("test/acc1"), "test_acc5": evaluation.get("test/acc5"),
             "test_size": len(self.data.test) if self.data.test is not None else None,
             "seconds_per_epoch": state.train_seconds / epochs_trained if epochs_trained else None,
             "train_seconds": state.train_seconds,
-            **summary_facts(self.model_summary),
+            **summary_facts(self.trained_summary),
             "world_size": self.context.world_size, "device": str(self.device),
             "interrupted": interrupted,
+            "aborted_after_step": self.state.step if aborted else None,
+            "checkpoint": str(saved.path) if saved else None,
+            "checkpoint_step": saved.state.step if saved else None,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            # settings changed on resume: {key: {"checkpoint": value, "run": value}}; the steps
+            # before `resumed_from` used the checkpoint's values, the rest this run's
+            "resume_config_changes": self.resume_changes,
         }
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
 
 

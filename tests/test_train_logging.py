@@ -1,12 +1,15 @@
 """Logging: W&B offline without a key, CSV files, per-layer diagnostics, summary.json, qat.report."""
 import csv
 import json
+import subprocess
 import time
 
 import pytest
 import torch
 
+from conftest import REPO, SMOKE_OVERRIDES
 from qat import models, quantize_model, set_progress
+from qat import summary as qat_summary
 from qat.diagnostics import LayerDiagnostics
 from qat.loggers import wandb_mode
 from qat.report import load_runs, write_report
@@ -110,3 +113,34 @@ def test_report_writes_markdown_and_png(tmp_path):
     assert [run["run"] for run in load_runs(tmp_path / "runs")] == ["a", "b"]
     with pytest.raises(FileNotFoundError, match="no summary.json found"):
         write_report(tmp_path / "out")
+
+
+def test_summary_reports_the_trained_hq_network_not_the_initial_one(compose, tmp_path):
+    # HQ prunes while training (sparsity 0 -> 0.9 by the end): the entropy-coded size shrinks.
+    cfg = compose(["data=synthetic", "data.num_train=32", "data.num_test=16", "data.batch_size=8",
+                   "data.eval_batch_size=16", "data.image_size=16", "model=resnet20", "logger=csv",
+                   "trainer.progress_bar=false", "trainer.threads=1", "device=cpu", "trainer.epochs=1",
+                   "quant=hq", "quant.target_sparsity=0.9"])
+    trainer = Trainer(cfg, tmp_path)
+    summary = trainer.fit()
+    trained, initial = qat_summary(trainer.model, trainer.data.input_size), trainer.model_summary
+    assert summary["entropy_coded_bytes"] == trained.entropy_coded_bytes < initial.entropy_coded_bytes
+    for key in ("quantized_bytes", "compression", "fp32_bytes", "params", "binary_mac_share"):
+        assert summary[key] == getattr(trained, key), key
+    assert json.loads((tmp_path / "summary.json").read_text())["entropy_coded_bytes"] == trained.entropy_coded_bytes
+    with open(tmp_path / "layers.csv") as handle:  # the per-layer table is the trained network's too
+        rows = {row["name"]: row for row in csv.DictReader(handle)}
+    for layer in trained.layers:
+        assert float(rows[layer.name]["entropy_coded_bytes"]) == pytest.approx(layer.entropy_coded_bytes, rel=1e-12)
+
+
+def test_train_log_holds_the_epoch_lines_and_the_console_shows_them_once(python, subprocess_env, tmp_path):
+    result = subprocess.run(
+        [python, str(REPO / "train.py"), "+experiment=resnet20_fp", "quant=bwn", *SMOKE_OVERRIDES,
+         "data.image_size=16", "trainer.epochs=1", "trainer.max_steps=null", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env=subprocess_env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log_text = (tmp_path / "train.log").read_text()
+    epoch_line = "epoch 1/1 | step 2 | train loss"
+    assert epoch_line in log_text and "BWNConv2d" in log_text and "trained model: quantized size" in log_text
+    assert (result.stdout + result.stderr).count(epoch_line) == 1

@@ -1,11 +1,15 @@
 """Checkpoints: weights_only loading, exact resume (epoch boundary and Ctrl-C mid-epoch), clear errors."""
+import csv
 import json
+import logging
 import os
+import shutil
 import signal
 
 import pytest
 import torch
 
+import qat.checkpoint
 import qat.latent
 from qat.checkpoint import CheckpointError, load_checkpoint
 from qat.trainer import Trainer
@@ -124,3 +128,99 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     torch.save({"format_version": 1, "evil": Payload()}, tmp_path / "evil.pt", _use_new_zipfile_serialization=True)
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
+
+
+def epoch_rows(run_dir, epoch):
+    with open(run_dir / "epochs.csv") as handle:
+        return {row["metric"]: float(row["value"]) for row in csv.DictReader(handle)
+                if row["epoch"] == str(epoch) and row["metric"] != "train/seconds"}
+
+
+def test_a_max_steps_cap_does_not_change_the_first_steps_evaluation_or_checkpoint(compose, tmp_path, monkeypatch):
+    # HQ with prune_end 0.75 reinitialises its latent weights at step 6 of 8. A run capped at step 4
+    # must train, evaluate and save exactly what the uncapped run has at step 4: not a network
+    # pushed to progress 1.0 (which would prune fully and reinitialise at step 4).
+    save = qat.checkpoint.save_checkpoint
+
+    def save_and_keep_step_4(path, payload):
+        save(path, payload)
+        if path.name == "last.pt" and payload["step"] == 4:
+            shutil.copy(path, path.with_name("step4.pt"))
+
+    monkeypatch.setattr(qat.checkpoint, "save_checkpoint", save_and_keep_step_4)
+    quant = ["quant=hq", "quant.prune_end=0.75", "logger=csv"]
+    _, straight_dir = run(compose, tmp_path, "straight", *quant)
+    _, capped_dir = run(compose, tmp_path, "capped", *quant, "trainer.max_steps=4")
+    at_4, capped = load_checkpoint(straight_dir / "checkpoints" / "step4.pt"), final_state(capped_dir)
+    for key, tensor in at_4["model"].items():
+        assert torch.equal(tensor, capped["model"][key]), key
+    assert not any(v for k, v in capped["model"].items() if k.endswith("reinitialized"))
+    assert capped["best_val_acc1"] == at_4["best_val_acc1"]
+    assert epoch_rows(capped_dir, 1) == epoch_rows(straight_dir, 1)
+
+
+def test_ctrl_c_twice_reports_and_records_the_step_last_pt_really_holds(compose, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="qat")
+    straight, straight_dir = run(compose, tmp_path, "straight", "quant=bwn")
+    calls = {"n": 0}
+    clip = qat.latent.clip_latent_weights
+
+    def clip_then_press_ctrl_c_twice(model):
+        clip(model)
+        calls["n"] += 1
+        if calls["n"] == 6:  # during step 6 (epoch 2): the second Ctrl-C aborts at once, mid-step
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip_then_press_ctrl_c_twice)
+    overrides = ["quant=bwn", "logger=csv", "logger.log_every=1"]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose, tmp_path, "aborted", *overrides)
+    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip)
+    aborted_dir = tmp_path / "aborted"
+    last = aborted_dir / "checkpoints" / "last.pt"
+    assert final_state(aborted_dir)["step"] == 4  # saved at the end of epoch 1; step 5 and the half-done step 6 are lost
+    messages = [r.getMessage() for r in caplog.records if r.name == "qat.trainer" and r.levelno == logging.WARNING]
+    assert messages == [f"aborted after step 5 without saving it: {last} holds step 4 (step 5 will be trained again); "
+                        f"continue with trainer.resume={last}"]
+    summary = json.loads((aborted_dir / "summary.json").read_text())
+    assert (summary["steps"], summary["epochs"], summary["checkpoint_step"], summary["aborted_after_step"]) == (4, 1.0, 4, 5)
+    assert summary["checkpoint"] == str(last) and summary["interrupted"] is True
+    assert summary["best_val_acc1"] == final_state(aborted_dir)["best_val_acc1"]
+    # Resumed in its own directory: the same training as without the abort, each step logged once.
+    resumed, _ = run(compose, tmp_path, "aborted", *overrides, f"trainer.resume={aborted_dir}")
+    assert_same_training(straight_dir, aborted_dir, straight, resumed)
+    with open(aborted_dir / "steps.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row["metric"] == "train/step_loss"]
+    assert steps == list(range(1, 9))
+
+
+def test_resume_into_its_own_run_dir_with_changed_settings_warns_and_records_them(compose, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="qat")
+    _, run_dir = run(compose, tmp_path, "run", "quant=xnor", "trainer.max_steps=1", "logger=csv")
+    with open(run_dir / "epochs.csv") as handle:
+        first_rows = handle.read().splitlines()
+    caplog.clear()
+    summary, _ = run(compose, tmp_path, "run", "quant=xnor", "quant.estimator=fourier", "optim.lr=0.01",
+                     "trainer.max_steps=2", "trainer.progress_log_interval=5", "logger=csv",
+                     f"trainer.resume={run_dir}")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    last = run_dir / "checkpoints" / "last.pt"
+    assert warnings == [f"resuming {last} with settings that differ from the checkpoint's (its steps used the "
+                        f"checkpoint's, the rest of this run uses these): optim.lr: 0.001 -> 0.01; "
+                        f"quant.estimator: None -> 'fourier'"]
+    assert summary["resume_config_changes"] == {"optim.lr": {"checkpoint": 0.001, "run": 0.01},
+                                                "quant.estimator": {"checkpoint": None, "run": "fourier"}}
+    assert (summary["estimator"], summary["steps"], summary["resumed_from"]) == ("fourier", 2, str(last))
+    assert json.loads((run_dir / "summary.json").read_text())["resume_config_changes"] == summary["resume_config_changes"]
+    with open(run_dir / "epochs.csv") as handle:  # appended to, not replaced
+        rows = handle.read().splitlines()
+    assert rows[: len(first_rows)] == first_rows and len(rows) == 2 * len(first_rows) - 1
+
+
+def test_resume_with_the_same_settings_does_not_warn(compose, tmp_path, caplog):
+    _, run_dir = run(compose, tmp_path, "run", "quant=ternary", "trainer.max_steps=1")
+    caplog.clear()
+    run(compose, tmp_path, "again", "quant=ternary", "trainer.max_steps=2", "trainer.progress_interval=1",
+        "data.eval_batch_size=8", "trainer.progress_bar=true", f"trainer.resume={run_dir}")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
