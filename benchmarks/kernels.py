@@ -13,7 +13,12 @@ and bf16 GEMM rate measured in the same run as ceilings.  CUDA events, median of
 End to end: packed ``mnist_cnn`` (XNOR, first layer BWN) and CIFAR ResNet-18 (XNOR, first/last
 float) against the float model of the same architecture, batch 1 and 64, on CPU.
 
-Usage: ``python benchmarks/kernels.py [--quick] [--write-results]``.
+Every figure depends on the CPU: the output (and RESULTS.md) starts with the CPU model, its
+int8-relevant feature flags (avx2, avx512*, avx512_vnni / avx_vnni / amx_int8) and torch's CPU
+capability, and the "CPU path" column shows what ``path='auto'`` chose on it
+(:func:`kernels.cpu_matmul.choose_cpu_path`).
+
+Usage: ``python benchmarks/kernels.py [--quick] [--skip-gpu] [--write-results] [--note TEXT]``.
 """
 
 from __future__ import annotations
@@ -213,16 +218,34 @@ def end_to_end_section(quick: bool) -> list[str]:
     return END_TO_END(quick)
 
 
+def cpu_line() -> str:
+    """The CPU every CPU figure comes from, with the flags that decide the int8 path."""
+    info = cpu_matmul.cpu_info()
+    fast = cpu_matmul.int_mm_fast()
+    how = "from its flags" if cpu_matmul.int8_dot_from_features(info) is not None else "by calibration"
+    return (
+        f"CPU: {info.describe()}; int8 GEMM (torch._int_mm) fast here: {fast} ({how}), "
+        f"usable: {cpu_matmul.int_mm_available()}"
+    )
+
+
 def machine_line() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
     )
 
 
 def write_results(
-    command: str, cpu: list[str], gpu: list[str], e2e: list[str], before: str, after: str, note: str = ""
+    command: str,
+    cpu: list[str],
+    gpu: list[str],
+    e2e: list[str],
+    before: str,
+    after: str,
+    note: str = "",
+    cpu_model: str = "",
 ) -> None:
     """Replace (or append) the '## Kernels' section of RESULTS.md, keeping other sections."""
     gpu_rows = gpu if _cuda_ready() is None else [f"GPU rows (G1-G5, F1, T1, P1, V1): {NO_GPU}."]
@@ -231,6 +254,7 @@ def write_results(
         "",
         f"Command: `{command}`",
         "",
+        *([cpu_model, ""] if cpu_model else []),
         f"Machine before: {before}",
         f"Machine after:  {after}",
         *([f"Note: {note}"] if note else []),
@@ -260,6 +284,8 @@ def main(argv=None) -> None:
     parser.add_argument("--write-results", action="store_true", help="update the Kernels section of RESULTS.md")
     parser.add_argument("--note", default="", help="a line about the run's conditions, written with the results")
     args = parser.parse_args(argv)
+    cpu_model = cpu_line()
+    print(cpu_model)
     before = machine_line()
     print(before)
     cpu = cpu_section(args.quick)
@@ -272,7 +298,7 @@ def main(argv=None) -> None:
     print(after)
     if args.write_results:
         command = "python benchmarks/kernels.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-        write_results(command.strip(), cpu, gpu, e2e, before, after, args.note)
+        write_results(command.strip(), cpu, gpu, e2e, before, after, args.note, cpu_model)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@
 // One CTA per SM by design (__launch_bounds__(256, 1)): the 8 x 8 int32 tile plus operands needs
 // more than 128 registers, and capping at 128 (two CTAs) spills.
 //
-// Launch: grid (ceil(N/128), ceil(M/128)), block 256, static shared memory 32 KiB.
+// Launch: grid (ceil(M/128), ceil(N/128)), block 256, static shared memory 32 KiB.
+// M is on gridDim.x (limit 2^31 - 1) because it is the large one (a conv's batch x Ho x Wo);
+// N (output channels) on gridDim.y (limit 65535 tiles).  kernels/cuda_matmul.py: tile_grid.
 #include "bitops.cuh"
 
 namespace {
@@ -34,7 +36,7 @@ __global__ void __launch_bounds__(256, 1) packed_gemm(const u64* __restrict__ a_
 
   const int tid = threadIdx.x;
   const int tx = tid & 15, ty = tid >> 4;
-  const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile;
+  const int m0 = blockIdx.x * kTile, n0 = blockIdx.y * kTile;
   const u64* a_planes[2] = {a_s, a_m};
   const u64* b_planes[2] = {b_s, b_m};
 

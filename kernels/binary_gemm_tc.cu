@@ -15,7 +15,9 @@
 // pairing a0<->b0, a2<->b1 of the same k chunk matters, which the shared layout guarantees.
 // Double-buffered through registers like packed_gemm; out-of-range rows / words load as 0.
 //
-// Launch: grid (ceil(N/128), ceil(M/128)), block 256, static shared memory 40 KiB.
+// Launch: grid (ceil(M/128), ceil(N/128)), block 256, static shared memory 40 KiB.
+// M is on gridDim.x (limit 2^31 - 1) because it is the large one (a conv's batch x Ho x Wo);
+// N (output channels) on gridDim.y (limit 65535 tiles).  kernels/cuda_matmul.py: tile_grid.
 #include "bitops.cuh"
 
 namespace {
@@ -53,7 +55,7 @@ extern "C" __global__ void __launch_bounds__(256) packed_gemm_tc(const u64* __re
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int warp_m = (warp >> 2) * 64, warp_n = (warp & 3) * 32;
-  const int m0 = blockIdx.y * kTcTile, n0 = blockIdx.x * kTcTile;
+  const int m0 = blockIdx.x * kTcTile, n0 = blockIdx.y * kTcTile;
 
   u64 ra[LOADS], rb[LOADS];
   auto fetch = [&](int stage) {

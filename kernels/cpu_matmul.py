@@ -12,13 +12,28 @@ Two exact routes, chosen by :func:`choose_cpu_path`:
 
     Best for small M (GEMV), where it touches each packed weight word once per row of A.
 
-``int_mm`` -- unpack to int8 and use ``torch._int_mm`` (VNNI, int32 accumulation; exact).
+``int_mm`` -- unpack to int8 and use ``torch._int_mm`` (int32 accumulation; exact).
     Binary operands are unpacked to their **0/1 bits**, not to +-1, which saves a pass; with
     ``pa, pb`` the row popcounts the AND identity gives
     ``dot = K - 2 * (pa + pb) + 4 * (bits_a . bits_b)``.  Ternary operands are unpacked to their
     int8 values ``m * (1 - 2 s)`` and multiplied directly.  B is unpacked in row blocks so the
     int8 temporary stays bounded.  ``torch._int_mm`` is a private API: it is feature-detected once
-    and the path is skipped where it is missing or wrong.
+    (:func:`int_mm_available`) and the path is never used where it is missing or wrong.
+
+Which route is *fast* depends on the CPU, not on whether the API exists: int8 GEMMs are fast
+only with int8 dot-product instructions (x86 VNNI: ``avx512_vnni`` / ``avx_vnni``, or AMX).
+Without them (e.g. an AVX2-only AMD EPYC) ``torch._int_mm`` runs ~16x slower than float32
+``F.linear`` and ~20-40x slower than popcount.  ``path='auto'`` therefore decides with
+:func:`decide_cpu_path`, a pure function of M and two facts about this machine:
+
+* ``int_mm_fast`` -- from the CPU's feature flags (:func:`cpu_info`, parsed from
+  ``/proc/cpuinfo``; :func:`int8_dot_from_features`): an x86 CPU with VNNI/AMX-int8 -> True,
+  an x86 CPU whose flags lack them -> False.  Where the flags say nothing (non-x86, no
+  ``/proc/cpuinfo``) a one-time calibration (:func:`calibrate_int_mm`) times both routes on a
+  small shape and keeps the faster.  Cached for the process (:func:`int_mm_fast`).
+* ``int_mm_available()`` -- the private API exists here and is exact.
+
+``int_mm`` is chosen iff both hold and ``M >= INT_MM_MIN_ROWS``; otherwise ``popcount``.
 
 Pad bits (wherever they sit, e.g. per-tap channel padding in conv) must be 0 in both operands;
 they then add nothing to any popcount or product, so ``K`` is the number of real elements.
@@ -28,8 +43,11 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,7 +59,15 @@ __all__ = [
     "int_mm_ternary",
     "int_mm_available",
     "choose_cpu_path",
+    "decide_cpu_path",
+    "CpuInfo",
+    "cpu_info",
+    "parse_cpuinfo",
+    "int8_dot_from_features",
+    "calibrate_int_mm",
+    "int_mm_fast",
     "INT_MM_MIN_ROWS",
+    "INT8_DOT_FLAGS",
 ]
 
 # Temporaries per popcount tile (XOR words + uint8 counts): ~L2-sized.  Measured on 2 cores,
@@ -49,9 +75,15 @@ __all__ = [
 TILE_BYTES = 2 * 1024 * 1024
 # Rows of B unpacked to int8 at once on the int_mm path (bounds the temporary at BLOCK_ROWS * K).
 INT_MM_BLOCK_ROWS = 2048
-# From M = INT_MM_MIN_ROWS on, int_mm beats popcount (benchmarks/kernels.py at N=K=4096 on a
-# 2-core Zen 4: popcount cost grows with M, int_mm's is dominated by the one-off unpack of B).
+# On a CPU with VNNI, from M = INT_MM_MIN_ROWS on int_mm beats popcount (benchmarks/kernels.py at
+# N=K=4096 on a 2-core Zen 4 with avx512_vnni: popcount cost grows with M, int_mm's is dominated by
+# the one-off unpack of B).  Without VNNI it never does (see the module docstring).
 INT_MM_MIN_ROWS = 16
+# /proc/cpuinfo flags of x86 int8 dot-product hardware that makes torch._int_mm (oneDNN) fast.
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_int8"})
+# Calibration shape (M, N, K) for CPUs whose flags say nothing; M >= INT_MM_MIN_ROWS.
+CALIBRATION_SHAPE = (64, 256, 1024)
+CALIBRATION_MARGIN = 1.25
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
@@ -207,8 +239,120 @@ def int_mm_ternary(a_planes, b_planes, k: int) -> torch.Tensor:
     )
 
 
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the dispatch knows about this CPU: model name, ISA, feature flags, torch's SIMD level."""
+
+    model: str
+    machine: str  # platform.machine(): 'x86_64', 'AMD64', 'aarch64', ...
+    flags: frozenset  # /proc/cpuinfo 'flags' (x86) or 'Features' (ARM); empty if unknown
+    torch_capability: str  # torch.backends.cpu.get_cpu_capability(): 'AVX2', 'AVX512', ...
+
+    @property
+    def is_x86(self) -> bool:
+        return self.machine.lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+    def describe(self) -> str:
+        """One line for logs and RESULTS.md: model, ISA, the flags that matter here, torch level."""
+        shown = sorted(f for f in self.flags if f in INT8_DOT_FLAGS or f in ("avx2", "avx512f", "avx512bw", "popcnt"))
+        missing = sorted((INT8_DOT_FLAGS | {"avx512f"}) - self.flags) if self.is_x86 and self.flags else []
+        return (
+            f"{self.model or 'unknown CPU'} ({self.machine}; flags: {' '.join(shown) or 'none of interest'}"
+            f"{'; no ' + '/'.join(missing) if missing else ''}; torch CPU capability {self.torch_capability})"
+        )
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset]:
+    """(model name, feature flags) of the first processor in ``/proc/cpuinfo`` text."""
+    model, flags = "", None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key in ("model name", "cpu model", "hardware") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and flags is None:
+            flags = frozenset(value.split())
+    return model, flags or frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    """This machine's :class:`CpuInfo` (read once; flags empty where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model, flags = parse_cpuinfo(f.read())
+    except OSError:
+        model, flags = "", frozenset()
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = "unknown"
+    return CpuInfo(model or platform.processor(), platform.machine(), flags, capability)
+
+
+def int8_dot_from_features(info: CpuInfo) -> bool | None:
+    """True / False when the flags tell whether int8 GEMMs are fast here, None when they cannot.
+
+    x86 with known flags: True iff any of :data:`INT8_DOT_FLAGS`.  Anything else (ARM, whose int8
+    GEMM speed depends on the build; no flags at all): None, i.e. calibrate.
+    """
+    if info.is_x86 and info.flags:
+        return bool(info.flags & INT8_DOT_FLAGS)
+    return None
+
+
+def calibrate_int_mm(shape=CALIBRATION_SHAPE, rounds: int = 5, margin: float = CALIBRATION_MARGIN) -> bool:
+    """Time both exact routes on one ``(M, N, K)`` binary product; True iff int_mm clearly wins.
+
+    Min over ``rounds`` interleaved runs after a warm-up; int_mm must beat popcount by ``margin``
+    (popcount is the safe default, and a loaded machine can swing a single timing).  Also checks
+    both give the same integers (False if not).  Only used where :func:`int8_dot_from_features`
+    returns None; tens of milliseconds, once per process.
+    """
+    if not int_mm_available():
+        return False
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(0)
+    words = -(-k // 64)
+    a = torch.randint(-(2**62), 2**62, (m, words), dtype=torch.int64, generator=gen)
+    b = torch.randint(-(2**62), 2**62, (n, words), dtype=torch.int64, generator=gen)
+    if k % 64:  # pad bits must be 0
+        mask = (1 << (k % 64)) - 1
+        a[:, -1] &= mask
+        b[:, -1] &= mask
+    best = {}
+    results = {}
+    for name, fn in (("popcount", popcount_binary), ("int_mm", int_mm_binary)):
+        results[name] = fn(a, b, k)  # warm-up
+        best[name] = float("inf")
+    for _ in range(rounds):
+        for name, fn in (("popcount", popcount_binary), ("int_mm", int_mm_binary)):
+            start = time.perf_counter()
+            fn(a, b, k)
+            best[name] = min(best[name], time.perf_counter() - start)
+    if not torch.equal(results["popcount"], results["int_mm"]):
+        return False
+    return best["int_mm"] * margin < best["popcount"]
+
+
+@functools.lru_cache(maxsize=1)
+def int_mm_fast() -> bool:
+    """Is int_mm the faster route for M >= INT_MM_MIN_ROWS on this CPU? (cached per process)"""
+    from_flags = int8_dot_from_features(cpu_info())
+    if from_flags is not None:
+        return from_flags
+    return calibrate_int_mm()
+
+
+def decide_cpu_path(m: int, *, int_mm_works: bool, int_mm_is_fast: bool) -> str:
+    """The 'auto' choice as a pure function: int_mm iff it works, is fast here and M is large."""
+    return "int_mm" if int_mm_works and int_mm_is_fast and m >= INT_MM_MIN_ROWS else "popcount"
+
+
 def choose_cpu_path(m: int, path: str = "auto") -> str:
-    """'popcount' or 'int_mm': explicit choice if given, else int_mm from INT_MM_MIN_ROWS rows."""
+    """'popcount' or 'int_mm': the explicit choice if given, else :func:`decide_cpu_path`."""
     if path not in ("auto", "popcount", "int_mm"):
         raise ValueError(f"path must be 'auto', 'popcount' or 'int_mm', got {path!r}")
     if path == "int_mm":
@@ -217,4 +361,6 @@ def choose_cpu_path(m: int, path: str = "auto") -> str:
         return path
     if path == "popcount":
         return path
-    return "int_mm" if m >= INT_MM_MIN_ROWS and int_mm_available() else "popcount"
+    if m < INT_MM_MIN_ROWS:  # no need to detect anything
+        return "popcount"
+    return decide_cpu_path(m, int_mm_works=int_mm_available(), int_mm_is_fast=int_mm_fast())

@@ -3,10 +3,17 @@
 Choice, for ``C[M, N]`` with ``W`` words per row:
 
 * ``M <= 16`` and the A rows fit in shared memory -> ``packed_gemv`` (binary_gemv.cu): weight
-  streaming, the memory-bound small-batch regime; 16-byte loads when ``W`` is even.
+  streaming, the memory-bound small-batch regime; 16-byte loads of B when ``W`` is even **and**
+  B's planes start on a 16-byte boundary (:func:`gemv_vector_words`; a contiguous view at an odd
+  word offset is valid input and gets the 8-byte variant instead of a misaligned-address fault).
 * otherwise binary -> ``packed_gemm_tc`` (binary_gemm_tc.cu, b1 tensor cores, AND identity
   ``dot = K - 2 (pa + pb) + 4 popc(a & b)``), or ``packed_gemm<1>`` (binary_gemm.cu, CUDA
   cores) with ``tensor_cores=False``; ternary -> ``packed_gemm<2>``.
+
+The tiled GEMMs run one CTA per 128 x 128 output tile on the grid :func:`tile_grid`: M tiles on
+``gridDim.x`` (limit 2^31 - 1) and N tiles on ``gridDim.y`` (limit 65535), because M is the axis
+that grows with the data (a binary conv's M is batch x Ho x Wo, which passes 65535 x 128 = 8.4 M
+at e.g. batch 512 of 128 x 128 maps) while N is a layer's output width.
 
 All outputs are allocated by torch on the operands' device; launches go on torch's current stream.
 """
@@ -16,14 +23,42 @@ from __future__ import annotations
 import torch
 
 from . import cuda_runtime
+from .cuda_runtime import GRID_LIMITS, INT32_MAX
 from .sources import GEMV_MAX_ROWS, GEMV_ROW_VARIANTS
 
-__all__ = ["binary_matmul", "ternary_matmul", "row_popcount"]
+__all__ = ["binary_matmul", "ternary_matmul", "row_popcount", "tile_grid", "gemv_vector_words"]
 
 _BLOCK = 256
 _WARPS = _BLOCK // 32
 _MAX_GEMV_SHARED = 160 * 1024  # well under the 227 KiB opt-in limit of sm_90
 _TILE = 128
+
+
+def tile_grid(m: int, n: int, tile: int = _TILE) -> tuple[int, int]:
+    """Grid ``(ceil(M / tile), ceil(N / tile))`` of the tiled GEMMs: M tiles on x, N tiles on y.
+
+    Raises ValueError (instead of a failed launch) when N needs more than 65535 tiles or M is so
+    large that the kernels' int32 row index ``m0 + row`` could overflow.
+    """
+    if m < 1 or n < 1:
+        raise ValueError(f"tile_grid needs M, N >= 1, got M={m}, N={n}")
+    if m > INT32_MAX - tile:
+        raise ValueError(f"M = {m} rows exceed the kernels' int32 indexing (at most {INT32_MAX - tile})")
+    grid = (-(-m // tile), -(-n // tile))
+    if grid[1] > GRID_LIMITS[1]:
+        raise ValueError(f"N = {n} columns need {grid[1]} tiles of {tile}; CUDA's gridDim.y allows {GRID_LIMITS[1]}")
+    return grid
+
+
+def gemv_vector_words(words: int, *data_ptrs: int) -> int:
+    """Words per global load of B in the GEMV: 2 (one 16-byte load) or 1.
+
+    A 16-byte load needs a 16-byte-aligned address: row ``n`` of a plane starts at
+    ``data_ptr + 8 W n``, so every plane's ``data_ptr`` must be 16-byte aligned and ``W`` even.
+    """
+    if words % 2 == 0 and all(p % 16 == 0 for p in data_ptrs):
+        return 2
+    return 1
 
 
 def _gemv_rows(m: int) -> int:
@@ -39,7 +74,7 @@ def _gemv(a_planes, b_planes, k: int, out: torch.Tensor) -> None:
     m, words = a_planes[0].shape
     n = b_planes[0].shape[0]
     rows = _gemv_rows(m)
-    vec = 2 if words % 2 == 0 else 1
+    vec = gemv_vector_words(words, *(p.data_ptr() for p in b_planes))
     device = out.device.index
     blocks = min(-(-n // _WARPS), 8 * cuda_runtime.device_sm_count(device))
     cuda_runtime.launch(
@@ -61,7 +96,7 @@ def _gemm(a_planes, b_planes, k: int, out: torch.Tensor) -> None:
         "binary_gemm.cu",
         f"packed_gemm<{planes}>",
         out.device.index,
-        (-(-n // _TILE), -(-m // _TILE)),
+        tile_grid(m, n),
         (_BLOCK,),
         (a_planes[0], a_planes[-1], b_planes[0], b_planes[-1], out, m, n, words, k),
     )
@@ -90,7 +125,7 @@ def _gemm_tc(a_bits, b_bits, k: int, out: torch.Tensor) -> None:
         "binary_gemm_tc.cu",
         "packed_gemm_tc",
         out.device.index,
-        (-(-n // _TILE), -(-m // _TILE)),
+        tile_grid(m, n),
         (_BLOCK,),
         (a_bits, b_bits, pa, pb, out, m, n, words, k),
     )

@@ -3,8 +3,15 @@
 * CuPy is imported only here and only when a CUDA tensor reaches a kernel, so ``import kernels``
   works without it; a missing CuPy raises a RuntimeError that says what to install.
 * Each ``kernels/*.cu`` file becomes one ``cupy.RawModule`` per (file, device), built lazily and
-  cached for the process (CuPy also caches the binary on disk); its functions are looked up once.
+  cached for the process (CuPy also caches the binary on disk, keyed by the source text, which has
+  its headers inlined by :func:`kernels.sources.read_source`); its functions are looked up once.
   Template instantiations come from :data:`kernels.sources.KERNEL_SOURCES`.
+* Everything device-specific -- compiling and loading the module, looking up a function, raising
+  its dynamic shared memory limit, the launch -- runs inside ``cupy.cuda.Device(device)``, the
+  tensors' device, never on whichever device happens to be current.
+* Launch geometry is checked against CUDA's grid limits (:func:`check_grid`) and integer
+  arguments against int32 before anything reaches the driver, so an oversized problem is a
+  ValueError rather than a failed launch.
 * Tensors are shared zero-copy through DLPack (``cupy.from_dlpack``); outputs are allocated by
   torch (its caching allocator), so no CuPy memory pool holds large blocks.
 * Kernels launch on torch's current stream (``cupy.cuda.Stream.from_external`` when CuPy has it,
@@ -19,14 +26,29 @@ import threading
 import numpy as np
 import torch
 
-from .sources import COMPILE_OPTIONS, KERNEL_SOURCES, SOURCE_DIR, read_source
+from .sources import COMPILE_OPTIONS, KERNEL_SOURCES, read_source
 
-__all__ = ["cupy", "get_kernel", "launch", "device_sm_count"]
+__all__ = ["cupy", "get_kernel", "launch", "device_sm_count", "check_grid", "GRID_LIMITS", "INT32_MAX"]
+
+INT32_MAX = 2**31 - 1
+GRID_LIMITS = (INT32_MAX, 65535, 65535)  # gridDim.x, .y, .z on every architecture we target
 
 _lock = threading.Lock()
 _modules: dict[tuple[str, int], object] = {}
 _functions: dict[tuple[str, str, int], object] = {}
+_shared_set: dict[tuple[str, str, int], int] = {}
 _streams: dict[tuple[int, int], object] = {}
+
+
+def check_grid(grid) -> tuple[int, ...]:
+    """``grid`` as a tuple of ints, or ValueError if a dimension is < 1 or above CUDA's limit."""
+    grid = tuple(int(g) for g in grid)
+    if not 1 <= len(grid) <= 3:
+        raise ValueError(f"a CUDA grid has 1 to 3 dimensions, got {grid}")
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+        if not 1 <= size <= limit:
+            raise ValueError(f"grid dimension {'xyz'[axis]} = {size} is outside CUDA's range 1..{limit} (grid {grid})")
+    return grid
 
 
 def cupy():
@@ -50,18 +72,17 @@ def get_kernel(source: str, name: str, device: int):
     if fn is not None:
         return fn
     cp = cupy()
-    with _lock:
+    with _lock, cp.cuda.Device(device):
         module = _modules.get((source, device))
         if module is None:
-            with cp.cuda.Device(device):
-                module = cp.RawModule(
-                    code=read_source(source),
-                    options=(*COMPILE_OPTIONS, f"-I{SOURCE_DIR}"),
-                    name_expressions=list(KERNEL_SOURCES[source]),
-                )
-                module.compile()
+            module = cp.RawModule(
+                code=read_source(source),
+                options=COMPILE_OPTIONS,
+                name_expressions=list(KERNEL_SOURCES[source]),
+            )
+            module.compile()
             _modules[(source, device)] = module
-        fn = module.get_function(name)
+        fn = module.get_function(name)  # loads the module into this device's context
         _functions[key] = fn
     return fn
 
@@ -92,19 +113,30 @@ def _arg(value):
     if isinstance(value, torch.Tensor):
         if not value.is_contiguous():
             raise ValueError("internal error: kernels need contiguous tensors")
+        if value.data_ptr() % value.element_size():
+            raise ValueError(f"kernels need element-aligned tensors; data_ptr {value.data_ptr():#x} is not")
+        if value.requires_grad:
+            raise ValueError("internal error: DLPack refuses tensors that require grad; detach first")
         return cupy().from_dlpack(value)
     if isinstance(value, bool):
         raise ValueError("internal error: bool kernel argument")
     if isinstance(value, int):
+        if not -INT32_MAX - 1 <= value <= INT32_MAX:
+            raise ValueError(f"kernel argument {value} does not fit the kernels' int32 sizes")
         return np.int32(value)
     return value
 
 
 def launch(source: str, name: str, device: int, grid, block, args, shared_mem: int = 0) -> None:
     """Launch ``name`` on torch's current stream of ``device`` with zero-copy tensor arguments."""
-    kernel = get_kernel(source, name, device)
-    if shared_mem > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = shared_mem
+    grid = check_grid(grid)
     cp = cupy()
-    with cp.cuda.Device(device), _torch_stream(device):
-        kernel(tuple(grid), tuple(block), tuple(_arg(a) for a in args), shared_mem=shared_mem)
+    with cp.cuda.Device(device):
+        args = tuple(_arg(a) for a in args)
+        kernel = get_kernel(source, name, device)
+        key = (source, name, device)
+        if shared_mem > 48 * 1024 and _shared_set.get(key, 0) < shared_mem:
+            kernel.max_dynamic_shared_size_bytes = shared_mem
+            _shared_set[key] = shared_mem
+        with _torch_stream(device):
+            kernel(grid, tuple(block), args, shared_mem=shared_mem)

@@ -1,12 +1,35 @@
 // Fused output transform of an int32 accumulator C[M, N] (N = output channels, innermost).
 //
 // epilogue_affine:    y[m, n] = float(acc) * mul[n] + add[n] in float32, rounded as two separate
-//                     operations (__fmul_rn, __fadd_rn: no FMA contraction) to match the CPU path.
+//                     IEEE operations (no FMA contraction, subnormals kept) to match the CPU path.
+//                     mul_f32 / add_f32 emit mul.rn.f32 / add.rn.f32 as inline PTX: __fmul_rn and
+//                     __fadd_rn would become mul.rn.ftz.f32 / add.rn.ftz.f32 under -ftz=true, which
+//                     CuPy appends to every compile (after ours, and NVRTC honours the last one).
 // epilogue_sign_pack: y computed in float64 the same way, then bit = (y < 0) (tie y == 0 -> +1),
 //                     packed along N into 64-bit words (bit j of word w = channel 64w + j, pad 0).
 //                     One warp per output word: lanes read 32 + 32 consecutive accumulators
 //                     (coalesced) and two __ballot_sync calls form the low / high halves.
 #include "bitops.cuh"
+
+static __device__ __forceinline__ float mul_f32(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return __fmul_rn(a, b);  // host-side builds (e.g. a CPU emulation of these kernels)
+#endif
+}
+
+static __device__ __forceinline__ float add_f32(float a, float b) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return __fadd_rn(a, b);
+#endif
+}
 
 extern "C" __global__ void __launch_bounds__(256) epilogue_affine(const int* __restrict__ acc, const float* __restrict__ mul,
                                                                   const float* __restrict__ add, float* __restrict__ y,
@@ -14,7 +37,7 @@ extern "C" __global__ void __launch_bounds__(256) epilogue_affine(const int* __r
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const int n = static_cast<int>(i % N);
-    y[i] = __fadd_rn(__fmul_rn(static_cast<float>(acc[i]), __ldg(mul + n)), __ldg(add + n));
+    y[i] = add_f32(mul_f32(static_cast<float>(acc[i]), __ldg(mul + n)), __ldg(add + n));
   }
 }
 

@@ -21,7 +21,19 @@ into one multiply and one add (Larq Compute Engine's ``output_transform``):
 float32, also rounded as a separate multiply then add.
 
 The accumulator is [..., N] with N = output channels innermost (Linear [M, N], conv NHWC).
-On CUDA the transform runs as one kernel from ``epilogue.cu``; on CPU as torch ops.
+On CUDA the transform runs as one kernel from ``epilogue.cu``; on CPU as torch ops.  Both keep
+float32 subnormals (IEEE arithmetic, no flush-to-zero; see :mod:`kernels.sources`).
+
+This is an inference transform: it is not differentiable.  ``scale``, ``bias``, ``bn`` and
+``mul_add`` may be tensors that require grad (a layer's parameters); their values are used
+detached, so the same call works on CPU and CUDA (DLPack refuses tensors that require grad).
+
+Non-finite parameters with ``sign_pack=True``: since ``acc`` is an integer, ``y`` can only be NaN
+when ``mul`` or ``add`` is not finite (``0 * inf``, ``inf - inf``, NaN), and NaN has no sign.
+:func:`check_sign_pack_params` therefore rejects non-finite ``mul`` / ``add`` with a ValueError
+naming the first bad channel, on every device, before any kernel runs (on CUDA this costs one
+host synchronisation).  The float output (``sign_pack=False``) follows IEEE arithmetic on both
+devices, NaN and inf included.
 """
 
 from __future__ import annotations
@@ -31,10 +43,12 @@ import torch
 
 from .packing import pack_bits, packed_words
 
-__all__ = ["fold_bn", "epilogue"]
+__all__ = ["fold_bn", "epilogue", "check_sign_pack_params"]
 
 
 def _channel_vector(value, n: int, name: str, device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()  # inference only: values, never the autograd graph
     t = torch.as_tensor(value, dtype=torch.float64, device=device)
     if t.dim() == 0:
         t = t.expand(n)
@@ -68,6 +82,21 @@ def fold_bn(
     return gamma * alpha * inv, gamma * (b - mean) * inv + beta
 
 
+def check_sign_pack_params(mul: torch.Tensor, add: torch.Tensor) -> None:
+    """ValueError unless every ``mul[n]`` and ``add[n]`` is finite (the only way to a NaN ``y``).
+
+    The one decision both devices share for ``sign_pack=True`` (see the module docstring).
+    """
+    for name, t in (("mul", mul), ("add", add)):
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            channel = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"sign_pack needs finite per-channel {name}; channel {channel} is {float(t[channel])} "
+                "(a NaN output has no sign: check the scale, bias and BatchNorm statistics)"
+            )
+
+
 def epilogue(
     acc: torch.Tensor,
     scale=None,
@@ -82,7 +111,7 @@ def epilogue(
     Give either ``scale`` / ``bias`` / ``bn=(mean, var, gamma, beta, eps)`` (folded by
     :func:`fold_bn`) or an already folded ``mul_add=(mul, add)``.  Returns float32 ``y`` with
     acc's shape, or with ``sign_pack=True`` int64 words ``[..., ceil(N/64)]`` of ``sign(y)``
-    (bit 1 where y < 0).
+    (bit 1 where y < 0; ValueError for non-finite mul / add).  Never requires grad.
     """
     if not isinstance(acc, torch.Tensor) or acc.dtype != torch.int32:
         raise ValueError(f"acc must be an int32 tensor (a packed matmul output), got {getattr(acc, 'dtype', type(acc))}")
@@ -96,9 +125,15 @@ def epilogue(
         add = _channel_vector(mul_add[1], n, "add", acc.device)
     else:
         mul, add = fold_bn(n, scale, bias, bn, device=acc.device)
+    if sign_pack:
+        check_sign_pack_params(mul, add)
     acc = acc.contiguous()
     if acc.is_cuda:
         return _epilogue_cuda(acc, mul, add, sign_pack)
+    return _epilogue_cpu(acc, mul, add, sign_pack)
+
+
+def _epilogue_cpu(acc: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, sign_pack: bool):
     if sign_pack:
         y = acc.to(torch.float64) * mul
         return pack_bits(y + add)

@@ -4,6 +4,18 @@
 instantiations are given as C++ name expressions).  The CuPy launcher (:mod:`kernels.cuda_matmul`)
 and the compile test both read this table, so a kernel cannot be added to one and not the other.
 
+:func:`read_source` returns a file with its local ``#include "x.cuh"`` headers **inlined** (each
+header once, ``#line`` directives keep compiler messages pointing at the real files).  The text a
+compiler sees is therefore self-contained, and CuPy's on-disk kernel cache, whose key hashes the
+source text and the options but not included files, gets a new key whenever a header changes.
+
+:data:`COMPILE_OPTIONS` asks for IEEE float semantics (no flush-to-zero, IEEE division and square
+root, no FMA contraction) so that the float epilogue agrees with the CPU path bit for bit.  CuPy
+appends ``-ftz=true`` after the caller's options and NVRTC honours the last occurrence, so the
+flag alone cannot be relied on: the float epilogue also uses explicit non-``.ftz`` PTX
+instructions (``epilogue.cu``), which no option changes.  :func:`compile_ptx` lets the tests
+check the emitted instructions under CuPy's effective options (:func:`cupy_effective_options`).
+
 :func:`compile_source` compiles one file for a given architecture **without a GPU or driver**,
 through NVRTC from the ``nvidia-cuda-nvrtc`` wheel via ``cuda.bindings.nvrtc`` (both come with
 torch's CUDA wheels), or through ``nvcc`` if the bindings are missing.  ptxas runs with ``-v`` so
@@ -28,10 +40,16 @@ __all__ = [
     "spill_report",
     "available_compiler",
     "read_source",
+    "COMPILE_OPTIONS",
+    "compile_ptx",
+    "cupy_effective_options",
 ]
 
 SOURCE_DIR = Path(__file__).resolve().parent
-COMPILE_OPTIONS = ("--std=c++17",)
+# IEEE float semantics, as on the CPU: keep subnormals, IEEE-rounded '/' and sqrt, no FMA contraction.
+COMPILE_OPTIONS = ("--std=c++17", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=false")
+# What CuPy's compiler (cupy.cuda.compiler._compile_with_cache_cuda) appends to the caller's options.
+CUPY_APPENDED_OPTIONS = ("-ftz=true",)
 
 GEMV_MAX_ROWS = 16
 GEMV_ROW_VARIANTS = (1, 2, 4, 8, 16)
@@ -49,11 +67,42 @@ KERNEL_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
+_LOCAL_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.M)
+_PRAGMA_ONCE = re.compile(r"^[ \t]*#[ \t]*pragma[ \t]+once[ \t]*$", re.M)
+
+
+def _inline_includes(name: str, seen: set[str]) -> str:
+    """``kernels/<name>`` with each local ``#include "h"`` replaced by h's text (once per header)."""
+    text = (SOURCE_DIR / name).read_text()
+    out, pos = [], 0
+    for match in _LOCAL_INCLUDE.finditer(text):
+        header = match.group(1)
+        if not (SOURCE_DIR / header).is_file():
+            raise ValueError(f"{name} includes {header!r}, which is not in {SOURCE_DIR}")
+        out.append(text[pos : match.start()])
+        if header not in seen:
+            seen.add(header)
+            line_after = text.count("\n", 0, match.end()) + 2
+            body = _PRAGMA_ONCE.sub("", _inline_includes(header, seen))
+            out.append(f'#line 1 "{header}"\n{body.rstrip()}\n#line {line_after} "{name}"')
+        pos = match.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def read_source(name: str) -> str:
-    """Text of ``kernels/<name>``; raises ValueError for a file not in KERNEL_SOURCES."""
+    """Self-contained text of ``kernels/<name>``: local headers inlined (see the module docstring).
+
+    Raises ValueError for a file not in KERNEL_SOURCES.
+    """
     if name not in KERNEL_SOURCES:
         raise ValueError(f"unknown kernel source {name!r}; known: {sorted(KERNEL_SOURCES)}")
-    return (SOURCE_DIR / name).read_text()
+    return _inline_includes(name, set())
+
+
+def cupy_effective_options(options=COMPILE_OPTIONS) -> tuple[str, ...]:
+    """The option list NVRTC receives from ``cupy.RawModule(options=options)`` (CuPy appends its own)."""
+    return (*options, *CUPY_APPENDED_OPTIONS)
 
 
 @dataclass
@@ -78,7 +127,8 @@ def available_compiler() -> str | None:
     return "nvcc" if shutil.which("nvcc") else None
 
 
-def _compile_nvrtc(name: str, arch: str) -> CompileResult:
+def _nvrtc_program(name: str, arch: str, options, want_ptx: bool = False) -> tuple[CompileResult, str]:
+    """Compile ``kernels/<name>`` with NVRTC; returns (result, PTX text or '' unless want_ptx)."""
     from cuda.bindings import nvrtc
 
     def check(result):
@@ -91,20 +141,38 @@ def _compile_nvrtc(name: str, arch: str) -> CompileResult:
     try:
         for expr in KERNEL_SOURCES[name]:
             check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()))
-        opts = [
-            *(o.encode() for o in COMPILE_OPTIONS),
-            f"--gpu-architecture={arch}".encode(),
-            f"--include-path={SOURCE_DIR}".encode(),
-            b"--ptxas-options=-v",
-        ]
+        opts = [*(o.encode() for o in options), f"--gpu-architecture={arch}".encode()]
         err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog))
         log = b" " * size
         check(nvrtc.nvrtcGetProgramLog(prog, log))
         text = log.decode(errors="replace").rstrip("\x00")
-        return CompileResult(err == nvrtc.nvrtcResult.NVRTC_SUCCESS, text, "nvrtc")
+        ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        ptx = ""
+        if ok and want_ptx:
+            buf = b" " * check(nvrtc.nvrtcGetPTXSize(prog))
+            check(nvrtc.nvrtcGetPTX(prog, buf))
+            ptx = buf.decode(errors="replace").rstrip("\x00")
+        return CompileResult(ok, text, "nvrtc"), ptx
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
+
+
+def _compile_nvrtc(name: str, arch: str) -> CompileResult:
+    return _nvrtc_program(name, arch, (*COMPILE_OPTIONS, "--ptxas-options=-v"))[0]
+
+
+def compile_ptx(name: str, arch: str = "compute_90", options=COMPILE_OPTIONS) -> str:
+    """PTX of ``kernels/<name>`` from NVRTC with exactly ``options`` (no GPU needed).
+
+    Raises RuntimeError with the log if compilation fails or NVRTC is unavailable.
+    """
+    if available_compiler() != "nvrtc":
+        raise RuntimeError("compile_ptx needs cuda.bindings.nvrtc (nvidia-cuda-nvrtc and cuda-bindings wheels)")
+    result, ptx = _nvrtc_program(name, arch, options, want_ptx=True)
+    if not result.ok:
+        raise RuntimeError(f"{name} failed to compile with {options}:\n{result.log}")
+    return ptx
 
 
 def _compile_nvcc(name: str, arch: str) -> CompileResult:
@@ -124,11 +192,11 @@ def _compile_nvcc(name: str, arch: str) -> CompileResult:
         cmd = [
             shutil.which("nvcc") or "nvcc",
             "-std=c++17",
+            *(o for o in COMPILE_OPTIONS if not o.startswith("--std")),
             f"-arch={arch}",
             "-cubin",
             "-Xptxas",
             "-v",
-            f"-I{SOURCE_DIR}",
             "-o",
             str(Path(tmp) / "out.cubin"),
             str(src),

@@ -8,6 +8,8 @@ live in registers.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kernels import sources
@@ -46,3 +48,48 @@ def test_spill_report_parses_a_spilling_log():
         "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
     )
     assert sources.spill_report(log) == {"_Z3fooPi": (24, 20, 16), "bar": (0, 0, 0)}
+
+
+needs_nvrtc = pytest.mark.skipif(COMPILER != "nvrtc", reason="needs cuda.bindings.nvrtc for PTX output")
+
+
+def _function_ptx(ptx: str, entry: str) -> str:
+    start = ptx.index(f".entry {entry}(")
+    end = ptx.find(".entry ", start + 1)
+    return ptx[start : end if end > 0 else len(ptx)]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize(
+    "options", [sources.COMPILE_OPTIONS, sources.cupy_effective_options()], ids=["ours", "as_cupy_compiles"]
+)
+def test_float_epilogue_is_ieee_under_the_options_cupy_really_uses(options):
+    """CuPy appends -ftz=true (NVRTC honours the last one): the epilogue must still keep subnormals."""
+    ptx = sources.compile_ptx("epilogue.cu", options=options)
+    body = _function_ptx(ptx, "epilogue_affine")
+    float_ops = re.findall(r"\b(?:mul|add|fma|mad|sub|cvt)\.[\w.]*f32[\w.]*", body)
+    assert any(op.startswith("mul.rn.f32") for op in float_ops), float_ops
+    assert any(op.startswith("add.rn.f32") for op in float_ops), float_ops
+    assert not [op for op in float_ops if ".ftz" in op], f"flush-to-zero float ops: {float_ops}"
+    assert not [op for op in float_ops if op.startswith(("fma", "mad"))], f"contracted: {float_ops}"
+
+
+@needs_nvrtc
+def test_plain_intrinsics_would_flush_under_cupy_options():
+    """The check above can fail: CuPy's -ftz=true does turn __fmul_rn into mul.rn.ftz.f32."""
+    ptx = sources.compile_ptx("epilogue.cu", options=sources.cupy_effective_options())
+    sign_pack = _function_ptx(ptx, "epilogue_sign_pack")
+    assert "mul.rn.f64" in sign_pack and "add.rn.f64" in sign_pack  # float64: no ftz variant exists
+    from cuda.bindings import nvrtc
+
+    src = b'extern "C" __global__ void f(const float* a, float* y) { y[0] = __fmul_rn(a[0], a[1]); }'
+    err, prog = nvrtc.nvrtcCreateProgram(src, b"probe.cu", 0, [], [])
+    try:
+        opts = [o.encode() for o in sources.cupy_effective_options()] + [b"--gpu-architecture=compute_90"]
+        assert nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0] == nvrtc.nvrtcResult.NVRTC_SUCCESS
+        size = nvrtc.nvrtcGetPTXSize(prog)[1]
+        buf = b" " * size
+        nvrtc.nvrtcGetPTX(prog, buf)
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    assert "mul.rn.ftz.f32" in buf.decode()

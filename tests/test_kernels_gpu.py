@@ -131,3 +131,49 @@ def test_no_spills_in_loaded_kernels():
 
 def test_gemv_row_variants_cover_up_to_max():
     assert cuda_matmul._gemv_rows(1) == 1 and cuda_matmul._gemv_rows(9) == 16
+
+
+def test_m_beyond_65535_tiles_launches():
+    """M tiles live on gridDim.x: more than 65535 x 128 rows (a large binary conv's M) must run."""
+    m, n, k = 65535 * 128 + 1, 3, 64
+    g = torch.Generator().manual_seed(5)
+    # k = 64: one word per row with no pad bits, so random words are valid packed rows
+    a_bits = torch.randint(-(2**63), 2**63 - 1, (m, 1), dtype=torch.int64, generator=g)
+    b_bits = torch.randint(-(2**63), 2**63 - 1, (n, 1), dtype=torch.int64, generator=g)
+    expected = kernels.binary_matmul(a_bits, b_bits, k, path="popcount")
+    for kernel in ("gemm", "tc"):
+        got = kernels.binary_matmul(a_bits.cuda(), b_bits.cuda(), k, path=kernel)
+        assert torch.equal(got.cpu(), expected), kernel
+
+
+def test_gemv_with_b_at_an_odd_word_offset(poisoned):
+    """A contiguous view 8 bytes past a 16-byte boundary must take the 8-byte-load GEMV."""
+    k, n = 256, 70
+    g = torch.Generator().manual_seed(6)
+    a_bits = kernels.pack_bits(torch.randn(5, k, generator=g))
+    b_bits = kernels.pack_bits(torch.randn(n, k, generator=g))
+    storage = torch.zeros(1 + b_bits.numel(), dtype=torch.int64, device="cuda")
+    view = storage[1:].view(n, -1)
+    view.copy_(b_bits.cuda())
+    assert view.is_contiguous() and view.data_ptr() % 16 == 8
+    got = run_twice(lambda: kernels.binary_matmul(a_bits.cuda(), view, k, path="gemv"))
+    torch.cuda.synchronize()  # a misaligned load would have killed the context here
+    assert torch.equal(got.cpu(), kernels.binary_matmul(a_bits, b_bits, k))
+
+
+def test_epilogue_on_gpu_keeps_subnormals_and_detaches_parameters():
+    acc = torch.tensor([[3, -7, 1, 100]], dtype=torch.int32)
+    mul = torch.nn.Parameter(torch.tensor([1e-40, 1e-41, 2e-45, 1e-39]))
+    add = torch.nn.Parameter(torch.zeros(4))
+    expected = kernels.epilogue(acc, scale=mul, bias=add)
+    assert (expected != 0).all()
+    got = kernels.epilogue(acc.cuda(), scale=mul.cuda(), bias=add.cuda())
+    assert not got.requires_grad and torch.equal(got.cpu(), expected)
+
+
+def test_sign_pack_nan_raises_on_gpu_as_on_cpu():
+    acc = torch.zeros(2, 3, dtype=torch.int32)
+    mul = torch.tensor([1.0, float("inf"), 1.0], dtype=torch.float64)  # 0 * inf = NaN
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match="finite"):
+            kernels.epilogue(acc.to(device), mul_add=(mul.to(device), 0.0), sign_pack=True)
