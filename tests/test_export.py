@@ -1,5 +1,7 @@
-"""Packed export reproduces the trained model: XNOR, BWN, ternary (and HQ, FDA) ResNet-18 and the
-MNIST CNN; file round trip, sizes, and errors for wrong files."""
+"""Packed export reproduces the trained model: XNOR, BWN, ternary (and HQ, FDA) ResNet-18, the
+MNIST CNN and grouped / depthwise convs; file round trip, recorded architecture, checksum, sizes,
+and errors for wrong files."""
+import json
 import os
 
 import pytest
@@ -9,6 +11,7 @@ from torch import nn
 
 import kernels
 import qat
+from qat import models
 from qat.export import PackedConv2d, PackedLayer, load_packed, pack_model, read_packed, save_packed
 
 
@@ -26,7 +29,8 @@ def resnets():
     out = {}
     for method in ("xnor", "bwn", "ternary", "hq", "fda"):
         torch.manual_seed(0)
-        model = qat.quantize_model(torchvision.models.resnet18(num_classes=10), {"method": method, "keep_fp": ["first", "last"]})
+        # resnet18_imagenet is torchvision's ResNet-18, built (and so tagged) by the registry
+        model = qat.quantize_model(models.build("resnet18_imagenet", num_classes=10), {"method": method, "keep_fp": ["first", "last"]})
         qat.set_progress(model, 1.0)
         out[method] = trained_like(model, (3, 32, 32))
     return out
@@ -128,7 +132,7 @@ def test_load_errors(tmp_path, resnets):
     save_file({"a": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not a packed model"):
         load_packed(other)
-    path = save_packed(pack_model(resnets["xnor"]), tmp_path / "r.safetensors")
+    path = save_packed(pack_model(resnets["xnor"]), tmp_path / "r.safetensors", architecture=False)
     with pytest.raises(ValueError, match="records no architecture"):
         load_packed(path)
     with pytest.raises(ValueError, match="does not match"):
@@ -154,3 +158,165 @@ def test_export_cli_from_a_training_run(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qat.export", str(tmp_path / "nothing"), "--out", str(out)],
                          cwd=root, capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+class GroupedNet(nn.Module):
+    """A float first conv, a groups=2 conv, a stride-2 depthwise conv (replicate padding), a
+    depthwise 'same' conv, then a float head: the grouped geometries a packed conv must reproduce."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.depthwise = nn.Conv2d(12, 12, 3, stride=2, padding=1, groups=12, bias=True, padding_mode="replicate")
+        self.bn2 = nn.BatchNorm2d(12)
+        self.depthwise_same = nn.Conv2d(12, 24, 3, padding="same", groups=12, bias=False)
+        self.bn3 = nn.BatchNorm2d(24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.bn1(self.grouped(self.stem(x)))
+        x = self.bn3(self.depthwise_same(self.bn2(self.depthwise(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("method", ["xnor", "fda", "bwn", "ternary", "hq"])
+def test_grouped_and_depthwise_convs_pack_exactly(method):
+    torch.manual_seed(0)
+    model = qat.quantize_model(GroupedNet(), {"method": method})
+    qat.set_progress(model, 1.0)
+    model = trained_like(model, (3, 10, 10))
+    assert [m.groups for m in model.modules() if isinstance(m, nn.Conv2d) and type(m) is not nn.Conv2d] == [2, 12, 12]
+    x = torch.randn(4, 3, 10, 10)
+    packed = pack_model(model, fold_batchnorm=False)
+    assert sum(isinstance(m, PackedConv2d) for m in packed.modules()) == 3
+    with torch.no_grad():
+        ref, out = model(x), packed(x)
+    assert torch.equal(out, ref)  # bit-identical, binary and float inputs alike
+    folded = pack_model(model)
+    with torch.no_grad():
+        out_folded = folded(x)
+    torch.testing.assert_close(out_folded, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out_folded.argmax(1), ref.argmax(1))
+    # every grouped layer's own output, too (the model's mean-pool could hide a wrong channel)
+    for name in ("grouped", "depthwise", "depthwise_same"):
+        layer, packed_layer = model.get_submodule(name), packed.get_submodule(name)
+        h = torch.randn(2, layer.in_channels, 7, 7)
+        with torch.no_grad():
+            assert torch.equal(packed_layer(h), layer(h)), name
+
+
+def test_grouped_binary_accumulator_is_the_exact_grouped_conv():
+    layer = qat.quantize_model(nn.Sequential(nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)),
+                               {"method": "xnor", "keep_fp": []})[0]
+    packed = PackedConv2d.from_quantized(layer)
+    x = torch.randn(2, 8, 6, 6)
+    acc = packed.binary_accumulator(x)
+    signs = torch.where(x >= 0, 1.0, -1.0).double()
+    w = torch.where(layer.weight >= 0, 1.0, -1.0).double()
+    ref = torch.nn.functional.conv2d(signs, w, padding=1, groups=2)
+    assert acc.dtype == torch.int32 and torch.equal(acc.double(), ref)
+
+
+def xnor_mnist_cnn():
+    torch.manual_seed(0)
+    model = qat.quantize_model(models.build("mnist_cnn", num_classes=10, in_channels=1), {"method": "xnor"})
+    return trained_like(model, (1, 28, 28))
+
+
+def test_save_records_the_registry_architecture_by_itself(tmp_path):
+    model = xnor_mnist_cnn()
+    packed = pack_model(model)
+    path = save_packed(packed, tmp_path / "m.safetensors")  # no architecture given
+    _, meta = read_packed(path)
+    assert meta["architecture"] == {"name": "mnist_cnn", "num_classes": 10, "in_channels": 1}
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(load_packed(path)(x), packed(x))
+
+
+def test_save_refuses_what_it_could_not_load(tmp_path):
+    torch.manual_seed(0)
+    custom = qat.quantize_model(nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)), {"method": "xnor"})
+    path = tmp_path / "custom.safetensors"
+    with pytest.raises(ValueError, match=r"not built by qat\.models\.build.*architecture=\{'name'.*architecture=False"):
+        save_packed(pack_model(custom), path)
+    assert not path.exists()
+    # a registry architecture that is not this model's: refused at save time, not at load time
+    packed = pack_model(xnor_mnist_cnn())
+    wrong = {"name": "mnist_cnn", "num_classes": 7, "in_channels": 1}
+    with pytest.raises(ValueError, match=r"(?s)does not rebuild this model.*size mismatch for classifier.4.weight"):
+        save_packed(packed, path, architecture=wrong)
+    with pytest.raises(ValueError, match=r"(?s)does not rebuild this model.*unknown model 'resnet19'"):
+        save_packed(packed, path, architecture={"name": "resnet19", "num_classes": 10})
+    assert not path.exists()
+    # the explicit opt-out: the file then loads with the float model handed over
+    save_packed(pack_model(custom), path, architecture=False)
+    rebuilt = load_packed(path, model=nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)))
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), pack_model(custom)(x))
+
+
+def flip_byte(path, tensor_name):
+    """Invert one byte in the middle of ``tensor_name``'s data (the header stays valid)."""
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:8 + header_size])[tensor_name]["data_offsets"]
+    data[8 + header_size + (start + end) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_checksum_catches_flipped_data_bytes(tmp_path):
+    packed = pack_model(xnor_mnist_cnn())
+    path = save_packed(packed, tmp_path / "m.safetensors")
+    flip_byte(path, "features.4.weight_bits")
+    with pytest.raises(ValueError, match=rf"{path}.* is corrupt.*checksum.*verify=False"):
+        load_packed(path)
+    with pytest.raises(ValueError, match="is corrupt"):
+        read_packed(path)
+    # the damage is real: skipping the check loads a model that computes something else
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert not torch.equal(load_packed(path, verify=False)(x), packed(x))
+
+
+def test_checksum_covers_metadata_and_is_required(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = save_packed(pack_model(xnor_mnist_cnn()), tmp_path / "m.safetensors")
+    tensors, _ = read_packed(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["checksum"].startswith("sha256:") and len(metadata["checksum"]) == 7 + 64
+    edited = dict(metadata, folded_batchnorms="[]")  # same tensors, metadata changed
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=edited)
+    with pytest.raises(ValueError, match="is corrupt"):
+        load_packed(tmp_path / "edited.safetensors")
+    unsummed = {k: v for k, v in metadata.items() if k != "checksum"}
+    save_file(tensors, str(tmp_path / "unsummed.safetensors"), metadata=unsummed)
+    with pytest.raises(ValueError, match="records no checksum.*verify=False"):
+        load_packed(tmp_path / "unsummed.safetensors")
+    assert isinstance(load_packed(tmp_path / "unsummed.safetensors", verify=False), nn.Module)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_float_layers_after_a_binary_conv_see_the_training_models_tensors(channels_last):
+    """The packed binary conv hands on its output in the training conv's memory format: a float
+    conv after it (here a BWN conv) then runs the same algorithm and stays bit-identical, where an
+    NHWC view would make oneDNN sum in another order."""
+    torch.manual_seed(0)
+    spec = {"method": "xnor", "keep_fp": [], "overrides": {"first": {"method": "bwn"}, "features.8": {"method": "bwn"}}}
+    model = trained_like(qat.quantize_model(models.build("mnist_cnn", num_classes=10, in_channels=1), spec), (1, 28, 28))
+    packed = pack_model(model, fold_batchnorm=False)
+    x = torch.randn(16, 1, 28, 28)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer, packed_layer = model.features[4], packed.features[4]
+    h = torch.randn(4, 32, 13, 13)
+    h = h.contiguous(memory_format=torch.channels_last) if channels_last else h
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+        ref, out = layer(h), packed_layer(h)
+    assert out.stride() == ref.stride() and torch.equal(out, ref)

@@ -11,20 +11,26 @@ How a packed layer computes:
 - binary inputs (XNOR, FDA): the exact integer accumulator of the +-1 inputs and weights,
   ``acc = kernels.binary_conv2d(x, bits)`` (zero padding reproduced exactly by the kernel's
   correction term) or ``kernels.binary_matmul``, then ``y = scale[c] * acc + bias[c]``
-  (times XNOR's K map when the layer used it). Integer accumulators equal the float layer's
-  exactly; logits agree to float rounding (the float layer sums scale * (+-1) terms in float32).
+  (times XNOR's K map when the layer used it). A grouped conv (``groups`` = G, depthwise
+  included) runs the kernel once per group on that group's C_in/G input channels and C_out/G
+  filters and concatenates the G accumulators along the channels, which is what grouped
+  convolution is by definition. The training layer computes the same ``scale[c] * acc + bias[c]``
+  from the same exact integers (``layers.quantized``), so without BatchNorm folding the outputs
+  are bit-identical; folding changes the rounding only (``kernels.fold_bn``).
 - float inputs (BWN, TWN, HQ): the weight is unpacked to ``scale * code`` on every call (so the
   model stays 1/32 or 1/16 of float in memory) and the float conv/linear runs; outputs are
   bit-identical to the training layer's, since the unpacked weight is bit-identical.
 Float layers (first/last, BatchNorm, ...) are kept as they are.
 
 ``save_packed`` writes one safetensors file: the packed codes, scales, every float parameter and
-buffer, and metadata (format tag, per-layer geometry, and optionally the model's registry name)
-from which ``load_packed`` rebuilds a ready model.
+buffer, and metadata: format tag, per-layer geometry, the model's ``qat.models`` architecture
+(recorded by ``qat.models.build`` on the model itself) from which ``load_packed`` rebuilds a ready
+model, and a SHA-256 checksum of all of it (``checksum``) that ``load_packed`` verifies.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -139,7 +145,7 @@ class PackedLayer(nn.Module):
             return self.float_op(x, self.float_weight(x.dtype))
         acc = self.channels_to_last(self.binary_accumulator(x))
         scale = self.scale.expand(self.spec.out_features)
-        y = self.channels_from_last(kernels.epilogue(acc, scale=scale, bias=self.bias)).to(x.dtype)
+        y = self.channels_from_last(kernels.epilogue(acc, scale=scale, bias=self.bias), x).to(x.dtype)
         return y * self.input_scale(x) if self.spec.activation_scale else y
 
     @torch.no_grad()
@@ -176,8 +182,7 @@ class PackedConv2d(PackedLayer):
 
     def __init__(self, spec: PackedSpec):
         super().__init__(spec)
-        # the kernel's runtime layout: taps-major words with C padded per tap (rebuilt on load)
-        self.register_buffer("_tap_bits", None, persistent=False)
+        self._tap_bits = None  # cache of group_tap_bits(), rebuilt on load and on a device change
 
     def _explicit_padding(self) -> tuple[int, int]:
         s = self.spec
@@ -205,23 +210,38 @@ class PackedConv2d(PackedLayer):
         return F.conv2d(x, weight, self.bias, s.stride, padding, s.dilation, s.groups)
 
     def binary_accumulator(self, x):
+        """int32 [N, C_out, Ho, Wo] (an NHWC tensor viewed as NCHW): the exact conv of the +-1
+        inputs and codes, one ``kernels.binary_conv2d`` per group, concatenated along channels."""
         s = self.spec
         x, padding = self._pad_input(x)
-        if s.groups != 1:  # the packed kernel is for groups = 1: exact float conv of the +-1 values
-            return F.conv2d(sign(x), self.codes(x.dtype).reshape(s.weight_shape), None, s.stride, padding,
-                            s.dilation, s.groups)
-        if self._tap_bits is None or self._tap_bits.device != x.device:
-            self._tap_bits = kernels.pack_conv_weight(self.codes().reshape(s.weight_shape)).to(x.device)
-        return kernels.binary_conv2d(x, self._tap_bits, s.kernel_size, stride=s.stride, padding=padding,
-                                     dilation=s.dilation)
+        if self._tap_bits is None or self._tap_bits[0].device != x.device:
+            self._tap_bits = self.group_tap_bits(x.device)
+        per_group = s.in_features // s.groups
+        accs = [kernels.binary_conv2d(x[:, g * per_group:(g + 1) * per_group], bits, s.kernel_size,
+                                      stride=s.stride, padding=padding, dilation=s.dilation).permute(0, 2, 3, 1)
+                for g, bits in enumerate(self._tap_bits)]
+        acc = accs[0] if len(accs) == 1 else torch.cat(accs, dim=-1)
+        return acc.permute(0, 3, 1, 2)
+
+    def group_tap_bits(self, device) -> tuple[torch.Tensor, ...]:
+        """The kernel's runtime weight layout (``kernels.pack_conv_weight``), one per group:
+        group g holds output channels [g C_out/G, (g+1) C_out/G)."""
+        codes = self.codes().reshape(self.spec.weight_shape)
+        return tuple(kernels.pack_conv_weight(chunk).to(device) for chunk in codes.chunk(self.spec.groups, dim=0))
 
     @staticmethod
     def channels_to_last(acc):
         return acc.permute(0, 2, 3, 1)  # the kernel's NHWC output: no copy
 
     @staticmethod
-    def channels_from_last(y):
-        return y.permute(0, 3, 1, 2)
+    def channels_from_last(y, x):
+        """NHWC -> NCHW, laid out in memory as ``F.conv2d`` lays out its output for input ``x``
+        (contiguous, or channels_last for a channels_last ``x``). Values alone are not enough: a
+        float conv that follows picks its summation order by the memory format, so an NHWC view
+        would make it differ from the training model's by a rounding."""
+        y = y.permute(0, 3, 1, 2)
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        return y if channels_last else y.contiguous()
 
     def input_scale(self, x):
         s = self.spec
@@ -252,7 +272,9 @@ class PackedLinear(PackedLayer):
     def channels_to_last(acc):
         return acc
 
-    channels_from_last = channels_to_last
+    @staticmethod
+    def channels_from_last(y, x):
+        return y
 
     def input_scale(self, x):
         return linear_input_scale(x)
@@ -328,29 +350,90 @@ def packed_specs(model: nn.Module) -> dict[str, dict]:
     return {n: asdict(m.spec) for n, m in model.named_modules() if isinstance(m, PackedLayer)}
 
 
-def save_packed(model: nn.Module, path, architecture: dict | None = None) -> Path:
+CHECKSUM_KEY = "checksum"
+
+
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """``"sha256:<hex>"`` over every tensor's name, dtype, shape and bytes (in sorted name order),
+    then every metadata entry but the checksum itself (sorted by key)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(json.dumps(["tensor", name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    for key in sorted(k for k in metadata if k != CHECKSUM_KEY):
+        digest.update(json.dumps(["metadata", key, metadata[key]]).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _registered_architecture(model: nn.Module, architecture) -> dict | None:
+    """The architecture to record: the one given, else the one ``qat.models.build`` tagged the
+    model with; ``False`` records none. Refuses (ValueError) when there is neither."""
+    from qat import models
+
+    if architecture is False:
+        return None
+    if architecture is None:
+        architecture = models.architecture_of(model)
+        if architecture is None:
+            raise ValueError(
+                "save_packed cannot record this model's architecture: it was not built by "
+                "qat.models.build. Pass the qat.models entry it is, architecture={'name': <one of "
+                f"{', '.join(models.names())}>, 'num_classes': ..., 'in_channels': ..., **builder options}}, "
+                "or architecture=False to save without one (then load with load_packed(path, model=<float model>))")
+    if not isinstance(architecture, dict) or "name" not in architecture:
+        raise ValueError(f"architecture must be a dict with a 'name' (a qat.models name), got {architecture!r}")
+    try:
+        json.dumps(architecture)
+    except TypeError as error:
+        raise ValueError(f"architecture {architecture!r} is not JSON-serializable: {error}") from None
+    return dict(architecture)
+
+
+def save_packed(model: nn.Module, path, architecture: dict | bool | None = None) -> Path:
     """Write a packed model (from ``pack_model``) to a safetensors file and return its path.
 
-    ``architecture`` = ``{"name": <qat.models name>, "num_classes": .., "in_channels": .., ...}``
-    lets ``load_packed(path)`` rebuild the model without being handed one.
+    ``architecture`` = ``{"name": <qat.models name>, "num_classes": .., "in_channels": .., **options}``
+    lets ``load_packed(path)`` rebuild the model without being handed one. By default it is the one
+    ``qat.models.build`` recorded on the model (kept by ``quantize_model`` and ``pack_model``); a
+    model from elsewhere must be given one, or ``architecture=False`` for a file that loads only as
+    ``load_packed(path, model=<float model>)``. Whatever is recorded is checked here: the model is
+    rebuilt from the file's metadata (as a shape-only skeleton on the meta device) and the tensors
+    must load into it strictly, so a file this writes also loads. The metadata holds a checksum
+    (``checksum``) of all tensors and metadata, verified by ``load_packed``.
     """
     from safetensors.torch import save_file
 
     specs = packed_specs(model)
     if not specs:
         raise ValueError("the model holds no packed layers: pass the result of qat.export.pack_model(model)")
+    architecture = _registered_architecture(model, architecture)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     folded = [n for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)]
     metadata = {"format": FORMAT, "layers": json.dumps(specs), "architecture": json.dumps(architecture),
                 "folded_batchnorms": json.dumps(folded)}
+    if architecture is not None:
+        meta = {"layers": specs, "architecture": architecture, "folded_batchnorms": folded}
+        skeleton_tensors = {k: torch.empty_like(v, device="meta") for k, v in tensors.items()}
+        try:
+            with torch.device("meta"):
+                _assemble(skeleton_tensors, meta, None, "the packed model")
+        except ValueError as error:
+            raise ValueError(f"save_packed: architecture={architecture} does not rebuild this model, so the file "
+                             f"would not load: {str(error).rstrip('.')}. Pass architecture={{...}} of the qat.models model it is, "
+                             f"or architecture=False (then load with load_packed(path, model=...))") from None
+    metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and metadata of a packed file, with clear errors for a wrong or broken file."""
+def read_packed(path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a packed file, with clear errors for a wrong or broken file.
+
+    ``verify``: recompute the checksum ``save_packed`` stored and raise ValueError naming the file
+    when it differs (flipped bytes, truncated or edited file) or is missing."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -368,20 +451,29 @@ def read_packed(path) -> tuple[dict[str, torch.Tensor], dict]:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is a safetensors file but not a packed model "
                          f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
-    return tensors, {key: json.loads(metadata.get(key, "[]")) for key in ("layers", "architecture", "folded_batchnorms")}
+    if verify:
+        stored = metadata.get(CHECKSUM_KEY)
+        if stored is None:
+            raise ValueError(f"{path} records no checksum, so its contents cannot be verified; "
+                             f"write it again with qat.export.save_packed, or load it with verify=False")
+        if checksum(tensors, metadata) != stored:
+            raise ValueError(f"{path} is corrupt: its tensors or metadata do not match the checksum stored when it "
+                             f"was written ({stored[:19]}...); write it again with qat.export.save_packed "
+                             f"(load_packed(path, verify=False) skips this check)")
+    try:
+        meta = {key: json.loads(metadata.get(key, "[]")) for key in ("layers", "architecture", "folded_batchnorms")}
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} has unreadable packed-model metadata ({error})") from None
+    return tensors, meta
 
 
-def load_packed(path, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a packed model from ``save_packed``'s file, ready for inference (eval mode).
-
-    Without ``model`` the file's architecture metadata names a ``qat.models`` builder; with it,
-    ``model`` is the float model of the same architecture (its weights are overwritten).
-    """
-    tensors, meta = read_packed(path)
+def _assemble(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module | None, source) -> nn.Module:
+    """The model ``meta`` describes with ``tensors`` loaded: ``model`` (or the float model its
+    architecture names) with the packed layers and folded BatchNorms put in place."""
     if model is None:
         architecture = meta["architecture"]
         if not architecture:
-            raise ValueError(f"{path} records no architecture; pass the float model: load_packed(path, model=...)")
+            raise ValueError(f"{source} records no architecture; pass the float model: load_packed(path, model=...)")
         from qat import models
         model = models.build_architecture(architecture)
     for name, spec_dict in meta["layers"].items():
@@ -389,12 +481,23 @@ def load_packed(path, model: nn.Module | None = None) -> nn.Module:
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{path} has a packed layer {name!r} that the given model does not have") from None
+            raise ValueError(f"{source} has a packed layer {name!r} that the model does not have") from None
         model = _replace(model, name, PACKED_CLASSES[spec.kind](spec))
     for name in meta["folded_batchnorms"]:
         model = _replace(model, name, FoldedBatchNorm())
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"{path} does not match the model it is loaded into: {error}") from None
-    return model.eval()
+        raise ValueError(f"{source} does not match the model it is loaded into: {error}") from None
+    return model
+
+
+def load_packed(path, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
+    """Rebuild a packed model from ``save_packed``'s file, ready for inference (eval mode).
+
+    Without ``model`` the file's architecture metadata names a ``qat.models`` builder; with it,
+    ``model`` is the float model of the same architecture (its weights are overwritten).
+    ``verify=False`` skips the checksum check (see ``read_packed``).
+    """
+    tensors, meta = read_packed(path, verify=verify)
+    return _assemble(tensors, meta, model, path).eval()
