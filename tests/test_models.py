@@ -66,3 +66,21 @@ def test_activation_option_replaces_relu():
     assert any(isinstance(m, nn.Hardtanh) for m in model.modules())
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         models.build("resnet20", num_classes=10, activation="tanh")
+
+
+def test_build_records_the_architecture_it_built():
+    import copy
+
+    import qat
+    model = models.build("resnet20", num_classes=7, in_channels=1, activation="hardtanh")
+    expected = {"name": "resnet20", "num_classes": 7, "in_channels": 1, "activation": "hardtanh"}
+    assert models.architecture_of(model) == expected
+    # the record rebuilds the same network, and it is carried through the quantization swap and copies
+    rebuilt = models.build_architecture(models.architecture_of(model))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    quantized = qat.quantize_model(model, {"method": "xnor"})
+    assert models.architecture_of(copy.deepcopy(quantized)) == expected
+    assert not any("architecture" in key for key in quantized.state_dict())
+    models.architecture_of(model)["num_classes"] = 99  # a copy: the record itself is unchanged
+    assert models.architecture_of(model) == expected
+    assert models.architecture_of(torchvision.models.resnet18()) is None

@@ -3,6 +3,8 @@
 The models know nothing of quantization: `qat.quantize_model` swaps their `nn.Conv2d` /
 `nn.Linear` modules afterwards. Every builder takes `num_classes` and `in_channels` plus its own
 keyword options, and `build(name, ...)` is the only way configs reach them (no Hydra `_target_`).
+`build` records what it built on the model (`architecture_of(model)`), so a packed export of it
+can be rebuilt later without being told the architecture.
 """
 from __future__ import annotations
 
@@ -41,9 +43,23 @@ def build(name: str, num_classes: int, in_channels: int = 3, **options) -> nn.Mo
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     try:
-        return MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
+        model = MODELS[name](num_classes=num_classes, in_channels=in_channels, **options)
     except TypeError as error:
         raise ValueError(f"bad options for model {name!r}: {error}") from error
+    setattr(model, ARCHITECTURE_ATTRIBUTE, {"name": name, "num_classes": num_classes, "in_channels": in_channels,
+                                            **options})
+    return model
+
+
+ARCHITECTURE_ATTRIBUTE = "qat_architecture"
+
+
+def architecture_of(model: nn.Module) -> dict | None:
+    """The architecture dict ``build`` recorded on ``model`` (a copy), or None for a model it did
+    not build. A plain attribute: it survives ``quantize_model`` (in place), ``copy.deepcopy`` and
+    ``qat.export.pack_model``, and is not part of the state dict."""
+    recorded = getattr(model, ARCHITECTURE_ATTRIBUTE, None)
+    return dict(recorded) if isinstance(recorded, dict) else None
 
 
 def architecture(model_cfg, num_classes: int, in_channels: int) -> dict:
@@ -61,4 +77,4 @@ def build_architecture(arch: dict) -> nn.Module:
     return build(options.pop("name"), **options)
 
 
-__all__ = ["MODELS", "architecture", "build", "build_architecture", "names"]
+__all__ = ["MODELS", "architecture", "architecture_of", "build", "build_architecture", "names"]
