@@ -112,6 +112,7 @@ def cpu_section(quick: bool) -> list[str]:
             f"| {m} | {t['float'] * 1e3:.3f} | {t['binary'] * 1e3:.3f} | {t['float'] / t['binary']:.1f}x | "
             f"{t['binary+pack'] * 1e3:.3f} | {t['float'] / t['binary+pack']:.1f}x | {cpu_matmul.choose_cpu_path(m)} |"
         )
+    lines += ["", *forced_paths_table(weight, w_bits, gen, min(rounds, 3))]
     fp32 = weight.numel() * 4
     packed = w_bits.numel() * 8
     tern = sum(p.numel() * 8 for p in kernels.pack_ternary(torch.sign(weight)))
@@ -120,6 +121,27 @@ def cpu_section(quick: bool) -> list[str]:
         f"Packed memory, {n}x{k} weight: fp32 {fp32 / 2**20:.1f} MiB, binary {packed / 2**20:.3f} MiB "
         f"(ratio 1/{fp32 / packed:.0f}), ternary 2 planes {tern / 2**20:.3f} MiB (ratio 1/{fp32 / tern:.0f})",
     ]
+    return lines
+
+
+def forced_paths_table(weight, w_bits, gen, rounds: int) -> list[str]:
+    """Both exact CPU paths forced at M = 16 and 64: the evidence behind the 'auto' choice here."""
+    k = weight.shape[1]
+    paths = ["popcount"] + (["int_mm"] if cpu_matmul.int_mm_available() else [])
+    lines = [
+        f"Both exact CPU paths forced (path=...), min of {rounds} interleaved rounds; ratio = F.linear time / path time",
+        "",
+        "| M | F.linear fp32 (ms) | " + " | ".join(f"{p} (ms) | {p} ratio" for p in paths) + " | auto picks |",
+        "|---|---|" + "---|---|" * len(paths) + "---|",
+    ]
+    for m in (16, 64):
+        x = torch.randn(m, k, generator=gen)
+        x_bits = kernels.pack_bits(x)
+        fns = {"float": lambda: F.linear(x, weight)}
+        fns.update({p: (lambda p=p: kernels.binary_matmul(x_bits, w_bits, k, path=p)) for p in paths})
+        t = interleaved_min(fns, rounds)
+        cells = " | ".join(f"{t[p] * 1e3:.1f} | {t['float'] / t[p]:.2f}x" for p in paths)
+        lines.append(f"| {m} | {t['float'] * 1e3:.1f} | {cells} | {cpu_matmul.choose_cpu_path(m)} |")
     return lines
 
 
