@@ -7,10 +7,19 @@ Resolvers (registered on import, used by `configs/`):
   ${activation_for:<method>}  hardtanh for methods with binary inputs (xnor, fda), relu otherwise.
       After a ReLU every input of a binary conv is >= 0 and sign() would be +1 everywhere; hardtanh
       keeps the sign (IR-Net's choice). The CIFAR model configs use it so quant= swaps stay sound.
+  ${runs_root:}  the output root of run directories: env QAT_RUNS, else `runs`.
+  ${run_name:<experiment_name>}  the name itself, after `check_run_name`: the run directory
+      `<QAT_RUNS>/<name>/...` may not escape the output root.
+  ${resume_run_dir:<trainer.resume>,<new run dir>}  the directory of the run a resume continues
+      (`resumed_run_dir`), else the new run directory: a resumed run writes into its own directory.
+  ${hydra_output_subdir:<trainer.resume>,<time stamp>}  where Hydra saves the launch's config files:
+      `.hydra`, or `.hydra/resume-<time>` when resuming into an existing run, so the resume does not
+      overwrite the original launch's `.hydra/overrides.yaml`.
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +39,72 @@ def activation_for(method: str) -> str:
     return "hardtanh" if method in BINARY_INPUT_METHODS else "relu"
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work, caught before training starts."""
+
+
+# The output_subdir of a launch that resumes into an existing run directory: `.hydra/resume-<time>`.
+RESUME_SUBDIR_PREFIX = "resume-"
+# One path component of a run name: starts with a letter, digit or '_' (so never '.' or '..').
+RUN_NAME_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def runs_root() -> str:
+    return os.environ.get("QAT_RUNS") or "runs"
+
+
+def check_run_name(name: Any) -> str:
+    """`name` if it is a safe experiment_name (run directories go to <QAT_RUNS>/<name>/...), else
+    ConfigError: '/'-separated parts of letters, digits and `_ . + -`, none of them starting with '.',
+    not absolute, so the run directory stays inside the output root."""
+    text = str(name)
+    parts = text.split("/")
+    if name is None or not text or not all(RUN_NAME_PART.fullmatch(part) for part in parts):
+        raise ConfigError(
+            f"experiment_name={text!r} is not allowed: use letters, digits, '_', '-', '+' and '.' "
+            f"(optionally sub/folders separated by '/'), no '..', no leading '/' or '.', so the run "
+            f"stays under the output root (e.g. experiment_name=mnist_try2); to write elsewhere set "
+            f"QAT_RUNS or hydra.run.dir")
+    return text
+
+
+def resumed_run_dir(resume: Any) -> Path | None:
+    """The run directory `trainer.resume` continues, or None (nothing to resume, path missing, or a
+    checkpoint file outside any run directory: then the resumed run gets a new directory).
+
+    A directory is taken as the run directory itself (it holds checkpoints/last.pt or last.pt); a
+    file `<run>/checkpoints/<name>.pt` or `<run>/<name>.pt` belongs to `<run>` when that folder is a
+    run directory (it holds `.hydra/` or `summary.json`).
+    """
+    if resume is None or str(resume) == "":
+        return None
+    path = as_path(resume)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        return None
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    return run if (run / ".hydra").is_dir() or (run / "summary.json").is_file() else None
+
+
+def resume_run_dir(resume: Any, new_run_dir: str) -> str:
+    run = resumed_run_dir(resume)
+    return new_run_dir if run is None else str(run)
+
+
+def hydra_output_subdir(resume: Any, stamp: str) -> str:
+    return ".hydra" if resumed_run_dir(resume) is None else f".hydra/{RESUME_SUBDIR_PREFIX}{stamp}"
+
+
 def register_resolvers() -> None:
     for name, function in (("weights_only_method", weights_only_method),
-                           ("activation_for", activation_for)):
+                           ("activation_for", activation_for), ("runs_root", runs_root), ("run_name", check_run_name),
+                           ("resume_run_dir", resume_run_dir), ("hydra_output_subdir", hydra_output_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
 
 
 register_resolvers()
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work, caught before training starts."""
 
 
 def as_path(value: str | os.PathLike) -> Path:
@@ -64,25 +127,41 @@ def to_plain(cfg: Any) -> Any:
     return cfg
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Fail at start, naming the bad value, for settings that would only fail (or mislead) later."""
+    """Fail at start, naming the bad value, for settings that would only fail (or mislead) later.
+
+    Type-checked as well as range-checked: `optim.lr=abc` reports the value instead of failing
+    later with "'>' not supported between 'str' and 'int'"."""
     problems = []
-    if not cfg.optim.lr > 0:
-        problems.append(f"optim.lr must be > 0, got {cfg.optim.lr}")
-    if cfg.optim.get("weight_decay", 0) < 0:
-        problems.append(f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
-    if not (isinstance(cfg.trainer.epochs, int) and cfg.trainer.epochs >= 1):
-        problems.append(f"trainer.epochs must be an int >= 1, got {cfg.trainer.epochs}")
+
+    def check(key: str, value: Any, ok: bool, rule: str) -> None:
+        if not ok:
+            problems.append(f"{key} must be {rule}, got {value!r}")
+
+    lr = cfg.optim.lr
+    check("optim.lr", lr, _is_number(lr) and lr > 0, "> 0")
+    decay = cfg.optim.get("weight_decay", 0)
+    check("optim.weight_decay", decay, _is_number(decay) and decay >= 0, ">= 0")
+    epochs = cfg.trainer.epochs
+    check("trainer.epochs", epochs, _is_int(epochs) and epochs >= 1, "an int >= 1")
     max_steps = cfg.trainer.get("max_steps")
-    if max_steps is not None and not (isinstance(max_steps, int) and max_steps >= 1):
-        problems.append(f"trainer.max_steps must be null or an int >= 1, got {max_steps}")
+    check("trainer.max_steps", max_steps, max_steps is None or (_is_int(max_steps) and max_steps >= 1),
+          "null or an int >= 1")
+    check("seed", cfg.get("seed", 0), _is_int(cfg.get("seed", 0)), "an int")
     for key in ("batch_size", "eval_batch_size"):
-        if not cfg.data[key] >= 1:
-            problems.append(f"data.{key} must be >= 1, got {cfg.data[key]}")
-    if cfg.data.get("num_workers", 0) < 0:
-        problems.append(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+        value = cfg.data[key]
+        check(f"data.{key}", value, _is_int(value) and value >= 1, "an int >= 1")
+    workers = cfg.data.get("num_workers", 0)
+    check("data.num_workers", workers, _is_int(workers) and workers >= 0, "an int >= 0")
     warmup = cfg.sched.get("warmup_epochs", 0)
-    if warmup < 0:
-        problems.append(f"sched.warmup_epochs must be >= 0, got {warmup}")
+    check("sched.warmup_epochs", warmup, _is_number(warmup) and warmup >= 0, ">= 0")
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems))

@@ -255,13 +255,14 @@ def load_torchvision(name: str, root: Path, train: bool, download: bool) -> Data
 
 def read_image(path: str):
     """torchvision's ImageFolder loader (PIL, RGB), raising UnreadableImageError naming the file."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with open(path, "rb") as file:
             return Image.open(file).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = ("not an image format PIL can identify" if isinstance(error, UnidentifiedImageError)
+                  else (str(error).strip().splitlines() or [type(error).__name__])[0])
         raise UnreadableImageError(f"cannot read image {path} ({reason}); replace or delete the file") from error
 
 

@@ -4,11 +4,14 @@ Finds every summary.json below the directory and writes
   report.md   one row per run (method, estimator, W/A bits, accuracy, size, compression, speed)
   report.png  accuracy against quantized model size (log x), one marker per W/A bit-width
 The accuracy plotted is test_acc1 when the run has a test split, else best_val_acc1.
+A missing directory, no summary.json or an unreadable one print one line and exit with status 2
+(`qat.cli`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,11 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
     for path in sorted(Path(directory).rglob("summary.json")):
         try:
             summary = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); delete it or rerun that run") from error
+        if not isinstance(summary, dict):
+            raise ValueError(f"{path} holds a {type(summary).__name__}, not a run summary (a JSON object); "
+                             f"delete it or rerun that run")
         summary["run"] = str(path.parent.relative_to(directory)) or "."
         runs.append(summary)
     return runs
@@ -103,14 +109,17 @@ def write_report(directory: Path, out: Path | None = None) -> tuple[Path, Path]:
     return markdown, image
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qat.report", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="a folder holding run directories with summary.json")
     parser.add_argument("--out", type=Path, default=None, help="where report.md / report.png go (default: directory)")
     args = parser.parse_args(argv)
     markdown, image = write_report(args.directory, args.out)
     print(f"wrote {markdown} and {image}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from qat import cli
+
+    sys.exit(cli.guard(main, "python -m qat.report"))

@@ -70,3 +70,31 @@ def test_ddp_with_two_cpu_processes_matches_single_process_evaluation(python, su
         logits = model(images)
         sums.update(torch.nn.functional.cross_entropy(logits, labels), logits, labels)
     assert sums.result("test")["test/acc1"] == pytest.approx(summary["test_acc1"])
+
+
+def test_resume_continues_in_the_runs_own_directory(python, subprocess_env, tmp_path):
+    env = dict(subprocess_env, QAT_RUNS=str(tmp_path / "runs"))
+    # 16 images in batches of 8 for 2 epochs: 4 steps; the first launch stops after 1.
+    common = [*SMOKE_OVERRIDES, "model=resnet20", "data.image_size=8", "trainer.epochs=2", "experiment_name=exp"]
+    train_py(python, env, *common)
+    [run] = list((tmp_path / "runs" / "exp").iterdir())
+    assert json.loads((run / "summary.json").read_text())["steps"] == 1
+    train_py(python, env, *common, "trainer.max_steps=null", f"trainer.resume={run / 'checkpoints' / 'last.pt'}")
+    assert list((tmp_path / "runs").rglob("summary.json")) == [run / "summary.json"]  # one run, not two
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["epochs"], summary["interrupted"]) == (4, 2.0, False)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+    # The first launch's own record stays; the resume's launch files went to .hydra/resume-<time>/.
+    assert "trainer.resume" not in (run / ".hydra" / "overrides.yaml").read_text()
+    [resumed] = (run / ".hydra").glob("resume-*")
+    assert "trainer.resume" in (resumed / "overrides.yaml").read_text()
+
+
+def test_a_multirun_whose_first_job_fails_leaves_no_directory(python, subprocess_env, tmp_path):
+    env = dict(subprocess_env, QAT_RUNS=str(tmp_path / "runs"))
+    env.pop("HYDRA_FULL_ERROR")
+    result = subprocess.run([python, str(REPO / "train.py"), "-m", *SMOKE_OVERRIDES, "quant=bwn,xnor", "optim.lr=-1"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["train.py: error: invalid config: optim.lr must be > 0, got -1"]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*"))  # no sweep dir either

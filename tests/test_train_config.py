@@ -90,6 +90,11 @@ def test_misspelled_group_choice_lists_the_valid_ones(compose):
     ("optim.lr=-0.1", "optim.lr must be > 0, got -0.1"),
     ("trainer.epochs=0", "trainer.epochs must be an int >= 1, got 0"),
     ("trainer.max_steps=0", "trainer.max_steps must be null or an int >= 1, got 0"),
+    # A value of the wrong type is named too, not reported as "'>' not supported between 'str' and 'int'".
+    ("optim.lr=abc", "optim.lr must be > 0, got 'abc'"),
+    ("trainer.epochs=2.5", "trainer.epochs must be an int >= 1, got 2.5"),
+    ("seed=x", "seed must be an int, got 'x'"),
+    ("data.batch_size=true", "data.batch_size must be an int >= 1, got True"),
 ])
 def test_bad_values_fail_at_start(compose, smoke_overrides, tmp_path, override, message):
     cfg = compose([*smoke_overrides, override])
