@@ -35,6 +35,15 @@ def read_idx(name: str, count: int) -> torch.Tensor:
     return torch.from_numpy(values[:count].copy())
 
 
+@pytest.fixture
+def one_thread():
+    """1 CPU thread (the budget this test is sized for), restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def mnist():
     def images(name, count):
@@ -67,8 +76,7 @@ def train(spec: dict, mnist) -> torch.nn.Module:
     {"method": "xnor", "keep_fp": [], "overrides": {"first": {"method": "bwn"}}},  # the mnist_bnn experiment
     {"method": "ternary"},
 ], ids=["xnor", "ternary"])
-def test_packed_model_matches_the_trained_model_on_real_test_images(spec, mnist, tmp_path):
-    torch.set_num_threads(1)
+def test_packed_model_matches_the_trained_model_on_real_test_images(spec, mnist, tmp_path, one_thread):
     model = train(spec, mnist)
     _, _, test_x, test_y = mnist
     with torch.no_grad():
