@@ -135,6 +135,9 @@ def describe(error: BaseException, run_dir_setup: bool = False) -> str:
         return text + (f" (config key {key})" if key and key not in text else "")
     if isinstance(error, HydraException):
         text = one_line(str(error).split("\nConfig search path:")[0])
+        override = getattr(error, "override", None)  # OverrideParseException: the override it could not parse
+        if override and override not in text:
+            text = f"cannot parse the override {override!r}: {text}"
         return text[len("In 'config': "):] if text.startswith("In 'config': ") else text
     if isinstance(error, OSError) and error.strerror and type(error).__str__ is OSError.__str__:
         where = " -> ".join(f"'{name}'" for name in (error.filename, error.filename2) if name is not None)

@@ -78,6 +78,7 @@ CASES = {
                                          ["estimator 'fourier' got invalid hyperparameters", "termz"]),
     "unknown group choice": (["quant=xnorr"], ["Could not find 'quant/xnorr'", "ternary", "xnor"]),
     "unknown override key": (["trainer.epoch=3"], ["Could not override 'trainer.epoch'. To append"]),
+    "unparsable override": (["quant=["], ["cannot parse the override 'quant=['"]),
     "run name escapes the output root": (["experiment_name=../../../tmp/x"],
                                          ["experiment_name='../../../tmp/x' is not allowed", "letters, digits"]),
 }
