@@ -10,7 +10,6 @@ disturbed run), and the ratio is taken against the float layer's minimum from th
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 import layers  # noqa: E402
+from kernels.cpu_matmul import cpu_info  # noqa: E402
 import qat  # noqa: E402
 
 #: (row label, method, training progress): FDA twice, with its noise module active (mid-training)
@@ -79,7 +79,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_info().describe()}")
     print(f"Conv2d {args.channels}->{args.channels}, 3x3, {args.size}x{args.size}, batch {args.batch}, forward+backward, "
           f"min of {args.repeats} interleaved rounds")
     for device in devices:

@@ -145,6 +145,9 @@ class Trainer:
             self.eval_loaders["test"] = eval_loader(self.data.test, cfg.data, self.context, pin)
         # Without a validation split the test split stands in for it (as the CIFAR papers do).
         self.val_source = "val" if "val" in self.eval_loaders else ("test" if self.eval_loaders else None)
+        if self.val_source == "test" and self.context.is_main:
+            log.warning("no validation split (data.val_split=0): best.pt is chosen on the test set, so the "
+                        "test figure is no longer an unbiased estimate; set data.val_split to hold out images")
 
         self.steps_per_epoch = self.train_loader.steps_per_epoch
         # Progress and the lr schedule follow the planned epochs; max_steps only stops early, so a

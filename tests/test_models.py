@@ -84,3 +84,10 @@ def test_build_records_the_architecture_it_built():
     models.architecture_of(model)["num_classes"] = 99  # a copy: the record itself is unchanged
     assert models.architecture_of(model) == expected
     assert models.architecture_of(torchvision.models.resnet18()) is None
+
+
+def test_mnist_cnn_names_its_true_smallest_image_size():
+    model = models.build("mnist_cnn", num_classes=10, in_channels=1, image_size=18)
+    assert model(torch.zeros(2, 1, 18, 18)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image_size >= 18, got 17"):
+        models.build("mnist_cnn", num_classes=10, in_channels=1, image_size=17)

@@ -144,3 +144,13 @@ def test_train_log_holds_the_epoch_lines_and_the_console_shows_them_once(python,
     epoch_line = "epoch 1/1 | step 2 | train loss"
     assert epoch_line in log_text and "BWNConv2d" in log_text and "trained model: quantized size" in log_text
     assert (result.stdout + result.stderr).count(epoch_line) == 1
+
+
+@pytest.mark.parametrize("num_val, warned", [(0, True), (8, False)])
+def test_choosing_best_pt_on_the_test_set_is_warned_about(compose, smoke_overrides, tmp_path, caplog, num_val, warned):
+    cfg = compose([*smoke_overrides, "model=mnist_cnn", "data.channels=1", "data.image_size=18",
+                   f"data.num_val={num_val}", "quant=bwn"])
+    with caplog.at_level("WARNING", logger="qat"):
+        trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.val_source == ("test" if warned else "val")
+    assert any("best.pt is chosen on the test set" in r.getMessage() for r in caplog.records) == warned

@@ -37,7 +37,7 @@ class MnistCNN(nn.Module):
         )
         side = ((image_size - 2) // 2 - 2) // 2 - 2
         if side < 1:
-            raise ValueError(f"mnist_cnn needs image_size >= 14, got {image_size}")
+            raise ValueError(f"mnist_cnn needs image_size >= 18, got {image_size}")
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(64 * side * side, 64, bias=False), batch_norm_without_scale(64, 1), act(),
