@@ -1,4 +1,5 @@
 """Checkpoints: weights_only loading, exact resume (epoch boundary and Ctrl-C mid-epoch), clear errors."""
+import contextlib
 import csv
 import json
 import logging
@@ -31,6 +32,25 @@ def final_state(run_dir):
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")
 
 
+@contextlib.contextmanager
+def ctrl_c_during_step(monkeypatch, step: int, presses: int):
+    """Send `presses` real SIGINTs to this process right after step `step`'s update (inside the step)."""
+    clip, calls = qat.latent.clip_latent_weights, {"n": 0}
+
+    def clip_then_press_ctrl_c(model):
+        clip(model)
+        calls["n"] += 1
+        if calls["n"] == step:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip_then_press_ctrl_c)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(qat.latent, "clip_latent_weights", clip)
+
+
 def assert_same_training(straight_dir, resumed_dir, straight, resumed):
     for key in ("test_acc1", "test_acc5", "best_val_acc1", "steps"):
         assert straight[key] == resumed[key], key
@@ -56,19 +76,8 @@ def test_resume_at_an_epoch_boundary_equals_uninterrupted_training(compose, tmp_
 
 def test_ctrl_c_mid_epoch_saves_last_pt_and_resume_equals_uninterrupted(compose, tmp_path, monkeypatch):
     straight, straight_dir = run(compose, tmp_path, "straight", "quant=bwn")
-    calls = {"n": 0}
-    clip = qat.latent.clip_latent_weights
-
-    def clip_then_press_ctrl_c(model):
-        clip(model)
-        calls["n"] += 1
-        if calls["n"] == 6:  # during epoch 2, batch 2 of 4: a real SIGINT to this process
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip_then_press_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), ctrl_c_during_step(monkeypatch, 6, presses=1):  # epoch 2, batch 2 of 4
         run(compose, tmp_path, "interrupted", "quant=bwn")
-    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip)
     interrupted_dir = tmp_path / "interrupted"
     saved = final_state(interrupted_dir)
     assert (saved["epoch"], saved["step"], saved["batch_in_epoch"]) == (1, 6, 2)
@@ -162,21 +171,10 @@ def test_a_max_steps_cap_does_not_change_the_first_steps_evaluation_or_checkpoin
 def test_ctrl_c_twice_reports_and_records_the_step_last_pt_really_holds(compose, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="qat")
     straight, straight_dir = run(compose, tmp_path, "straight", "quant=bwn")
-    calls = {"n": 0}
-    clip = qat.latent.clip_latent_weights
-
-    def clip_then_press_ctrl_c_twice(model):
-        clip(model)
-        calls["n"] += 1
-        if calls["n"] == 6:  # during step 6 (epoch 2): the second Ctrl-C aborts at once, mid-step
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip_then_press_ctrl_c_twice)
     overrides = ["quant=bwn", "logger=csv", "logger.log_every=1"]
-    with pytest.raises(KeyboardInterrupt):
+    # during step 6 (epoch 2): the second Ctrl-C aborts at once, mid-step
+    with pytest.raises(KeyboardInterrupt), ctrl_c_during_step(monkeypatch, 6, presses=2):
         run(compose, tmp_path, "aborted", *overrides)
-    monkeypatch.setattr(qat.latent, "clip_latent_weights", clip)
     aborted_dir = tmp_path / "aborted"
     last = aborted_dir / "checkpoints" / "last.pt"
     assert final_state(aborted_dir)["step"] == 4  # saved at the end of epoch 1; step 5 and the half-done step 6 are lost
