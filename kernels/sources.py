@@ -127,6 +127,17 @@ def available_compiler() -> str | None:
     return "nvcc" if shutil.which("nvcc") else None
 
 
+def nvrtc_string(size: int, read, check) -> str:
+    """Text NVRTC writes into a caller's buffer of `size` bytes (log or PTX, NUL-terminated).
+
+    The buffer must be a fresh mutable `bytearray`: `b" " * size` is CPython's shared one-byte
+    object when size == 1 (an empty log), and NVRTC writing its NUL into it corrupts every b" " in
+    the process (torch.save then wrote checkpoints torch.load refused)."""
+    buffer = bytearray(size)
+    check(read(buffer))
+    return bytes(buffer).decode(errors="replace").rstrip("\x00")
+
+
 def _nvrtc_program(name: str, arch: str, options, want_ptx: bool = False) -> tuple[CompileResult, str]:
     """Compile ``kernels/<name>`` with NVRTC; returns (result, PTX text or '' unless want_ptx)."""
     from cuda.bindings import nvrtc
@@ -143,16 +154,11 @@ def _nvrtc_program(name: str, arch: str, options, want_ptx: bool = False) -> tup
             check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()))
         opts = [*(o.encode() for o in options), f"--gpu-architecture={arch}".encode()]
         err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        size = check(nvrtc.nvrtcGetProgramLogSize(prog))
-        log = b" " * size
-        check(nvrtc.nvrtcGetProgramLog(prog, log))
-        text = log.decode(errors="replace").rstrip("\x00")
+        text = nvrtc_string(check(nvrtc.nvrtcGetProgramLogSize(prog)), lambda buf: nvrtc.nvrtcGetProgramLog(prog, buf), check)
         ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
         ptx = ""
         if ok and want_ptx:
-            buf = b" " * check(nvrtc.nvrtcGetPTXSize(prog))
-            check(nvrtc.nvrtcGetPTX(prog, buf))
-            ptx = buf.decode(errors="replace").rstrip("\x00")
+            ptx = nvrtc_string(check(nvrtc.nvrtcGetPTXSize(prog)), lambda buf: nvrtc.nvrtcGetPTX(prog, buf), check)
         return CompileResult(ok, text, "nvrtc"), ptx
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
