@@ -180,10 +180,13 @@ def _rotating(fns: list[Callable[[], object]]) -> Callable[[], None]:
     return call
 
 
-def gpu_section(quick: bool) -> list[str]:
+def gpu_section(quick: bool, figures: dict | None = None) -> list[str]:
+    """The GPU rows as text; ``figures``, when given, also receives every measured number
+    (times in ms, bandwidth in bytes/s) for benchmarks/gpu_check.py's JSON."""
     reason = _cuda_ready()
     if reason:
         return [f"GPU: {reason}"]
+    figures = {} if figures is None else figures
     reps = 20 if quick else 50
     dev = torch.device("cuda")
     lines = [f"GPU: {torch.cuda.get_device_name()}, CUDA events, median of {reps} reps", ""]
@@ -192,6 +195,7 @@ def gpu_section(quick: bool) -> list[str]:
     dst = torch.empty_like(buf)
     ms = _cuda_median_ms(lambda: dst.copy_(buf), reps)
     copy_bw = 2 * buf.numel() * 4 / (ms * 1e-3)
+    figures["copy_bandwidth_bytes_per_s"] = copy_bw
     lines.append(f"copy bandwidth (1 GiB D2D, read + write): {copy_bw / 1e12:.2f} TB/s")
     del buf, dst
 
@@ -205,6 +209,8 @@ def gpu_section(quick: bool) -> list[str]:
         t16 = _cuda_median_ms(_rotating([lambda w=w: F.linear(x16, w) for w in weights16]), reps)
         tb = _cuda_median_ms(_rotating([lambda w=w: kernels.binary_matmul(x_bits, w, k) for w in w_bits]), reps)
         stream = w_bits[0].numel() * 8 / (tb * 1e-3)
+        figures.setdefault("gemv", []).append(
+            {"m": m, "n": n, "k": k, "fp16_ms": t16, "packed_ms": tb, "weight_stream_bytes_per_s": stream})
         lines.append(
             f"M={m} N=K={n}: fp16 F.linear {t16 * 1e3:.1f} us, packed {tb * 1e3:.1f} us "
             f"({t16 / tb:.1f}x; packed weight stream {stream / 1e12:.2f} TB/s = {stream / copy_bw:.0%} of copy)"
@@ -221,12 +227,14 @@ def gpu_section(quick: bool) -> list[str]:
     t16 = _cuda_median_ms(lambda: a16 @ b16.T, reps)
     abf, bbf = a16.bfloat16(), b16.bfloat16()
     tbf = _cuda_median_ms(lambda: abf @ bbf.T, reps)
+    figures["gemm"] = {"size": s, "fp32_ms": t32, "fp16_ms": t16, "bf16_ms": tbf}
     lines.append(
         f"{s}^3 baselines: fp32 (TF32 off) {t32:.2f} ms ({ops / t32 / 1e9:.0f} TFLOP/s), fp16 {t16:.3f} ms "
         f"({ops / t16 / 1e9:.0f}), bf16 {tbf:.3f} ms ({ops / tbf / 1e9:.0f})"
     )
     for kernel in ("gemm", "tc"):
         tk = _cuda_median_ms(lambda: kernels.binary_matmul(a_bits, b_bits, s, path=kernel), reps)
+        figures["gemm"][f"{kernel}_ms"] = tk
         lines.append(
             f"{s}^3 binary {kernel}: {tk:.3f} ms = {ops / tk / 1e9:.0f} T binary ops/s; "
             f"{t32 / tk:.1f}x fp32, {t16 / tk:.2f}x fp16"
