@@ -4,12 +4,16 @@ Public API (all exact integer arithmetic; see each module's docstring for formul
 
 * packing: :func:`pack_bits`, :func:`unpack_bits`, :func:`pack_ternary`, :func:`unpack_ternary`,
   :func:`packed_words`, :func:`packed_nbytes`
-* matmul:  :func:`binary_matmul`, :func:`ternary_matmul`
+* matmul:  :func:`binary_matmul`, :func:`ternary_matmul` (weights prepacked once for the native
+  engine with :func:`prepack_binary` / :func:`prepack_ternary`)
 * conv:    :func:`pack_activations`, :func:`pack_conv_weight`, :func:`binary_conv2d`
 * output:  :func:`fold_bn`, :func:`epilogue`
 
 Importing this package needs only torch and NumPy; CuPy is imported on first use with a CUDA
-tensor.  The CUDA sources live next to this file as ``*.cu`` (see :mod:`kernels.sources`).
+tensor.  The CUDA sources live next to this file as ``*.cu`` (see :mod:`kernels.sources`).  On CPU
+the native engine (:mod:`kernels.native`: C++ compiled on first use, SIMD chosen by CPU features;
+:mod:`kernels.cpu_native`) runs every kernel where a C++ compiler is available; the NumPy path
+(:mod:`kernels.cpu_matmul`) is the fallback and the reference.
 """
 
 from .packing import (
@@ -20,7 +24,7 @@ from .packing import (
     unpack_bits,
     unpack_ternary,
 )
-from .matmul import binary_matmul, ternary_matmul
+from .matmul import binary_matmul, prepack_binary, prepack_ternary, ternary_matmul
 from .conv import binary_conv2d, pack_activations, pack_conv_weight
 from .epilogue import epilogue, fold_bn
 
@@ -33,6 +37,8 @@ __all__ = [
     "packed_nbytes",
     "binary_matmul",
     "ternary_matmul",
+    "prepack_binary",
+    "prepack_ternary",
     "pack_activations",
     "pack_conv_weight",
     "binary_conv2d",

@@ -23,6 +23,11 @@ Engine's "same-one + correction":
 
 Result: int32 ``[N, O, Ho, Wo]`` in channels_last memory (it is the NHWC GEMM output viewed as
 NCHW), exactly equal to ``F.conv2d`` of the +-1 tensors with the chosen padding value.
+
+On CPU the native engine (:mod:`kernels.cpu_native`) computes the same integers without the
+im2col: a direct (implicit-GEMM) convolution over the packed NHWC activations, where a padded tap
+reads +1 bits and the same tap sums ``S[o, t]`` are subtracted per output pixel.  The im2col +
+GEMM route above stays as the reference (``path='popcount'`` / ``'int_mm'``) and runs on CUDA.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_matmul
 from .matmul import binary_matmul
 from .packing import check_packed, pack_bits, packed_words, unpack_bits
 
@@ -105,6 +111,7 @@ def binary_conv2d(
     padding=0,
     dilation=1,
     padding_mode: str = "zeros",
+    path: str = "auto",
 ) -> torch.Tensor:
     """Exact binary conv: int32 ``[N, O, Ho, Wo]`` = ``F.conv2d(sign(x), sign(w), ...)``.
 
@@ -112,6 +119,8 @@ def binary_conv2d(
     ``int64[N, H, W, ceil(C/64)]`` from :func:`pack_activations` (then ``in_channels`` is required).
     ``weight_bits`` comes from :func:`pack_conv_weight`.  ``padding_mode``: ``"zeros"`` (exact
     zero padding via the correction in the module docstring) or ``"ones"`` (pad with +1).
+    ``path``: on CPU 'auto' (native where available), 'native', or the im2col GEMM's
+    'popcount' / 'int_mm'; on CUDA passed to the GEMM.
     """
     if padding_mode not in ("zeros", "ones"):
         raise ValueError(f"padding_mode must be 'zeros' or 'ones', got {padding_mode!r}")
@@ -155,8 +164,14 @@ def binary_conv2d(
     if min(out_hw) < 1:
         raise ValueError(f"input {h}x{w} is too small for kernel {kernel} with this padding/dilation")
 
+    if not x_bits.is_cuda and cpu_matmul.choose_cpu_path(n * out_hw[0] * out_hw[1], path) == "native":
+        from . import cpu_native
+
+        weights = cpu_native.prepack_conv([weight_bits], kernel, in_channels)
+        acc = cpu_native.conv(x_bits, weights, stride, padding, dilation, zero_padding=padding_mode == "zeros")
+        return acc.permute(0, 3, 1, 2)
     cols = _im2col(x_bits, kernel, stride, padding, dilation, out_hw)
-    acc = binary_matmul(cols, weight_bits.contiguous(), taps * in_channels)  # [N*Ho*Wo, O]
+    acc = binary_matmul(cols, weight_bits.contiguous(), taps * in_channels, path=path)  # [N*Ho*Wo, O]
     out = acc.reshape(n, out_hw[0], out_hw[1], -1)
     if padding_mode == "zeros" and max(padding) > 0:
         padded = _padded_taps((h, w), kernel, stride, padding, dilation, out_hw, x_bits.device)

@@ -1,6 +1,8 @@
 """CPU paths of the packed binary / ternary matmul (exact int32 results).
 
-Two exact routes, chosen by :func:`choose_cpu_path`:
+The NumPy routes of the packed matmul, the reference the native engine (:mod:`kernels.native`,
+preferred by :func:`choose_cpu_path` wherever it builds) is tested against, and the fallback where
+it does not.  Two exact routes:
 
 ``popcount`` -- NumPy 2 ``np.bitwise_count`` on **uint64** views of the packed words (on signed
     dtypes it counts the bits of ``|x|``, so the words are never read as int64).  The output is
@@ -352,15 +354,25 @@ def decide_cpu_path(m: int, *, int_mm_works: bool, int_mm_is_fast: bool) -> str:
 
 
 def choose_cpu_path(m: int, path: str = "auto") -> str:
-    """'popcount' or 'int_mm': the explicit choice if given, else :func:`decide_cpu_path`."""
-    if path not in ("auto", "popcount", "int_mm"):
-        raise ValueError(f"path must be 'auto', 'popcount' or 'int_mm', got {path!r}")
+    """'native', 'popcount' or 'int_mm': the explicit choice if given, else the native engine
+    (:mod:`kernels.native`) where it is available, else :func:`decide_cpu_path`."""
+    if path not in ("auto", "native", "popcount", "int_mm"):
+        raise ValueError(f"path must be 'auto', 'native', 'popcount' or 'int_mm', got {path!r}")
+    from . import native
+
+    if path == "native":
+        if not native.available():
+            raise ValueError(f"path='native' requested but the native CPU kernels are unavailable: "
+                             f"{native.unavailable_reason()}")
+        return path
     if path == "int_mm":
         if not int_mm_available():
             raise ValueError("path='int_mm' requested but torch._int_mm is unavailable on CPU here")
         return path
     if path == "popcount":
         return path
+    if native.available():
+        return "native"
     if m < INT_MM_MIN_ROWS:  # no need to detect anything
         return "popcount"
     return decide_cpu_path(m, int_mm_works=int_mm_available(), int_mm_is_fast=int_mm_fast())

@@ -2,8 +2,12 @@
 
 Layout is nn.Linear's: ``A[M, K]`` (activations) times ``B[N, K]^T`` (weights) -> ``C[M, N]``, both
 operands packed along K by :mod:`kernels.packing`.  This module only validates and dispatches:
-CPU tensors go to :mod:`kernels.cpu_matmul` (NumPy popcount or torch._int_mm), CUDA tensors to the
-CuPy kernels in :mod:`kernels.cuda_matmul` (imported lazily, so ``import kernels`` needs no CuPy).
+CPU tensors go to the native engine (:mod:`kernels.cpu_native`) where it is available, else to
+:mod:`kernels.cpu_matmul` (NumPy popcount or torch._int_mm); CUDA tensors to the CuPy kernels in
+:mod:`kernels.cuda_matmul` (imported lazily, so ``import kernels`` needs no CuPy).
+
+Weights used many times can be prepacked once for the native engine (:func:`prepack_binary`,
+:func:`prepack_ternary`) and passed in place of their packed words.
 
 Results are exact: ``|dot| <= K < 2**31`` always fits int32.
 """
@@ -12,10 +16,46 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_matmul
+from . import cpu_matmul, cpu_native
 from .packing import _check_planes, check_packed
 
-__all__ = ["binary_matmul", "ternary_matmul"]
+__all__ = ["binary_matmul", "ternary_matmul", "prepack_binary", "prepack_ternary", "PrepackedBinary",
+           "PrepackedTernary"]
+
+
+def _native_ready(t: torch.Tensor) -> bool:
+    from . import native
+
+    return t.device.type == "cpu" and native.available()
+
+
+class PrepackedBinary:
+    """Packed weights ``b_bits[N, W]`` plus their native panel layout (built once, here)."""
+
+    def __init__(self, b_bits: torch.Tensor, k: int):
+        check_packed(b_bits, k, "b_bits")
+        self.bits, self.k = b_bits, k
+        self.native = cpu_native.prepack_linear(b_bits, k) if _native_ready(b_bits) else None
+
+
+class PrepackedTernary:
+    """Ternary weight planes plus their native panel layout (built once, here)."""
+
+    def __init__(self, b_planes, k: int):
+        sign, nonzero = _check_planes(b_planes, "b_planes")
+        check_packed(sign, k, "b_planes")
+        self.planes, self.k = (sign, nonzero), k
+        self.native = cpu_native.ternary_prepack((sign, nonzero), k) if _native_ready(sign) else None
+
+
+def prepack_binary(b_bits: torch.Tensor, k: int) -> PrepackedBinary:
+    """Prepare weights for many :func:`binary_matmul` calls (the native panel layout on CPU)."""
+    return PrepackedBinary(b_bits, k)
+
+
+def prepack_ternary(b_planes, k: int) -> PrepackedTernary:
+    """Prepare ternary weights for many :func:`ternary_matmul` calls (the native layout on CPU)."""
+    return PrepackedTernary(b_planes, k)
 
 _CPU_IMPL = {
     ("binary", "popcount"): cpu_matmul.popcount_binary,
@@ -49,9 +89,15 @@ def binary_matmul(
 
     ``C[i, j] = sum_k A[i,k] B[j,k] = K - 2 * popcount(a_i XOR b_j)`` (pad bits are 0 in both).
     ``k`` is the true number of elements (``k <= 64 W``).  Returns int32 [M, N] on the inputs'
-    device.  ``path``: 'auto', or on CPU 'popcount' / 'int_mm' (:mod:`kernels.cpu_matmul`), on CUDA
-    'gemv' / 'gemm' / 'tc' (:mod:`kernels.cuda_matmul`).
+    device.  ``path``: 'auto', or on CPU 'native' (:mod:`kernels.cpu_native`), 'popcount' /
+    'int_mm' (:mod:`kernels.cpu_matmul`), on CUDA 'gemv' / 'gemm' / 'tc' (:mod:`kernels.cuda_matmul`).
+    ``b_bits`` may be a :func:`prepack_binary` result (CPU).
     """
+    prepacked = b_bits if isinstance(b_bits, PrepackedBinary) else None
+    if prepacked is not None:
+        if prepacked.k != k:
+            raise ValueError(f"the prepacked weights have k={prepacked.k}, not {k}")
+        b_bits = prepacked.bits
     _check_pair(a_bits, b_bits, k, "a_bits", "b_bits")
     a_bits, b_bits = a_bits.contiguous(), b_bits.contiguous()
     if a_bits.is_cuda:
@@ -59,6 +105,9 @@ def binary_matmul(
 
         return cuda_matmul.binary_matmul(a_bits, b_bits, k, kernel=path)
     chosen = cpu_matmul.choose_cpu_path(a_bits.shape[0], path)
+    if chosen == "native":
+        weights = prepacked.native if prepacked is not None and prepacked.native else cpu_native.prepack_linear(b_bits, k)
+        return cpu_native.linear(a_bits, weights)
     return _CPU_IMPL["binary", chosen](a_bits, b_bits, k)
 
 
@@ -66,8 +115,14 @@ def ternary_matmul(a_planes, b_planes, k: int, *, path: str = "auto") -> torch.T
     """Exact ``C = A @ B^T`` for ternary matrices given ``(sign, nonzero)`` planes from pack_ternary.
 
     ``C[i, j] = popc(ma & mb) - 2 * popc(ma & mb & (sa ^ sb))`` summed over words.
-    Returns int32 [M, N].  ``path`` as in :func:`binary_matmul` (no 'tc' for ternary).
+    Returns int32 [M, N].  ``path`` as in :func:`binary_matmul` (no 'tc' for ternary);
+    ``b_planes`` may be a :func:`prepack_ternary` result (CPU).
     """
+    prepacked = b_planes if isinstance(b_planes, PrepackedTernary) else None
+    if prepacked is not None:
+        if prepacked.k != k:
+            raise ValueError(f"the prepacked weights have k={prepacked.k}, not {k}")
+        b_planes = prepacked.planes
     sa, ma = _check_planes(a_planes, "a_planes")
     sb, mb = _check_planes(b_planes, "b_planes")
     _check_pair(sa, sb, k, "a_planes", "b_planes")
@@ -79,4 +134,8 @@ def ternary_matmul(a_planes, b_planes, k: int, *, path: str = "auto") -> torch.T
 
         return cuda_matmul.ternary_matmul((sa, ma), (sb, mb), k, kernel=path)
     chosen = cpu_matmul.choose_cpu_path(sa.shape[0], path)
+    if chosen == "native":
+        weights = (prepacked.native if prepacked is not None and prepacked.native
+                   else cpu_native.ternary_prepack((sb, mb), k))
+        return cpu_native.ternary_matmul((sa, ma), weights)
     return _CPU_IMPL["ternary", chosen]((sa, ma), (sb, mb), k)

@@ -25,10 +25,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels import cpu_matmul
+from kernels import cpu_matmul, native
 
 K_VALUES = [1, 7, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096, 4097]
-CPU_PATHS = ["popcount"] + (["int_mm"] if cpu_matmul.int_mm_available() else [])
+CPU_PATHS = (["popcount"] + (["int_mm"] if cpu_matmul.int_mm_available() else [])
+             + (["native"] if native.available() else []))
 
 
 DEFAULT_SEED = 20240607
@@ -231,7 +232,7 @@ def test_non_contiguous_packed_operands(gen):
 
 
 def test_auto_path_choice():
-    assert cpu_matmul.choose_cpu_path(1) == "popcount"
+    assert cpu_matmul.choose_cpu_path(1) == ("native" if native.available() else "popcount")
     with pytest.raises(ValueError, match="path must be"):
         cpu_matmul.choose_cpu_path(4, "fast")
 

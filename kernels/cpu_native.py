@@ -1,0 +1,239 @@
+r"""Torch-facing operations of the native CPU engine (:mod:`kernels.native`): packing, prepacked
+weights, the binary convolution / matmul with fused output transform, and the ternary matmul.
+
+Everything is exact: the integer accumulators equal :mod:`kernels.cpu_matmul`'s NumPy reference,
+the float output equals ``kernels.epilogue``'s, bit for bit.
+
+Weights are prepacked once (:func:`prepack_linear`, :func:`prepack_conv`) into panels of 8 output
+channels, word-interleaved, the layout the kernels' register blocking reads (see
+``native_src/isa_kernels.cpp``), plus, for convolutions, the per-tap weight sums
+``S[g, t, o] = sum_c w[o, c, t]`` that make zero padding exact:
+
+    dot[p, o] = T C - 2 sum_t popc(x[p, t] ^ w[o, t]) - sum_{t padded at p} S[o, t]
+
+(a padded tap reads all-zero bits = +1 and so adds ``S[o, t]``, which is then removed).
+
+Activations are packed NHWC, per group: pixel ``p`` holds ``groups * ceil(C/groups / 64)`` words,
+group ``g``'s channels in words ``[g gw, (g+1) gw)``.  A matmul ``A[M, K] @ B[N, K]^T`` is the
+same kernel with a 1x1 kernel over M pixels.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import native
+from .packing import packed_words
+
+__all__ = [
+    "Prepacked",
+    "prepack_linear",
+    "prepack_conv",
+    "pack_rows",
+    "pack_pixels",
+    "conv",
+    "linear",
+    "ternary_prepack",
+    "ternary_matmul",
+    "peak_bitmacs_per_s",
+]
+
+PANEL = 8
+
+
+@dataclass(frozen=True)
+class Prepacked:
+    """Weights in the kernels' panel layout.
+
+    ``panels``: int64 ``[groups, ceil(out_per_group/8), taps * group_words, 8]``;
+    ``tap_sums``: int32 ``[groups, taps, out_per_group]`` (None for a matmul: nothing is padded).
+    """
+
+    panels: torch.Tensor
+    tap_sums: torch.Tensor | None
+    groups: int
+    out_per_group: int
+    cin_per_group: int
+    kernel_size: tuple[int, int]
+
+    @property
+    def taps(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    @property
+    def group_words(self) -> int:
+        return packed_words(self.cin_per_group)
+
+    @property
+    def out_features(self) -> int:
+        return self.groups * self.out_per_group
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() * 8 + (0 if self.tap_sums is None else self.tap_sums.numel() * 4)
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _panels_of(rows: torch.Tensor) -> torch.Tensor:
+    """int64 rows [n, words] -> panels [ceil(n/8), words, 8] (rows past n are zero)."""
+    rows = rows.contiguous()
+    n, words = rows.shape
+    panels = torch.empty(((n + PANEL - 1) // PANEL, words, PANEL), dtype=torch.int64)
+    native.library().bq_prepack_panels(_ptr(rows), n, words, _ptr(panels))
+    return panels
+
+
+def prepack_linear(b_bits: torch.Tensor, k: int) -> Prepacked:
+    """Prepack packed weights ``b_bits[N, ceil(k/64)]`` (kernels.pack_bits) for :func:`linear`."""
+    b_bits = b_bits.detach().cpu()
+    return Prepacked(_panels_of(b_bits).unsqueeze(0), None, 1, b_bits.shape[0], k, (1, 1))
+
+
+def prepack_conv(tap_bits: list[torch.Tensor] | tuple[torch.Tensor, ...], kernel_size, cin_per_group: int) -> Prepacked:
+    """Prepack one ``kernels.pack_conv_weight`` result per group (``[O/G, T * ceil(C/G / 64)]``)."""
+    kh, kw = kernel_size
+    taps, gw = kh * kw, packed_words(cin_per_group)
+    panels, sums = [], []
+    for bits in tap_bits:
+        bits = bits.detach().cpu().contiguous()
+        if bits.shape[1] != taps * gw:
+            raise ValueError(f"per-group weight bits must be [O/G, {taps} * {gw}], got {tuple(bits.shape)}")
+        panels.append(_panels_of(bits))
+        per_tap = bits.numpy().view(np.uint64).reshape(bits.shape[0], taps, gw)
+        minus = np.bitwise_count(per_tap).sum(axis=-1, dtype=np.int32)  # -1 weights per (o, t)
+        sums.append(torch.from_numpy(np.ascontiguousarray((cin_per_group - 2 * minus).T)))
+    return Prepacked(torch.stack(panels), torch.stack(sums), len(tap_bits), tap_bits[0].shape[0], cin_per_group,
+                     (kh, kw))
+
+
+def _refuse_nan(nans: int, name: str) -> None:
+    if nans:
+        raise ValueError(f"{name} contains NaN; binarization of NaN is undefined")
+
+
+def pack_rows(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``[rows, K]`` -> int64 words ``[rows, ceil(K/64)]`` (bit = x < 0; NaN raises)."""
+    x = x.contiguous()
+    rows, k = x.shape
+    out = torch.empty((rows, packed_words(k)), dtype=torch.int64)
+    _refuse_nan(native.library().bq_pack_rows(_ptr(x), rows, k, k, _ptr(out), out.shape[1]), "x")
+    return out
+
+
+def pack_pixels(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """float32 NCHW (any memory format) -> int64 ``[N, H, W, groups * ceil(C/groups/64)]``.
+
+    channels_last input is packed row by row (C contiguous per pixel); a contiguous NCHW input
+    plane by plane; anything else is made channels_last first.
+    """
+    n, c, h, w = x.shape
+    cg = c // groups
+    gw = packed_words(cg)
+    out = torch.empty((n, h, w, groups * gw), dtype=torch.int64)
+    lib = native.library()
+    if x.is_contiguous() and not (h == 1 and w == 1):
+        nans = lib.bq_pack_planes(_ptr(x), n, c, h * w, groups, _ptr(out))
+    else:
+        rows = x.permute(0, 2, 3, 1).contiguous()  # a view for channels_last input
+        nans = lib.bq_pack_rows(_ptr(rows), n * h * w * groups, cg, cg, _ptr(out), gw)
+    _refuse_nan(nans, "x")
+    return out
+
+
+def _output(rows: int, out_features: int, mode: int) -> torch.Tensor:
+    if mode == native.OUT_INT32:
+        return torch.empty((rows, out_features), dtype=torch.int32)
+    if mode == native.OUT_FLOAT:
+        return torch.empty((rows, out_features), dtype=torch.float32)
+    return torch.empty((rows, packed_words(out_features)), dtype=torch.int64)
+
+
+def _transform(mode: int, mul, add, n: int):
+    """Contiguous per-channel vectors for the output mode (float32 for FLOAT, float64 for SIGN)."""
+    if mode == native.OUT_INT32:
+        return None, None
+    dtype = torch.float32 if mode == native.OUT_FLOAT else torch.float64
+    vectors = []
+    for v in (mul, add):
+        ready = isinstance(v, torch.Tensor) and v.dtype == dtype and v.shape == (n,) and v.is_contiguous()
+        if not (ready and v.device.type == "cpu" and not v.requires_grad):
+            v = torch.as_tensor(v).detach().to(device="cpu", dtype=dtype).expand(n).contiguous()
+        vectors.append(v)
+    return vectors
+
+
+def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *,
+         zero_padding: bool = True, mode: int = native.OUT_INT32, mul=None, add=None) -> torch.Tensor:
+    """The binary convolution of packed NHWC ``x_words`` with prepacked ``weights``.
+
+    Returns ``[N, Ho, Wo, O]`` (int32 dot products, or float32 ``dot * mul + add`` for
+    ``mode=OUT_FLOAT``) or int64 ``[N, Ho, Wo, ceil(O/64)]`` sign bits of ``dot * mul + add``
+    (float64) for ``mode=OUT_SIGN`` (groups = 1 only).  ``zero_padding=False`` pads with +1.
+    """
+    n, h, w, pixel_words = x_words.shape
+    if pixel_words != weights.groups * weights.group_words:
+        raise ValueError(f"x has {pixel_words} words per pixel, the weights need "
+                         f"{weights.groups} groups x {weights.group_words}")
+    if mode == native.OUT_SIGN and weights.groups != 1:
+        raise ValueError("a sign-packed output needs groups = 1")
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weights.kernel_size, stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
+    x_words = x_words.contiguous()
+    out = _output(n * ho * wo, weights.out_features, mode)
+    mul_t, add_t = _transform(mode, mul, add, weights.out_features)
+    sums = weights.tap_sums if zero_padding and (ph or pw) else None
+    args = native.ConvArgs(
+        _ptr(x_words), n, h, w, pixel_words, weights.group_words, weights.cin_per_group,
+        _ptr(weights.panels), _ptr(sums), weights.groups, weights.out_per_group,
+        kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mode, _ptr(out), out.shape[1],
+        _ptr(mul_t) if mode == native.OUT_FLOAT else None, _ptr(add_t) if mode == native.OUT_FLOAT else None,
+        _ptr(mul_t) if mode == native.OUT_SIGN else None, _ptr(add_t) if mode == native.OUT_SIGN else None)
+    native.sync_threads()
+    native.library().bq_conv(ctypes.byref(args))
+    return out.reshape(n, ho, wo, -1)
+
+
+def linear(a_words: torch.Tensor, weights: Prepacked, *, mode: int = native.OUT_INT32, mul=None,
+           add=None) -> torch.Tensor:
+    """``A @ B^T`` of packed rows ``a_words[M, W]`` and prepacked weights, in ``mode``'s output."""
+    m, words = a_words.shape
+    if weights.taps != 1 or weights.groups != 1 or words != weights.group_words:
+        raise ValueError(f"a has {words} words per row, the weights need {weights.group_words} (one group, 1x1)")
+    out = conv(a_words.reshape(1, 1, m, words), weights, mode=mode, mul=mul, add=add)
+    return out.reshape(m, -1)
+
+
+def ternary_prepack(b_planes, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(sign panels, nonzero panels, N, k) of ternary weights from ``kernels.pack_ternary``."""
+    sign, nonzero = (p.detach().cpu() for p in b_planes)
+    return _panels_of(sign), _panels_of(nonzero), sign.shape[0], k
+
+
+def ternary_matmul(a_planes, prepacked) -> torch.Tensor:
+    """int32 ``[M, N]`` = ternary ``A @ B^T``: ``popc(ma & mb) - 2 popc(ma & mb & (sa ^ sb))``."""
+    sa, ma = (p.contiguous() for p in a_planes)
+    sign_panels, nonzero_panels, n, _ = prepacked
+    m, words = sa.shape
+    if sign_panels.shape[1] != words:
+        raise ValueError(f"a has {words} words per row, b {sign_panels.shape[1]}")
+    out = torch.empty((m, n), dtype=torch.int32)
+    native.sync_threads()
+    native.library().bq_ternary_gemm(_ptr(sa), _ptr(ma), m, _ptr(sign_panels), _ptr(nonzero_panels), n, words,
+                                     _ptr(out))
+    return out
+
+
+def peak_bitmacs_per_s(reps: int = 20000) -> float:
+    """Bit-MACs per second of the current instruction set's microkernel on L1-resident data (all
+    threads): the popcount ceiling the kernels are reported against."""
+    native.sync_threads()
+    return native.library().bq_peak_bitmacs_per_s(reps)

@@ -1,0 +1,41 @@
+// C interface of the native CPU kernels (see kernels/native.py for the Python side).
+//
+// Format: packed 64-bit words, bit j of word w = element 64w + j, bit 1 = -1, pad bits 0
+// (kernels/packing.py).  Binary convolution is an implicit GEMM over packed NHWC activations;
+// a matmul is the same computation with a 1x1 kernel over M "pixels".
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Output of bq_*_conv: what is written per (pixel, output channel).
+enum BqOutputMode {
+  BQ_OUT_INT32 = 0,   // int32 dot product
+  BQ_OUT_FLOAT = 1,   // float32: (float)dot * mul_f[o], then + add_f[o] (two roundings, no FMA)
+  BQ_OUT_SIGN = 2,    // one bit per channel: y = (double)dot * mul_d[o] + add_d[o] (two roundings), bit = y < 0
+};
+
+typedef struct {
+  const uint64_t* x;          // packed activations [n][h][w][pixel_words]
+  int64_t n, h, w;
+  int64_t pixel_words;        // words per pixel = groups * group_words
+  int64_t group_words;        // ceil(cin_per_group / 64)
+  int64_t cin_per_group;      // true channels per group (elements per tap)
+  const uint64_t* panels;     // weights [groups][ceil(out_per_group/8)][taps*group_words][8]
+  const int32_t* tap_sums;    // [groups][taps][out_per_group]: sum_c w[o,c,t] (+-1); NULL = one-padding
+  int64_t groups, out_per_group;
+  int64_t kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+  int32_t mode;               // BqOutputMode
+  void* out;                  // int32|float [n*ho*wo][out_stride] or uint64 [n*ho*wo][out_stride words]
+  int64_t out_stride;         // elements (int32/float) or words (sign) per output pixel
+  const float* mul_f;         // [groups*out_per_group] (BQ_OUT_FLOAT)
+  const float* add_f;
+  const double* mul_d;        // (BQ_OUT_SIGN)
+  const double* add_d;
+} BqConvArgs;
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,317 @@
+// Run-time choice of instruction set, the worker threads, and the C entry points ctypes calls.
+//
+// Built without any -m flag, so this file runs on every CPU of its architecture.  The per-ISA
+// objects (isa_kernels.cpp compiled with -DBQ_ISA_<NAME>) are announced with -DBQ_HAVE_<NAME> by
+// kernels/native.py, which compiles only what the compiler accepts.  The best one the CPU supports
+// is chosen at load time; bq_select_isa forces another (the BITQAT_CPU_ISA environment variable).
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "bitkernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define BQ_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define BQ_PAUSE() __asm__ volatile("yield")
+#else
+#define BQ_PAUSE() ((void)0)
+#endif
+
+#define BQ_DECLARE(isa)                                                                             \
+  extern "C" void bq_##isa##_conv(const BqConvArgs*);                                              \
+  extern "C" void bq_##isa##_ternary_gemm(const uint64_t*, const uint64_t*, int64_t, const uint64_t*, \
+                                          const uint64_t*, int64_t, int64_t, int32_t*);              \
+  extern "C" int64_t bq_##isa##_pack_rows(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t); \
+  extern "C" int64_t bq_##isa##_pack_planes(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t*); \
+  extern "C" int64_t bq_##isa##_peak_bitmacs(int64_t);
+
+#define BQ_ENTRY(isa, supported)                                                                   \
+  {#isa, supported, bq_##isa##_conv, bq_##isa##_ternary_gemm, bq_##isa##_pack_rows,               \
+   bq_##isa##_pack_planes, bq_##isa##_peak_bitmacs}
+
+#ifdef BQ_HAVE_SCALAR
+BQ_DECLARE(scalar)
+#endif
+#ifdef BQ_HAVE_POPCNT
+BQ_DECLARE(popcnt)
+#endif
+#ifdef BQ_HAVE_AVX2
+BQ_DECLARE(avx2)
+#endif
+#ifdef BQ_HAVE_AVX512
+BQ_DECLARE(avx512)
+#endif
+#ifdef BQ_HAVE_NEON
+BQ_DECLARE(neon)
+#endif
+
+namespace {
+
+struct Isa {
+  const char* name;
+  bool (*supported)();
+  void (*conv)(const BqConvArgs*);
+  void (*ternary_gemm)(const uint64_t*, const uint64_t*, int64_t, const uint64_t*, const uint64_t*, int64_t,
+                       int64_t, int32_t*);
+  int64_t (*pack_rows)(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t);
+  int64_t (*pack_planes)(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t*);
+  int64_t (*peak_bitmacs)(int64_t);
+};
+
+bool always() { return true; }
+#if defined(__x86_64__) || defined(__i386__)
+bool has_popcnt() { __builtin_cpu_init(); return __builtin_cpu_supports("popcnt"); }
+bool has_avx2() { __builtin_cpu_init(); return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"); }
+bool has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+         __builtin_cpu_supports("avx2");
+}
+#endif
+
+// Best first: the first supported entry is the default.
+const Isa kIsas[] = {
+#ifdef BQ_HAVE_AVX512
+    BQ_ENTRY(avx512, has_avx512),
+#endif
+#ifdef BQ_HAVE_AVX2
+    BQ_ENTRY(avx2, has_avx2),
+#endif
+#ifdef BQ_HAVE_NEON
+    BQ_ENTRY(neon, always),
+#endif
+#ifdef BQ_HAVE_POPCNT
+    BQ_ENTRY(popcnt, has_popcnt),
+#endif
+#ifdef BQ_HAVE_SCALAR
+    BQ_ENTRY(scalar, always),
+#endif
+};
+constexpr int kIsaCount = sizeof(kIsas) / sizeof(kIsas[0]);
+
+const Isa* g_isa = nullptr;
+
+const Isa* default_isa() {
+  for (const Isa& isa : kIsas)
+    if (isa.supported()) return &isa;
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker threads.  The caller works too and never waits for a worker that has not started: tasks
+// are claimed from an atomic counter, a worker joins the current job only while it is posted, and
+// the caller, once every task is claimed, withdraws the job and waits only for the workers that
+// joined (each finishing its last task).  Idle workers spin for a few tens of microseconds (the
+// gap between two layers' kernels at batch 1), then sleep on a condition variable.
+// ---------------------------------------------------------------------------------------------
+struct Job {
+  void (*fn)(void*, int64_t);
+  void* ctx;
+  int64_t tasks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> joined{0};
+  void work() {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) fn(ctx, t);
+  }
+};
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_.store(true);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+  int threads() const { return (int)workers_.size() + 1; }
+
+  void run(int64_t tasks, void (*fn)(void*, int64_t), void* ctx) {
+    if (workers_.empty() || tasks <= 1) {
+      for (int64_t t = 0; t < tasks; ++t) fn(ctx, t);
+      return;
+    }
+    std::lock_guard<std::mutex> serial(run_mu_);
+    Job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.tasks = tasks;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      current_ = &job;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    job.work();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      current_ = nullptr;  // from here on nobody joins
+    }
+    while (job.joined.load(std::memory_order_acquire) != 0) BQ_PAUSE();
+  }
+
+ private:
+  void loop() {
+    uint64_t seen = 0;  // the generation at construction
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      uint64_t now = seen;
+      for (int spin = 0; (now = generation_.load(std::memory_order_acquire)) == seen; ++spin) {
+        BQ_PAUSE();
+        if ((spin & 63) == 63 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) break;
+      }
+      Job* job = nullptr;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (now == seen) {
+          cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          now = generation_.load(std::memory_order_acquire);
+        }
+        seen = now;
+        if (stop_.load()) return;
+        job = current_;
+        if (job) job->joined.fetch_add(1, std::memory_order_relaxed);
+      }
+      if (job) {
+        job->work();
+        job->joined.fetch_sub(1, std::memory_order_release);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> generation_{0};
+  Job* current_ = nullptr;
+  std::atomic<bool> stop_{false};
+};
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;
+int g_threads = 1;
+
+// A forked child has none of the parent's threads: forget the pool (never join it) and start anew.
+void forget_pool_in_child() { g_pool = nullptr; }
+struct AtFork {
+  AtFork() { pthread_atfork(nullptr, nullptr, forget_pool_in_child); }
+} g_at_fork;
+
+}  // namespace
+
+extern "C" {
+
+void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void* ctx) {
+  Pool* pool;
+  {
+    std::lock_guard<std::mutex> lock(g_pool_mu);
+    if (g_pool == nullptr || g_pool->threads() != g_threads) {
+      delete g_pool;
+      g_pool = new Pool(g_threads);
+    }
+    pool = g_pool;
+  }
+  pool->run(tasks, fn, ctx);
+}
+
+__attribute__((visibility("default"))) void bq_set_num_threads(int threads) {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  g_threads = threads < 1 ? 1 : threads;
+}
+
+__attribute__((visibility("default"))) int bq_isa_count() { return kIsaCount; }
+__attribute__((visibility("default"))) const char* bq_isa_name(int i) {
+  return i >= 0 && i < kIsaCount ? kIsas[i].name : nullptr;
+}
+__attribute__((visibility("default"))) int bq_isa_supported(int i) {
+  return i >= 0 && i < kIsaCount && kIsas[i].supported();
+}
+
+// 0: selected; -1: no such instruction set compiled; -2: this CPU lacks it.  NULL: the default.
+__attribute__((visibility("default"))) int bq_select_isa(const char* name) {
+  if (name == nullptr) {
+    g_isa = default_isa();
+    return g_isa ? 0 : -1;
+  }
+  for (const Isa& isa : kIsas) {
+    if (strcmp(isa.name, name) == 0) {
+      if (!isa.supported()) return -2;
+      g_isa = &isa;
+      return 0;
+    }
+  }
+  return -1;
+}
+__attribute__((visibility("default"))) const char* bq_selected_isa() {
+  if (g_isa == nullptr) g_isa = default_isa();
+  return g_isa ? g_isa->name : "";
+}
+
+__attribute__((visibility("default"))) void bq_conv(const BqConvArgs* args) { g_isa->conv(args); }
+
+__attribute__((visibility("default"))) void bq_ternary_gemm(const uint64_t* sa, const uint64_t* ma, int64_t m,
+                                                            const uint64_t* sb_panels, const uint64_t* mb_panels,
+                                                            int64_t n, int64_t words, int32_t* out) {
+  g_isa->ternary_gemm(sa, ma, m, sb_panels, mb_panels, n, words, out);
+}
+
+__attribute__((visibility("default"))) int64_t bq_pack_rows(const float* x, int64_t rows, int64_t k, int64_t ld,
+                                                            uint64_t* out, int64_t out_ld) {
+  return g_isa->pack_rows(x, rows, k, ld, out, out_ld);
+}
+
+__attribute__((visibility("default"))) int64_t bq_pack_planes(const float* x, int64_t n, int64_t c, int64_t hw,
+                                                              int64_t groups, uint64_t* out) {
+  return g_isa->pack_planes(x, n, c, hw, groups, out);
+}
+
+// Weight rows [n][words] -> panels [ceil(n/8)][words][8] (rows past n are zero).
+__attribute__((visibility("default"))) void bq_prepack_panels(const uint64_t* rows, int64_t n, int64_t words,
+                                                              uint64_t* panels) {
+  const int64_t count = (n + 7) / 8;
+  for (int64_t q = 0; q < count; ++q)
+    for (int64_t w = 0; w < words; ++w)
+      for (int64_t j = 0; j < 8; ++j) {
+        const int64_t r = q * 8 + j;
+        panels[(q * words + w) * 8 + j] = r < n ? rows[r * words + w] : 0;
+      }
+}
+
+struct PeakCtx {
+  int64_t reps;
+  std::atomic<int64_t> bitmacs{0};
+};
+
+// Bit-MACs per second of the selected instruction set's microkernel on L1-resident data, on every
+// thread at once: the popcount ceiling the kernels are measured against.
+__attribute__((visibility("default"))) double bq_peak_bitmacs_per_s(int64_t reps) {
+  PeakCtx ctx;
+  ctx.reps = reps;
+  const int threads = g_threads;
+  auto start = std::chrono::steady_clock::now();
+  bq_parallel_for(
+      threads,
+      [](void* p, int64_t) {
+        PeakCtx* c = (PeakCtx*)p;
+        c->bitmacs.fetch_add(g_isa->peak_bitmacs(c->reps));
+      },
+      &ctx);
+  std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+  return (double)ctx.bitmacs.load() / elapsed.count();
+}
+
+}  // extern "C"

@@ -1,0 +1,230 @@
+"""The native CPU engine (kernels/native, kernels/cpu_native.py) against the NumPy / float64 reference.
+
+Every instruction set this machine runs is tested (``ISAS``): the CI machine's CPU decides which
+(an AVX2 x86 runs avx2, popcnt and scalar; an AVX-512 VPOPCNTDQ one adds avx512; ARM runs neon and
+scalar).  Integers are compared exactly; the float output bit for bit with ``kernels.epilogue``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import cpu_native, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
+                                f"{native.unavailable_reason() if not native.available() else ''}")
+
+ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with native.using_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(20261203)
+
+
+def signs(x: torch.Tensor) -> torch.Tensor:
+    """+-1 float64 with the project's convention (x >= 0 -> +1, -0.0 -> +1)."""
+    return torch.where(x < 0, -1.0, 1.0).double()
+
+
+def with_zeros(x: torch.Tensor) -> torch.Tensor:
+    """Exact 0.0 and -0.0 in a tenth of the entries each (both must pack as +1)."""
+    x = x.clone()
+    x.view(-1)[::10] = 0.0
+    x.view(-1)[5::10] = -0.0
+    return x
+
+
+def reference_conv(x, w, stride, padding, dilation, groups, padding_value=0.0):
+    sx = signs(x)
+    if padding_value:
+        sx = F.pad(sx, (padding[1], padding[1], padding[0], padding[0]), value=padding_value)
+        padding = (0, 0)
+    return F.conv2d(sx, signs(w), None, stride, padding, dilation, groups).round().to(torch.int32)
+
+
+def prepacked_conv(w, groups):
+    per_group = [kernels.pack_conv_weight(chunk) for chunk in w.chunk(groups, 0)]
+    return cpu_native.prepack_conv(per_group, tuple(w.shape[2:]), w.shape[1])
+
+
+MATMUL_SHAPES = [(1, 1, 1), (1, 5, 63), (3, 17, 64), (5, 9, 65), (7, 33, 1000), (1, 64, 4097), (33, 31, 4097),
+                 (65, 8, 127), (4, 3, 129)]
+
+
+@pytest.mark.parametrize("m,n,k", MATMUL_SHAPES)
+def test_binary_matmul_equals_reference(isa, gen, m, n, k):
+    a, b = with_zeros(torch.randn(m, k, generator=gen)), torch.randn(n, k, generator=gen)
+    expected = (signs(a) @ signs(b).T).to(torch.int32)
+    got = cpu_native.linear(cpu_native.pack_rows(a), cpu_native.prepack_linear(kernels.pack_bits(b), k))
+    assert torch.equal(got, expected), (isa, m, n, k)
+    assert torch.equal(kernels.binary_matmul(kernels.pack_bits(a), kernels.pack_bits(b), k, path="native"), expected)
+    prepacked = kernels.prepack_binary(kernels.pack_bits(b), k)
+    assert torch.equal(kernels.binary_matmul(kernels.pack_bits(a), prepacked, k), expected)
+
+
+@pytest.mark.parametrize("m,n,k", MATMUL_SHAPES)
+def test_ternary_matmul_equals_reference(isa, gen, m, n, k):
+    a = torch.randint(-1, 2, (m, k), generator=gen).float()
+    b = torch.randint(-1, 2, (n, k), generator=gen).float()
+    expected = (a.double() @ b.double().T).to(torch.int32)
+    got = kernels.ternary_matmul(kernels.pack_ternary(a), kernels.prepack_ternary(kernels.pack_ternary(b), k), k)
+    assert torch.equal(got, expected), (isa, m, n, k)
+
+
+def test_extreme_dot_products(isa):
+    """All +1 against all -1: |dot| = K, the accumulator's range (K up to 4097 words' worth)."""
+    for k in (1, 64, 4097, 70000):
+        plus, minus = torch.ones(3, k), -torch.ones(2, k)
+        got = cpu_native.linear(cpu_native.pack_rows(plus), cpu_native.prepack_linear(kernels.pack_bits(minus), k))
+        assert (got == -k).all(), (isa, k)
+        got = cpu_native.linear(cpu_native.pack_rows(minus), cpu_native.prepack_linear(kernels.pack_bits(minus), k))
+        assert (got == k).all(), (isa, k)
+
+
+# (batch, C_in, H, W, C_out, kernel, stride, padding, dilation, groups)
+CONV_CASES = [
+    (1, 1, 5, 5, 1, 1, 1, 0, 1, 1),       # K = 1
+    (1, 3, 5, 5, 5, 3, 1, 1, 1, 1),
+    (2, 64, 8, 8, 16, 3, 1, 1, 1, 1),     # one word per tap
+    (2, 65, 7, 9, 17, 3, 2, 1, 1, 1),     # stride 2, odd sizes, 65 channels
+    (1, 130, 6, 6, 9, 1, 1, 0, 1, 1),     # 1x1
+    (3, 32, 9, 9, 24, 3, 1, 2, 2, 1),     # dilation 2
+    (2, 64, 6, 6, 64, 3, 1, 1, 1, 64),    # depthwise
+    (2, 12, 5, 5, 8, 3, 2, 1, 1, 4),      # groups
+    (1, 1000, 3, 3, 11, 3, 1, 1, 1, 1),   # many words per tap
+    (2, 7, 4, 4, 3, 5, 1, 2, 1, 1),       # 5x5, input smaller than the padded kernel
+    (1, 63, 4, 4, 7, 2, 2, 0, 1, 1),      # even kernel, no padding
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=str)
+def test_binary_conv_equals_reference_in_both_memory_formats(isa, gen, case):
+    n, c, h, w, o, k, s, p, d, g = case
+    x = with_zeros(torch.randn(n, c, h, w, generator=gen))
+    weight = torch.randn(o, c // g, k, k, generator=gen)
+    expected = reference_conv(x, weight, (s, s), (p, p), (d, d), g)
+    weights = prepacked_conv(weight, g)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x_words = cpu_native.pack_pixels(x.contiguous(memory_format=memory_format), g)
+        got = cpu_native.conv(x_words, weights, (s, s), (p, p), (d, d)).permute(0, 3, 1, 2)
+        assert torch.equal(got, expected), (isa, case, memory_format)
+    if p:  # one-padding is the same kernel without the tap-sum correction
+        ones = cpu_native.conv(x_words, weights, (s, s), (p, p), (d, d), zero_padding=False).permute(0, 3, 1, 2)
+        assert torch.equal(ones, reference_conv(x, weight, (s, s), (p, p), (d, d), g, padding_value=1.0))
+
+
+def test_binary_conv2d_public_function_uses_the_native_path(isa, gen):
+    x, weight = torch.randn(2, 70, 6, 5, generator=gen), torch.randn(9, 70, 3, 3, generator=gen)
+    bits = kernels.pack_conv_weight(weight)
+    for mode, value in (("zeros", 0.0), ("ones", 1.0)):
+        got = kernels.binary_conv2d(x, bits, 3, stride=2, padding=1, padding_mode=mode, path="native")
+        reference = kernels.binary_conv2d(x, bits, 3, stride=2, padding=1, padding_mode=mode, path="popcount")
+        assert torch.equal(got, reference)
+        assert torch.equal(got, reference_conv(x, weight, (2, 2), (1, 1), (1, 1), 1, padding_value=value))
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:6], ids=str)
+def test_float_output_is_bit_identical_to_the_epilogue(isa, gen, case):
+    n, c, h, w, o, k, s, p, d, g = case
+    x, weight = torch.randn(n, c, h, w, generator=gen), torch.randn(o, c // g, k, k, generator=gen)
+    mul, add = torch.randn(o, generator=gen), torch.randn(o, generator=gen)
+    mul[0] = 0.0
+    x_words = cpu_native.pack_pixels(x, g)
+    weights = prepacked_conv(weight, g)
+    acc = cpu_native.conv(x_words, weights, (s, s), (p, p), (d, d))
+    got = cpu_native.conv(x_words, weights, (s, s), (p, p), (d, d), mode=native.OUT_FLOAT, mul=mul, add=add)
+    assert torch.equal(got, kernels.epilogue(acc, scale=mul, bias=add)), (isa, case)
+
+
+def test_sign_output_is_bit_identical_including_ties(isa, gen):
+    """y = dot * mul + add placed exactly on 0 for some outputs: the tie y == 0 is +1 (bit 0)."""
+    x, weight = torch.randn(2, 40, 5, 5, generator=gen), torch.randn(70, 40, 3, 3, generator=gen)
+    x_words, weights = cpu_native.pack_pixels(x), prepacked_conv(weight, 1)
+    acc = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1))
+    mul = torch.randn(70, dtype=torch.float64, generator=gen)
+    mul[:3] = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
+    add = -acc[0, 2, 2].double() * mul  # pixel (0, 2, 2) sits exactly on every threshold
+    got = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_SIGN, mul=mul, add=add)
+    expected = kernels.epilogue(acc, mul_add=(mul, add), sign_pack=True)
+    assert torch.equal(got, expected), isa
+    assert int(got[0, 2, 2, 0]) == 0 and int(got[0, 2, 2, 1]) == 0  # ties -> +1 -> bit 0
+
+
+def test_packing_equals_pack_bits(isa, gen):
+    x = with_zeros(torch.randn(3, 130, 4, 5, generator=gen))
+    reference = kernels.pack_activations(x)
+    assert torch.equal(cpu_native.pack_pixels(x), reference)
+    assert torch.equal(cpu_native.pack_pixels(x.contiguous(memory_format=torch.channels_last)), reference)
+    rows = x.reshape(-1, 200)
+    assert torch.equal(cpu_native.pack_rows(rows), kernels.pack_bits(rows))
+    with pytest.raises(ValueError, match="NaN"):
+        cpu_native.pack_rows(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="NaN"):
+        cpu_native.pack_pixels(torch.full((1, 3, 2, 2), float("nan")))
+
+
+def test_results_do_not_depend_on_the_thread_count(gen):
+    x, weight = torch.randn(4, 96, 9, 9, generator=gen), torch.randn(200, 96, 3, 3, generator=gen)
+    x_words, weights = cpu_native.pack_pixels(x), prepacked_conv(weight, 1)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1)))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_peak_microbenchmark_reports_a_rate():
+    assert cpu_native.peak_bitmacs_per_s(200) > 1e8
+
+
+def run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), **env_changes)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_forcing_an_instruction_set_by_environment():
+    forced = ISAS[-1]  # the portable one
+    done = run_python("from kernels import native; print(native.isa())", BITQAT_CPU_ISA=forced)
+    assert done.returncode == 0 and done.stdout.strip() == forced, done.stderr
+    bad = run_python("from kernels import native; native.isa()", BITQAT_CPU_ISA="sse9")
+    assert bad.returncode != 0 and "BITQAT_CPU_ISA='sse9'" in bad.stderr and "valid:" in bad.stderr
+
+
+def test_without_a_compiler_the_numpy_path_runs_with_one_warning(tmp_path):
+    """A fresh cache and no compiler on PATH: one RuntimeWarning, then exact NumPy results."""
+    code = ("import warnings, torch, kernels\n"
+            "warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    a, b = torch.randn(3, 100), torch.randn(5, 100)\n"
+            "    got = kernels.binary_matmul(kernels.pack_bits(a), kernels.pack_bits(b), 100)\n"
+            "    kernels.binary_matmul(kernels.pack_bits(a), kernels.pack_bits(b), 100)\n"
+            "ref = (torch.where(a < 0, -1., 1.) @ torch.where(b < 0, -1., 1.).T).int()\n"
+            "print(torch.equal(got, ref), len([w for w in caught if 'native CPU kernels unavailable' in str(w.message)]))\n")
+    done = run_python(code, BITQAT_CACHE_DIR=str(tmp_path), PATH=str(tmp_path), CXX="")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "1"], done.stdout
+
+
+def test_disabled_by_environment_falls_back():
+    done = run_python("from kernels import native, cpu_matmul; print(native.available(), cpu_matmul.choose_cpu_path(1))",
+                      BITQAT_NATIVE="0")
+    assert done.returncode == 0 and done.stdout.split() == ["False", "popcount"], done.stderr
