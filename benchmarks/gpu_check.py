@@ -175,6 +175,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.data = None if args.no_data else resolve_data(parser, args.data)
     if args.section is None and args.out.exists() and not args.out.is_dir():
         parser.error(f"{args.out} exists and is not a folder")
+    args.out = args.out.resolve()
     return args
 
 
@@ -185,14 +186,18 @@ def resolve_data(parser: _Parser, data: Path | None) -> Path | None:
     path = data / DEFAULT_DATA.name if data.is_dir() else data
     if not path.is_file():
         parser.error(f"--data: {path} does not exist (build it with python benchmarks/make_gpu_data.py)")
-    return path
+    return path.resolve()  # the sections run in the repository root
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.section:
         return run_section(args)
-    return supervise(args)
+    try:
+        return supervise(args)
+    except KeyboardInterrupt:  # the running sections were ended in run_stage; what was measured is written
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 # =============================================================================== supervisor
@@ -272,7 +277,12 @@ def run_stage(stage: list[Section], deadline: float, args, scratch: Path, log) -
                                        stdout=output, stderr=subprocess.STDOUT, cwd=REPO,
                                        env=section_env(scratch, args.dry_run), start_new_session=True)
         running[section.name] = (process, result_path, output_path, time.time())
-    ended = wait_all({name: entry[0] for name, entry in running.items()}, deadline + KILL_GRACE_S)
+    try:
+        ended = wait_all({name: entry[0] for name, entry in running.items()}, deadline + KILL_GRACE_S)
+    except BaseException:  # Ctrl-C: the sections run in sessions of their own and would outlive us
+        for process, *_ in running.values():
+            kill_group(process)
+        raise
     results = {}
     for name, (process, result_path, output_path, began) in running.items():
         timed_out, finished = ended[name]
@@ -283,9 +293,9 @@ def run_stage(stage: list[Section], deadline: float, args, scratch: Path, log) -
     return results
 
 
-def wait_all(processes: dict[str, subprocess.Popen], until: float) -> dict[str, tuple[bool, float]]:
-    """Wait for every process, noting when each ends; past ``until`` kill the rest.  Returns
-    name -> (killed, end time)."""
+def wait_all(processes: dict[str, subprocess.Popen], until: float, grace: float = 5.0) -> dict[str, tuple[bool, float]]:
+    """Wait for every process, noting when each ends; past ``until`` kill the rest (each started a
+    session of its own), allowing ``grace`` seconds after SIGTERM.  Returns name -> (killed, end time)."""
     ended = {}
     while len(ended) < len(processes) and time.time() < until:
         for name, process in processes.items():
@@ -296,12 +306,12 @@ def wait_all(processes: dict[str, subprocess.Popen], until: float) -> dict[str, 
         if name not in ended:
             killed = process.poll() is None
             if killed:
-                kill_group(process)
+                kill_group(process, grace)
             ended[name] = (killed, time.time())
     return ended
 
 
-def kill_group(process: subprocess.Popen) -> None:
+def kill_group(process: subprocess.Popen, grace: float = 5.0) -> None:
     """End ``process`` and its children: its process group (it started a session of its own)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
@@ -309,7 +319,7 @@ def kill_group(process: subprocess.Popen) -> None:
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
             continue
@@ -347,7 +357,7 @@ def nvidia_smi() -> str | None:
     query = "name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,temperature.gpu,power.draw,utilization.gpu"
     try:
         done = subprocess.run([tool, f"--query-gpu={query}", "--format=csv"], capture_output=True, text=True,
-                              timeout=20)
+                              timeout=10)
         return (done.stdout or done.stderr).strip()
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"nvidia-smi failed: {error}"
@@ -822,21 +832,20 @@ def section_sanitizer(ctx: Context) -> None:
                   "--result", str(scratch / f"sanitizer_{tool}.json"), "--deadline", f"{ctx.deadline:.3f}"]
         output = open(scratch / f"sanitizer_{tool}.out", "w")
         processes[tool] = (subprocess.Popen(sanitizer_command(tool_path, tool, target), stdout=output,
-                                            stderr=subprocess.STDOUT, env=env), output, time.time())
+                                            stderr=subprocess.STDOUT, env=env, start_new_session=True),
+                           output, time.time())
+    # before the supervisor's kill at the deadline (+ grace), which would not reach these sessions
+    ended = wait_all({tool: entry[0] for tool, entry in processes.items()}, ctx.deadline - 1, grace=1.0)
     rows = []
     for tool, (process, output, began) in processes.items():
-        try:
-            process.wait(timeout=max(1.0, ctx.left()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         output.close()
         text = (scratch / f"sanitizer_{tool}.out").read_text(errors="replace")
         print(f"----- compute-sanitizer --tool {tool} (exit {process.returncode}) -----\n{text}", flush=True)
         target = scratch / f"sanitizer_{tool}.json"
         target_result = json.loads(target.read_text()) if target.is_file() else {}
         parsed = parse_sanitizer_output(text)
-        ctx.figures[tool] = {"exit_code": process.returncode, "seconds": time.time() - began, **parsed,
+        ctx.figures[tool] = {"exit_code": process.returncode, "killed_at_deadline": ended[tool][0],
+                             "seconds": ended[tool][1] - began, **parsed,
                              "target": target_result.get("status", "no result"),
                              "mismatches": target_result.get("figures", {}).get("mismatches")}
         rows.append([tool, process.returncode, parsed["errors"] if parsed["errors"] is not None else "no summary",

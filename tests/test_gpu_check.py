@@ -272,3 +272,64 @@ def test_stage_deadlines_leave_later_sections_their_floor():
     squeezed = gpu_check.stage_deadline([sections["kernel_bench"]], later[1:], end - 100, end)
     assert squeezed == end - sum(s.floor_s for s in later[1:]) - gpu_check.KILL_GRACE_S
     assert sum(s.floor_s for s in gpu_check.SECTIONS) < gpu_check.DEFAULT_BUDGET_S < 9 * 60
+
+
+def gpu_context(tmp_path, seconds: float = 60):
+    """A real-run (not dry-run) section context, for sections whose CUDA parts are stood in for."""
+    return gpu_check.Context(tmp_path, False, time.time() + seconds, None, None, tmp_path / "section.json")
+
+
+def test_sanitizer_section_with_a_stand_in_tool(tmp_path, monkeypatch):
+    """The orchestration around compute-sanitizer: three tools side by side, each one's summary
+    parsed, the target's own result read, and any error fails the section."""
+    fake = tmp_path / "compute-sanitizer"
+    fake.write_text(f"#!{sys.executable}\n" + (
+        "import json, sys\n"
+        "args = sys.argv[1:]\n"
+        "tool, result = args[args.index('--tool') + 1], args[args.index('--result') + 1]\n"
+        "json.dump({'status': 'ok', 'figures': {'mismatches': []}}, open(result, 'w'))\n"
+        "print('========= ERROR SUMMARY: %d errors' % (2 if tool == 'racecheck' else 0))\n"))
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_check, "find_sanitizer", lambda: str(fake))
+    monkeypatch.setattr(gpu_check, "cuda_reason", lambda ctx, need_cupy=False: None)
+    ctx = gpu_context(tmp_path)
+    with pytest.raises(RuntimeError, match="racecheck"):
+        gpu_check.section_sanitizer(ctx)
+    figures = ctx.figures
+    assert [figures[t]["errors"] for t in gpu_check.SANITIZER_TOOLS] == [0, 2, 0]
+    assert all(figures[t]["target"] == "ok" and not figures[t]["killed_at_deadline"] for t in gpu_check.SANITIZER_TOOLS)
+    assert ctx.result["lines"][0].startswith("| tool | exit | errors |")
+
+
+def test_kernel_bench_section_with_a_stand_in_benchmark(tmp_path, monkeypatch):
+    """What gpu_check adds to benchmarks/kernels.py's gpu_section: the figures it hands back, the
+    fractions of copy bandwidth and bf16 rate, and TF32 restored afterwards."""
+    class StandIn:
+        @staticmethod
+        def gpu_section(quick, figures=None):
+            torch.backends.cuda.matmul.allow_tf32 = False
+            figures.update(json.loads(json.dumps(FIGURES["kernel_bench"])))
+            return ["GPU: stand-in"]
+
+    monkeypatch.setattr(gpu_check, "benchmark_module", lambda: StandIn)
+    monkeypatch.setattr(gpu_check, "cuda_reason", lambda ctx, need_cupy=False: None)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    ctx = gpu_context(tmp_path)
+    gpu_check.section_kernel_bench(ctx)
+    assert torch.backends.cuda.matmul.allow_tf32 == tf32 and ctx.result["device"] == "cuda"
+    assert [f["kernel"] for f in ctx.figures["fractions"]][-1] == "tensor-core GEMM 8192^3"
+    assert "GPU: stand-in" in ctx.result["lines"]
+    sections = {"kernel_bench": ctx.result}
+    assert [g["verdict"] for g in gpu_check.evaluate_goals(sections)[:4]] == ["met", "not met", "not met", "met"]
+
+
+def test_kernel_attribute_reads_properties_and_methods():
+    class Kernel:
+        num_regs = 40
+
+        def local_size_bytes(self):
+            return 0
+
+    assert gpu_check.kernel_attribute(Kernel(), "num_regs") == 40
+    assert gpu_check.kernel_attribute(Kernel(), "local_size_bytes") == 0
+    assert gpu_check.kernel_attribute(Kernel(), "shared_size_bytes") is None
