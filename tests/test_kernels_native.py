@@ -228,3 +228,33 @@ def test_disabled_by_environment_falls_back():
     done = run_python("from kernels import native, cpu_matmul; print(native.available(), cpu_matmul.choose_cpu_path(1))",
                       BITQAT_NATIVE="0")
     assert done.returncode == 0 and done.stdout.split() == ["False", "popcount"], done.stderr
+
+
+def test_packed_models_give_identical_outputs_on_the_native_and_numpy_paths(monkeypatch):
+    """The packed layers' native route (fused pack + direct conv + float output) against their
+    NumPy route, on whole models, both memory formats, grouped convs and a binary linear."""
+    import qat
+    from qat import models
+    from qat.export import pack_model
+
+    torch.manual_seed(0)
+    grouped = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 24, 3, padding=1), torch.nn.BatchNorm2d(24), torch.nn.Hardtanh(),
+        torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=3), torch.nn.BatchNorm2d(24), torch.nn.Hardtanh(),
+        torch.nn.Conv2d(24, 24, 3, padding=1, groups=24), torch.nn.Flatten(), torch.nn.Linear(24 * 16, 10))
+    cases = [(models.build("resnet20", num_classes=10, activation="hardtanh"), (3, 32, 32)),
+             (models.build("mnist_cnn", num_classes=10, in_channels=1), (1, 28, 28)), (grouped, (3, 8, 8))]
+    for model, shape in cases:
+        for module in model.modules():  # BatchNorm statistics that are not the identity
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+        packed = pack_model(qat.quantize_model(model, {"method": "xnor", "keep_fp": ["first"]}).eval())
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(3, *shape).contiguous(memory_format=memory_format)
+            with torch.inference_mode():
+                fast = packed(x)
+                with monkeypatch.context() as patch:
+                    patch.setattr(native, "available", lambda: False)
+                    reference = packed(x)
+            assert torch.equal(fast, reference), (type(model).__name__, memory_format)

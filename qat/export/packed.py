@@ -17,6 +17,10 @@ How a packed layer computes:
   convolution is by definition. The training layer computes the same ``scale[c] * acc + bias[c]``
   from the same exact integers (``layers.quantized``), so without BatchNorm folding the outputs
   are bit-identical; folding changes the rounding only (``kernels.fold_bn``).
+  On CPU with float32 inputs the native engine (``kernels.cpu_native``) does all of it in two
+  calls: pack the input's signs (NHWC, per group), then a direct convolution (or matmul) over the
+  packed weights, prepacked once per layer, whose output transform writes ``scale * acc + bias``
+  as float32 with the same two roundings, so its output is bit-identical to the path above.
 - float inputs (BWN, TWN, HQ): the weight is unpacked to ``scale * code`` on every call (so the
   model stays 1/32 or 1/16 of float in memory) and the float conv/linear runs; outputs are
   bit-identical to the training layer's, since the unpacked weight is bit-identical.
@@ -42,6 +46,7 @@ from torch import nn
 
 import kernels
 from estimators import sign
+from kernels import cpu_native, native
 from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from layers.quantized import conv_input_scale, linear_input_scale
 
@@ -95,6 +100,7 @@ class PackedLayer(nn.Module):
             self.register_buffer(plane, torch.zeros(spec.out_features, words, dtype=torch.int64))
         self.register_buffer("scale", torch.zeros(1 if spec.shared_scale else spec.out_features))
         self.register_buffer("bias", torch.zeros(spec.out_features) if spec.bias else None)
+        self._native = None  # native_weights() cache
 
     @classmethod
     def from_quantized(cls, layer: QuantizedLayer) -> "PackedLayer":
@@ -143,10 +149,28 @@ class PackedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spec.binary_input:
             return self.float_op(x, self.float_weight(x.dtype))
-        acc = self.channels_to_last(self.binary_accumulator(x))
-        scale = self.scale.expand(self.spec.out_features)
-        y = self.channels_from_last(kernels.epilogue(acc, scale=scale, bias=self.bias), x).to(x.dtype)
+        if x.device.type == "cpu" and x.dtype == torch.float32 and native.available():
+            y = self.native_output(x, *self.native_weights())
+        else:
+            acc = self.channels_to_last(self.binary_accumulator(x))
+            y = kernels.epilogue(acc, scale=self.scale.expand(self.spec.out_features), bias=self.bias)
+        y = self.channels_from_last(y, x).to(x.dtype)
         return y * self.input_scale(x) if self.spec.activation_scale else y
+
+    def native_weights(self):
+        """(prepacked weights, mul, add) for the native engine's fused output ``acc * mul + add``:
+        the same float32 scale and bias as ``kernels.epilogue``, so the outputs are bit-identical.
+        Built on first use; rebuilt after a state-dict load or a BatchNorm fold."""
+        if self._native is None:
+            n = self.spec.out_features
+            mul = self.scale.detach().float().cpu().expand(n).contiguous()
+            add = (self.bias.detach().float().cpu() if self.bias is not None else torch.zeros(n)).contiguous()
+            self._native = (self.prepack_native(), mul, add)
+        return self._native
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._native = None
 
     @torch.no_grad()
     def fold_batchnorm(self, bn: nn.Module) -> None:
@@ -163,6 +187,7 @@ class PackedLayer(nn.Module):
         self.spec.shared_scale, self.spec.bias, self.spec.folded_batchnorm = False, True, True
         self.scale = mul.float()
         self.bias = add.float()
+        self._native = None
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -223,6 +248,17 @@ class PackedConv2d(PackedLayer):
         acc = accs[0] if len(accs) == 1 else torch.cat(accs, dim=-1)
         return acc.permute(0, 3, 1, 2)
 
+    def prepack_native(self):
+        s = self.spec
+        return cpu_native.prepack_conv(self.group_tap_bits(torch.device("cpu")), s.kernel_size, s.in_features // s.groups)
+
+    def native_output(self, x, weights, mul, add):
+        """NHWC float32 ``acc * mul + add`` from the native direct convolution of ``x``'s signs."""
+        s = self.spec
+        x, padding = self._pad_input(x)
+        return cpu_native.conv(cpu_native.pack_pixels(x, s.groups), weights, s.stride, padding, s.dilation,
+                               mode=native.OUT_FLOAT, mul=mul, add=add)
+
     def group_tap_bits(self, device) -> tuple[torch.Tensor, ...]:
         """The kernel's runtime weight layout (``kernels.pack_conv_weight``), one per group:
         group g holds output channels [g C_out/G, (g+1) C_out/G)."""
@@ -262,6 +298,14 @@ class PackedLinear(PackedLayer):
 
     def float_op(self, x, weight):
         return F.linear(x, weight, self.bias)
+
+    def prepack_native(self):
+        return cpu_native.prepack_linear(self.weight_bits, self.spec.k)
+
+    def native_output(self, x, weights, mul, add):
+        rows = cpu_native.pack_rows(x.reshape(-1, x.shape[-1]))
+        y = cpu_native.linear(rows, weights, mode=native.OUT_FLOAT, mul=mul, add=add)
+        return y.reshape(*x.shape[:-1], -1)
 
     def binary_accumulator(self, x):
         rows = x.reshape(-1, x.shape[-1])
