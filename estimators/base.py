@@ -54,6 +54,11 @@ class Estimator(nn.Module):
 
     name: str = ""
     scheduled: bool = False
+    #: What ``grad(x)`` needs of x, for layers that store less than x for backward
+    #: (``layers.quantized``, compressed activations): ``"none"`` when grad(x) == 1 everywhere,
+    #: ``"support"`` when grad(x) = 1[x in S] (one bit per element, ``support(x)``), ``"value"``
+    #: when the derivative is smooth and needs x itself (no exact compression: x is kept).
+    needs: str = "value"
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -61,6 +66,19 @@ class Estimator(nn.Module):
     def backward(self, x: torch.Tensor, grad_output: torch.Tensor) -> torch.Tensor:
         """dL/dx = dL/dy * grad(x); an estimator may override it with a fused equivalent."""
         return self.grad(x).to(grad_output.dtype).mul_(grad_output)
+
+    def support(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool mask of S for ``needs == "support"`` estimators: grad(x) = 1[x in S]."""
+        raise NotImplementedError(f"estimator {self.name!r} has a smooth derivative (needs={self.needs!r})")
+
+    def backward_from_support(self, support: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor:
+        """``backward(x, g)`` from ``support(x)`` alone (None for ``needs == "none"``), bit for bit:
+        g where x in S, +0.0 elsewhere (what ``backward`` gives, NaN inputs included)."""
+        if self.needs == "none":
+            return self.backward(grad_output, grad_output)  # grad(.) == 1: x's values are not read
+        if self.needs != "support":
+            raise NotImplementedError(f"estimator {self.name!r} needs x itself (needs={self.needs!r})")
+        return torch.where(support, grad_output, grad_output.new_zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x, sign)

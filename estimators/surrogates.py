@@ -26,6 +26,7 @@ class Identity(Estimator):
     """Plain straight-through estimator (BinaryConnect): d sign/dx := 1."""
 
     name = "identity"
+    needs = "none"
 
     def grad(self, x):
         return torch.ones_like(x)
@@ -38,6 +39,7 @@ class ClippedSTE(Estimator):
     """
 
     name = "clipped_ste"
+    needs = "support"
 
     def __init__(self, clip: float = 1.0):
         super().__init__()
@@ -47,10 +49,17 @@ class ClippedSTE(Estimator):
     def grad(self, x):
         return x.abs().le_(self.clip)  # in-place comparison on a float tensor writes 1.0 / 0.0
 
+    def _bound(self, dtype):
+        return float(torch.nextafter(torch.tensor(self.clip, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
+
+    def support(self, x):
+        """1[|x| <= clip] as ``backward`` applies it: NaN counts as inside (hardtanh_backward passes it)."""
+        return torch.ge(x.abs(), self._bound(x.dtype)).logical_not_()
+
     def backward(self, x, grad_output):
         # One fused pass: hardtanh's backward keeps g where min < x < max (exclusive), so the
         # bounds are moved one ulp of x's dtype outwards to keep |x| == clip (inclusive).
-        bound = float(torch.nextafter(torch.tensor(self.clip, dtype=x.dtype), torch.tensor(math.inf, dtype=x.dtype)))
+        bound = self._bound(x.dtype)
         return torch.ops.aten.hardtanh_backward(grad_output, x, -bound, bound)
 
     def hyperparameters(self):

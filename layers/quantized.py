@@ -12,18 +12,69 @@ method's hyperparameters (``layers.methods.METHODS[name].option_names()``). The 
 with op = conv2d or linear, Q_w(W) = alpha_c * code(W) = ``quantized_weight()``, and K XNOR's
 optional activation scale. The binary-input form sums +-1 products exactly (see ``forward``). A float layer's ``state_dict``
 loads as is.
+
+Saved for backward (``act_compression``, set by ``qat.set_act_compression``, never from a config):
+``"none"`` keeps today's float tensors; ``"exact"`` makes binary-input layers save sign(x) as packed
+bits (``_PackedSignInputOp``), with identical values and gradients. The layer also tells compressors
+of saved tensors (``qat.act_compression``) two facts: which tensors come from the weights alone
+(``is_weight_side``: left alone, they are not activations) and which outputs are an exact integer
+times a per-channel scale (``integer_form``: storable exactly in int16).
 """
 from __future__ import annotations
 
 import inspect
+import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import estimators
-
+from estimators.base import sign
+from .bitpack import pack_flags, unpack_flags, unpack_signs
 from .methods import COMMON_OPTIONS, Method, split_options
+
+ACT_COMPRESSION_MODES = ("none", "exact")
+#: Attribute on tensors computed from the weights alone (quantized weights, codes).
+WEIGHT_SIDE_ATTR = "_qat_weight_side"
+#: Attribute on a binary layer's output y = S * s_c, S integer, |S| <= K: (s_c shaped for
+#: broadcasting, K, y._version when it was set). See ``integer_form``.
+INTEGER_FORM_ATTR = "_qat_integer_form"
+INT16_MAX = 2 ** 15 - 1
+_weight_scope = threading.local()
+
+
+@contextmanager
+def computing_weights():
+    """Marks the tensors saved for backward meanwhile as weight-side (``is_weight_side``)."""
+    depth = getattr(_weight_scope, "depth", 0)
+    _weight_scope.depth = depth + 1
+    try:
+        yield
+    finally:
+        _weight_scope.depth = depth
+
+
+def mark_weight_side(t: torch.Tensor) -> torch.Tensor:
+    setattr(t, WEIGHT_SIDE_ATTR, True)
+    return t
+
+
+def is_weight_side(t: torch.Tensor) -> bool:
+    """Whether ``t`` (being saved for backward now) is computed from weights only, not from the input."""
+    return getattr(_weight_scope, "depth", 0) > 0 or getattr(t, WEIGHT_SIDE_ATTR, False)
+
+
+def integer_form(t: torch.Tensor):
+    """(scale, K) when ``t`` is still the binary layer output S * scale with integer |S| <= K
+    (unchanged since: in-place ops bump its version), else None."""
+    form = getattr(t, INTEGER_FORM_ATTR, None)
+    if form is None or form[2] != t._version:
+        return None
+    return form[0], form[1]
+
+
 
 
 def conv_input_scale(x, kernel_size, stride, padding, dilation):
@@ -72,11 +123,68 @@ class _ScaledAfterOp(torch.autograd.Function):
         return grad_x, grad_w * per_channel, grad_scale, grad_bias, None
 
 
+class _PackedSignInputOp(torch.autograd.Function):
+    """``estimator(x)`` followed by ``_ScaledAfterOp`` in one node, saving less for backward:
+
+        y = op(sign(x), code) * s_c + b,
+        dL/dx = est.backward(x, op_x^T(g; s_c code)),  the other gradients as ``_ScaledAfterOp``'s,
+
+    the same values and gradients bit for bit (the same ops on the same operands), but saved:
+    sign(x) as packed bits (``kernels.pack_bits``' format, ``layers.bitpack``: 1 bit per element, not a float copy); of x,
+    only what the estimator's derivative needs (``Estimator.needs``): nothing (identity), its
+    support as packed bits (clipped_ste: 1 bit), or x itself for smooth derivatives (approx_sign,
+    swish_sign, ede, fourier: no compression of x, only the float sign(x) copy goes); and, when the
+    code is sign(W) (``is_plain_sign``), the latent weight instead of the float code, recomputed in
+    backward. Everything saved is the layer's input at 1-2 bits per element.
+    """
+
+    @staticmethod
+    def forward(ctx, x, code, scale, bias, weight, layer, estimator, code_is_sign):
+        with torch.no_grad():
+            x_q = sign(x)
+            y = layer.float_op(x_q, code, None).mul_(layer.channel_view(scale))
+            if bias is not None:
+                y.add_(layer.channel_view(bias))
+        saved = [pack_flags(x_q < 0), scale, weight if code_is_sign else code]
+        if estimator.needs == "support":
+            saved.append(pack_flags(estimator.support(x)))
+        elif estimator.needs == "value":
+            saved.append(x)
+        ctx.save_for_backward(*saved)
+        ctx.layer, ctx.estimator, ctx.code_is_sign = layer, estimator, code_is_sign
+        ctx.has_bias, ctx.shape, ctx.dtype = bias is not None, x_q.shape, x_q.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        bits, scale, w_or_code, *rest = ctx.saved_tensors
+        layer, estimator = ctx.layer, ctx.estimator
+        x_q = unpack_signs(bits, ctx.shape, ctx.dtype)
+        code = sign(w_or_code) if ctx.code_is_sign else w_or_code
+        per_channel = scale.view(-1, *([1] * (code.dim() - 1)))
+        need_x = ctx.needs_input_grad[0]
+        grad_xq, grad_w = layer.op_backward(g, x_q, code * per_channel, need_x)
+        grad_scale = (grad_w * code).flatten(1).sum(1) if ctx.needs_input_grad[2] else None
+        grad_bias = layer.output_channel_sum(g) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        grad_x = None
+        if need_x:
+            if estimator.needs == "value":
+                grad_x = estimator.backward(rest[0], grad_xq)
+            elif estimator.needs == "support":
+                grad_x = estimator.backward_from_support(unpack_flags(rest[0], ctx.shape), grad_xq)
+            else:
+                grad_x = estimator.backward_from_support(None, grad_xq)
+        return grad_x, grad_w * per_channel, grad_scale, grad_bias, None, None, None, None
+
+
 class QuantizedLayer:
     """Mixin over a float layer class; subclasses set ``method`` and ``float_type``."""
 
     method_spec: Method
     float_type: type[nn.Module]
+    #: What binary-input layers save for backward: "none" (float tensors) or "exact" (packed
+    #: bits, ``_PackedSignInputOp``). Set through ``qat.set_act_compression``.
+    act_compression: str = "none"
 
     def __init__(self, *args, **kwargs):
         base_parameters = inspect.signature(self.float_type.__init__).parameters
@@ -126,7 +234,19 @@ class QuantizedLayer:
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (differentiable w.r.t. the latent ``self.weight``)."""
-        return self.weight_quantizer(self.weight)
+        with computing_weights():
+            return mark_weight_side(self.weight_quantizer(self.weight))
+
+    def weight_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight quantizer's (code, scale), marked weight-side."""
+        with computing_weights():
+            code, scale = self.weight_quantizer.factors(self.weight)
+        return mark_weight_side(code), mark_weight_side(scale)
+
+    def packs_input(self) -> bool:
+        """Whether forward now runs ``_PackedSignInputOp`` (exact mode, sign codes, zero padding)."""
+        return (self.act_compression == "exact" and self.input_quantizer is not None
+                and self.input_quantizer.is_plain_sign and self.has_fast_backward())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -138,7 +258,18 @@ class QuantizedLayer:
         # exact in float (|sum| < 2^24), so the result equals the packed kernels' integer
         # accumulator times alpha_c bit for bit, ties (sum == 0) included; op(x, alpha_c code)
         # would round each product and could turn an exact 0 into +-eps, flipping a later sign.
-        code, scale = self.weight_quantizer.factors(self.weight)
+        code, scale = self.weight_factors()
+        if self.packs_input():
+            code_is_sign = self.weight_quantizer.is_plain_sign
+            y = _PackedSignInputOp.apply(x, code, scale.reshape(-1), self.bias, self.weight, self,
+                                         self.input_quantizer.estimator, code_is_sign)
+            if self.activation_scale:
+                return y * self.input_scale(x)
+            terms = self.weight[0].numel()  # |S| <= C_in/groups * kh * kw (in_features)
+            if (code_is_sign and self.bias is None and y.dtype == torch.float32 and terms <= INT16_MAX
+                    and not torch.is_autocast_enabled(y.device.type)):
+                setattr(y, INTEGER_FORM_ATTR, (self.channel_view(scale.detach().reshape(-1)), terms, y._version))
+            return y
         x_q = self.quantize_input(x)
         if self.has_fast_backward():
             y = _ScaledAfterOp.apply(x_q, code, scale.reshape(-1), self.bias, self)

@@ -48,11 +48,19 @@ class Quantizer(nn.Module):
         """How many float32 scales the stored form of ``weight`` needs (one per output channel)."""
         return weight.shape[0]
 
+    @property
+    def is_plain_sign(self) -> bool:
+        """Whether the binary code this quantizer gives (an activation quantizer's output, a weight
+        quantizer's ``factors`` code) is exactly ``self.estimator(t)`` = sign(t), nothing added: then
+        backward can rebuild it from one bit per element (``layers.quantized``)."""
+        return False
+
 
 class SignActivation(Quantizer):
     """Binary activations: x_b = sign(x), sign(0) = +1, with the estimator's backward."""
 
     bits = 1
+    is_plain_sign = True
 
     def forward(self, x):
         return self.estimator(x)
@@ -71,6 +79,7 @@ class ScaledSignWeight(Quantizer):
     """
 
     bits = 1
+    is_plain_sign = True
 
     def __init__(self, estimator: Estimator, detach_scale: bool = False):
         super().__init__(estimator)
@@ -261,6 +270,10 @@ class _FourierWithNoise(Quantizer):
     def noise_active(self) -> bool:
         """Whether the forward adds alpha e(t): only while training and alpha > 0."""
         return self.training and self.noise_weight != 0.0
+
+    @property
+    def is_plain_sign(self) -> bool:
+        return not self.noise_active
 
     def binarize(self, t, feature_dim):
         z = self.estimator(t)
