@@ -1,5 +1,6 @@
 """The framework around the layers: config-driven layer swap, training progress, model summary,
-latent-weight handling (and, in submodules, models, data, the trainer and packed export).
+latent-weight handling, compressed activations for backward (and, in submodules, models, data,
+the trainer and packed export).
 
     >>> import qat, torchvision
     >>> model = qat.quantize_model(torchvision.models.resnet18(), {"method": "xnor"})
@@ -9,9 +10,10 @@ latent-weight handling (and, in submodules, models, data, the trainer and packed
 from layers import method_bits
 
 from . import latent
+from .act_compression import set_act_compression
 from .progress import set_progress
 from .summary import LayerProfile, ModelSummary, summary
 from .swap import quantize_model, resolve_layer_specs
 
 __all__ = ["quantize_model", "resolve_layer_specs", "set_progress", "summary", "ModelSummary",
-           "LayerProfile", "method_bits", "latent"]
+           "LayerProfile", "method_bits", "latent", "set_act_compression"]

@@ -1,0 +1,395 @@
+"""Compressed activations for backward: what a training step keeps between forward and backward.
+
+    >>> compression = qat.set_act_compression(model, "int4", {"layers.3.*": "exact"})
+    >>> with compression.saving():          # around the forward only
+    ...     loss = loss_fn(model(images), labels)
+    >>> loss.backward()
+
+Modes (``MODES``):
+
+``none``   every saved tensor stays as it is (PyTorch's default).
+``exact``  bit-identical gradients, less memory:
+           - binary-input layers save sign(x) and their estimator's support as packed bits
+             (``layers.quantized._PackedSignInputOp``; smooth estimators keep x: see there);
+           - the output of such a layer, y = S * alpha_c with integer |S| <= K, is saved as int16 S
+             wherever the next op saves it (BatchNorm, max-pool), checked S * alpha_c == y bit for bit
+             when packed (else kept as float);
+           - ReLU and Hardtanh modules save one bit per element (whether the input is inside the
+             linear range), all that their backward reads;
+           - int64 tensors whose values fit int16 (max-pool indices) are saved as int16.
+``int8`` / ``int4`` / ``int2``  ``exact``, plus every other float activation saved (float convolutions'
+           and linears' inputs, BatchNorm, PReLU, pooling, ...) quantized per group of ``group_size``
+           (256) consecutive elements to b bits with stochastic rounding, as ActNN (Chen et al. 2021)
+           and GACT (Liu et al. 2022) do:
+               lo, hi = min, max of the group,  s = (hi - lo) / (2^b - 1),
+               q = clamp(floor((x - lo) / s + u), 0, 2^b - 1),  u ~ U[0, 1),   x~ = lo + s q,
+           unbiased (E[x~] = x) with |x~ - x| < s. Stored: b bits per element + lo and s as float32
+           per group (0.25 bit per element). Weights and parameter-derived tensors are never touched.
+
+Installed with ``torch.autograd.graph.saved_tensors_hooks``: no model changes. Per-module-name glob
+overrides (``{"layers.0.*": "none"}``) set the mode for a module and everything inside it; the last
+matching glob wins. The same hooks count what is saved (``record()``), which ``python -m qat.memory``
+reports.
+"""
+from __future__ import annotations
+
+import fnmatch
+import threading
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from layers import QuantizedLayer
+from layers.bitpack import pack_flags, unpack_flags
+from layers.quantized import ACT_COMPRESSION_MODES, INT16_MAX, INTEGER_FORM_ATTR, integer_form, is_weight_side
+
+MODES = ("none", "exact", "int8", "int4", "int2")
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+GROUP_SIZE = 256
+#: Saved tensors smaller than this are kept as they are (per-channel statistics, scales).
+MIN_NUMEL = 4096
+_ATTR = "_qat_act_compression"
+
+
+def check_mode(mode, where: str = "act_compression") -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"{where}={mode!r} is not a compression mode; valid: {', '.join(MODES)}")
+    return mode
+
+
+# ------------------------------------------------------------------------------ packed forms
+@dataclass
+class _Mask:
+    """An activation module's saved tensor as one bit per element: kept[i] = the gradient passes.
+    Rebuilt as ``inside`` where kept and ``outside`` elsewhere, which gives the module's backward
+    the same mask (ReLU: 1.0 / 0.0; Hardtanh: the midpoint / max_val)."""
+    words: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    inside: float
+    outside: float
+
+    def unpack(self) -> torch.Tensor:
+        kept = unpack_flags(self.words, self.shape)
+        return torch.where(kept, torch.tensor(self.inside, dtype=self.dtype, device=kept.device),
+                           torch.tensor(self.outside, dtype=self.dtype, device=kept.device))
+
+
+@dataclass
+class _Integer:
+    """y = S * scale stored as int16 S (exact, see ``layers.quantized.integer_form``)."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+
+    def unpack(self) -> torch.Tensor:
+        return self.codes.to(self.scale.dtype).mul_(self.scale)
+
+
+@dataclass
+class _Quantized:
+    """Per-group b-bit codes with stochastic rounding (module docstring, ``quantize_groups``)."""
+    codes: torch.Tensor      # uint8, 8 // bits codes per byte (first code in the low bits)
+    low: torch.Tensor        # [groups, 1] float32
+    step: torch.Tensor       # [groups, 1] float32
+    bits: int
+    shape: torch.Size
+    dtype: torch.dtype
+    channels_last: bool
+
+    def unpack(self) -> torch.Tensor:
+        codes = _unpack_codes(self.codes, self.bits)
+        values = codes.view(self.low.shape[0], -1).to(torch.float32).mul_(self.step).add_(self.low)
+        x = values.view(-1)[: self.shape.numel()].to(self.dtype).view(self.shape)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+# Sub-byte codes are packed by viewing 8 / b consecutive one-byte codes as one integer word
+# (little-endian) and OR-ing shifted copies: for b = 2, byte = c0 | c1 << 2 | c2 << 4 | c3 << 6 is
+# the low byte of w | w >> 6 | w >> 12 | w >> 18 with w = c0 + c1 << 8 + c2 << 16 + c3 << 24, since
+# every c_i < 4 (one pass over n / 4 words instead of a shift per code).
+_WORD = {2: (torch.int32, (6, 12, 18), 0x03030303), 4: (torch.int16, (4,), 0x0F0F)}
+
+
+def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return codes
+    dtype, shifts, _ = _WORD[bits]
+    w = codes.view(dtype)
+    packed = w.clone()
+    for shift in shifts:
+        packed.bitwise_or_(w >> shift)
+    return packed.to(torch.uint8)  # the low byte
+
+
+def _unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
+    dtype, shifts, mask = _WORD[bits]
+    w = packed.to(dtype)
+    words = w.clone()
+    for shift in shifts:
+        words.bitwise_or_(w << shift)
+    return words.bitwise_and_(mask).view(torch.uint8)
+
+
+def quantize_groups(t: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
+                    generator: torch.Generator | None = None) -> _Quantized:
+    """``t`` as per-group ``bits``-bit codes with stochastic rounding (module docstring).
+
+    The rounding noise is u = (r + 1/2) / 256 with r a uniform random byte: 8 random bits per
+    element drawn as int64 words (an eighth of the generator calls of ``torch.rand``, which cost
+    more than everything else here), so E[x~] = x up to 1/512 of a step."""
+    channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    flat = t.detach().reshape(-1)
+    pad = (-flat.numel()) % group_size
+    if pad:  # the last group is padded with copies of its first element: no wider range
+        flat = torch.cat([flat, flat[-group_size + pad:][:1].expand(pad)])
+    groups = flat.view(-1, group_size).to(torch.float32)
+    low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
+    levels = 2 ** bits - 1
+    step = (high - low).div_(levels)
+    inverse = torch.where(step > 0, step.reciprocal(), torch.zeros((), device=step.device))
+    noise = torch.randint(-2 ** 63, 2 ** 63 - 1, (groups.numel() // 8,), dtype=torch.int64,
+                          device=groups.device, generator=generator).view(torch.uint8).view(groups.shape)
+    scaled = (groups - low).mul_(inverse).add_(noise, alpha=1 / 256).add_(1 / 512)
+    codes = scaled.clamp_(0, levels).to(torch.uint8)  # truncation of values >= 0 = floor
+    return _Quantized(_pack_codes(codes.view(-1), bits), low, step, bits, t.shape, t.dtype, channels_last)
+
+
+@dataclass
+class _Narrowed:
+    """An int64 tensor (max-pool indices) whose values fit int16: stored as int16, exact."""
+    values: torch.Tensor
+
+    def unpack(self) -> torch.Tensor:
+        return self.values.to(torch.int64)
+
+
+def _narrow(t: torch.Tensor):
+    low, high = torch.aminmax(t)
+    if int(low) >= -INT16_MAX and int(high) <= INT16_MAX:
+        return _Narrowed(t.to(torch.int16))
+    return t
+
+
+def packed_nbytes(packed) -> int:
+    """Bytes held by a packed form (or a plain tensor)."""
+    if isinstance(packed, torch.Tensor):
+        return packed.numel() * packed.element_size()
+    return sum(v.numel() * v.element_size() for v in vars(packed).values() if isinstance(v, torch.Tensor))
+
+
+# ------------------------------------------------------------------------------ accounting
+@dataclass
+class SavedBytes:
+    """What one step saved for backward, counted by the pack hook.
+
+    ``saved``: every save, as stored (a tensor saved by two ops counts twice), parameters and
+    buffers excluded (they exist anyway); ``held``: the distinct storages those saves keep alive
+    (a tensor saved by two ops counts once): the memory a step holds for backward;
+    ``binary_inputs``: the saves made inside binary-input layers (their input x, sign(x), masks),
+    weights excluded; ``count``: number of saves."""
+    saved: int = 0
+    held: int = 0
+    binary_inputs: int = 0
+    count: int = 0
+    _seen: set = field(default_factory=set, repr=False)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+# ------------------------------------------------------------------------------ the hooks
+@dataclass
+class _Frame:
+    mode: str
+    kind: str            # "relu" | "hardtanh" | "binary" | "module"
+    module: nn.Module
+
+
+class ActCompression:
+    """The hooks of one model; built by ``set_act_compression``. ``saving()`` wraps a forward."""
+
+    def __init__(self, model: nn.Module, mode: str = "none", overrides: dict | None = None,
+                 group_size: int = GROUP_SIZE, min_numel: int = MIN_NUMEL):
+        self.mode = check_mode(mode)
+        self.overrides = {str(k): check_mode(v, f"act_compression override {k!r}") for k, v in (overrides or {}).items()}
+        self.group_size, self.min_numel = int(group_size), int(min_numel)
+        self.model = model
+        self._local = threading.local()
+        self._handles = []
+        self.stats: SavedBytes | None = None
+        names = [name for name, _ in model.named_modules()]
+        for glob in self.overrides:
+            if not any(fnmatch.fnmatchcase(name, glob) for name in names):
+                shown = ", ".join(n for n in names[:12] if n)
+                raise ValueError(f"act_compression override {glob!r} matches no module; module names: {shown}, ...")
+        modes = {"": self._mode_of("", self.mode)}
+        for name, module in model.named_modules():
+            if name:
+                modes[name] = self._mode_of(name, modes[name.rpartition(".")[0]])
+            if isinstance(module, QuantizedLayer):
+                module.act_compression = "exact" if modes[name] != "none" else "none"
+            kind = self._kind(module)
+            parent = modes[name.rpartition(".")[0]] if name else self.mode
+            if kind != "module" or modes[name] != parent:
+                frame = _Frame(modes[name], kind, module)
+                self._handles.append(module.register_forward_pre_hook(self._enter(frame)))
+                self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+            if isinstance(module, nn.MaxPool2d) and modes[name] == "exact":
+                self._handles.append(module.register_forward_hook(self._max_pool_keeps_integer_form))
+        setattr(model, _ATTR, self)
+
+    @staticmethod
+    def _max_pool_keeps_integer_form(module, args, output):
+        """max over a window of S_i * s_c (s_c >= 0, one channel) is (max S_i) * s_c: the pooled
+        output of a binary layer is in integer form too (checked again when packed)."""
+        form = integer_form(args[0]) if args and isinstance(args[0], torch.Tensor) else None
+        if form is not None and isinstance(output, torch.Tensor) and bool((form[0] >= 0).all()):
+            setattr(output, INTEGER_FORM_ATTR, (form[0], form[1], output._version))
+
+    def _mode_of(self, name: str, inherited: str) -> str:
+        mode = inherited
+        for glob, value in self.overrides.items():
+            if fnmatch.fnmatchcase(name, glob):
+                mode = value
+        return mode
+
+    @staticmethod
+    def _kind(module: nn.Module) -> str:
+        if isinstance(module, nn.ReLU):
+            return "relu"
+        if isinstance(module, nn.Hardtanh):  # ReLU6 too
+            return "hardtanh"
+        if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
+            return "binary"
+        return "module"
+
+    # -------------------------------------------------------------------- module context
+    def _stack(self) -> list:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def _enter(self, frame: _Frame):
+        def hook(module, args):
+            self._stack().append(frame)
+        return hook
+
+    def _leave(self, module, args, output):
+        stack = self._stack()
+        if stack:
+            stack.pop()
+
+    # -------------------------------------------------------------------- pack / unpack
+    @contextmanager
+    def saving(self):
+        """Compress what the forward run inside saves for backward (unpacked during backward)."""
+        self._kept = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        self._kept |= {b.untyped_storage().data_ptr() for b in self.model.buffers()}
+        self._stack().clear()
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
+
+    @contextmanager
+    def record(self):
+        """Count what the forward(s) inside save (``self.stats``, a ``SavedBytes``)."""
+        stats = self.stats = SavedBytes()
+        try:
+            yield stats
+        finally:
+            stats._seen.clear()
+            self.stats = None
+
+    def _pack(self, t: torch.Tensor):
+        stack = self._stack()
+        frame = stack[-1] if stack else None
+        mode = frame.mode if frame else self.mode
+        packed = t
+        kept = t.untyped_storage().data_ptr() in self._kept
+        if mode != "none" and t.numel() >= self.min_numel and not kept:
+            if t.is_floating_point() and not is_weight_side(t):
+                packed = self._compress(t, mode, frame)
+            elif t.dtype == torch.int64 and (frame is None or frame.kind != "binary"):
+                packed = _narrow(t)
+        if self.stats is not None:
+            self._count(t, packed, frame, kept)
+        return packed
+
+    def _compress(self, t: torch.Tensor, mode: str, frame: _Frame | None):
+        if frame is not None and frame.kind in ("relu", "hardtanh"):
+            return self._mask(t, frame.module)
+        if mode in INT_BITS:
+            return quantize_groups(t, INT_BITS[mode], self.group_size)
+        form = integer_form(t)
+        if form is not None and form[1] <= INT16_MAX:
+            scale = form[0]
+            codes = torch.div(t, scale).round_()
+            if torch.equal(codes.mul(scale), t):  # exactness checked, not assumed
+                return _Integer(codes.to(torch.int16), scale)
+        return t
+
+    @staticmethod
+    def _mask(t: torch.Tensor, module: nn.Module) -> _Mask:
+        if isinstance(module, nn.ReLU):  # threshold_backward(g, y, 0): g where not y <= 0
+            return _Mask(pack_flags(torch.le(t, 0).logical_not_()), t.shape, t.dtype, 1.0, 0.0)
+        low, high = float(module.min_val), float(module.max_val)  # g where not (x <= min or x >= max)
+        if low == -high:
+            kept = torch.ge(t.abs(), high).logical_not_()
+        else:
+            kept = torch.le(t, low).logical_or_(torch.ge(t, high)).logical_not_()
+        return _Mask(pack_flags(kept), t.shape, t.dtype, (low + high) / 2, high)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed if isinstance(packed, torch.Tensor) else packed.unpack()
+
+    def _count(self, t: torch.Tensor, packed, frame: _Frame | None, kept: bool) -> None:
+        stats = self.stats
+        if kept:
+            return
+        stored = packed_nbytes(packed)
+        stats.count += 1
+        stats.saved += stored
+        key = t.untyped_storage().data_ptr() if packed is t else id(packed)
+        if key not in stats._seen:
+            stats._seen.add(key)
+            stats.held += stored
+        if frame is not None and frame.kind == "binary" and not is_weight_side(t):
+            stats.binary_inputs += stored
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "overrides": dict(self.overrides), "group_size": self.group_size}
+
+    def remove(self) -> None:
+        """Take the hooks off and put binary layers back to float saves."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self.model.modules():
+            if isinstance(module, QuantizedLayer):
+                module.act_compression = "none"
+        if getattr(self.model, _ATTR, None) is self:
+            delattr(self.model, _ATTR)
+
+
+def set_act_compression(model: nn.Module, mode: str = "none", overrides: dict | None = None,
+                        **options) -> ActCompression:
+    """Install compressed saving on ``model`` (replacing an earlier one) and return its handle;
+    use ``handle.saving()`` (or ``qat.act_compression.saving(model)``) around each forward."""
+    previous = getattr(model, _ATTR, None)
+    if previous is not None:
+        previous.remove()
+    return ActCompression(model, mode, overrides, **options)
+
+
+def saving(model: nn.Module):
+    """The ``saving()`` context of the compression installed on ``model``, else a no-op."""
+    installed = getattr(model, _ATTR, None)
+    return installed.saving() if installed is not None else nullcontext()
+
+
+assert set(ACT_COMPRESSION_MODES) <= set(MODES)
