@@ -24,6 +24,7 @@ warned about and recorded (`resume_config_changes`). Text lines go to the `qat` 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -115,6 +116,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         validate(cfg)
+        act_mode, act_overrides = act_compression_settings(cfg)
         console_logging()
         log_interval = cfg.trainer.get("progress_log_interval", 30.0)
         if isinstance(log_interval, bool) or not isinstance(log_interval, (int, float)) or not log_interval >= 0:
@@ -135,6 +137,15 @@ class Trainer:
         # The start-of-run figures; fit() reports those of the trained network (HQ prunes while training).
         self.model_summary = qat.summary(self.model, self.data.input_size)
         self.model.to(self.device)
+        # Compressed saved-for-backward tensors (qat.act_compression); `none` without overrides
+        # installs nothing, so the default run is exactly PyTorch's.
+        self.act_compression = None
+        self.act_saved_bytes: dict | None = None
+        if act_mode != "none" or act_overrides:
+            try:
+                self.act_compression = qat.set_act_compression(self.model, act_mode, act_overrides)
+            except ValueError as error:
+                raise ConfigError(f"trainer.act_compression_overrides: {error}") from None
 
         pin = self.device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
         self.train_loader = TrainLoader(self.data.train, cfg.data, self.context, int(cfg.seed), pin)
@@ -247,6 +258,22 @@ class Trainer:
     def _set_progress(self, progress: float) -> None:
         qat.set_progress(self.model, min(1.0, max(0.0, progress)))
 
+    @contextlib.contextmanager
+    def _saving(self):
+        """The forward's saved-tensor compression; the first step of the process is also counted
+        (`act_compression.saved_bytes_first_step` in summary.json)."""
+        compression = self.act_compression
+        if compression is None:
+            yield
+            return
+        if self.act_saved_bytes is not None:
+            with compression.saving():
+                yield
+            return
+        with compression.record() as stats, compression.saving():
+            yield
+        self.act_saved_bytes = stats.as_dict()
+
     def _train_epoch(self, epoch: int) -> tuple[dict[str, float], list[float]]:
         """Train epoch `epoch` from batch `batch_in_epoch` on, stopping early at max_steps.
 
@@ -272,7 +299,7 @@ class Trainer:
                 self._set_progress(state.step / self.total_steps)
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                with self._saving(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.ddp_model(images)
                 loss = F.cross_entropy(logits.float(), labels)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -396,6 +423,11 @@ class Trainer:
             raise KeyboardInterrupt
         return summary
 
+    def _act_compression_facts(self) -> dict[str, Any]:
+        if self.act_compression is None:
+            return {"mode": "none", "overrides": {}, "saved_bytes_first_step": None}
+        return {**self.act_compression.describe(), "saved_bytes_first_step": self.act_saved_bytes}
+
     def _interrupt_message(self) -> str:
         """What a Ctrl-C left behind, naming the step the checkpoint really holds."""
         state, saved = self.state, self.saved
@@ -453,11 +485,30 @@ class Trainer:
             # settings changed on resume: {key: {"checkpoint": value, "run": value}}; the steps
             # before `resumed_from` used the checkpoint's values, the rest this run's
             "resume_config_changes": self.resume_changes,
+            "act_compression": self._act_compression_facts(),
         }
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+
+def act_compression_settings(cfg: DictConfig) -> tuple[str, dict[str, str]]:
+    """(trainer.act_compression, trainer.act_compression_overrides), checked: ConfigError names a bad one."""
+    from qat.act_compression import MODES
+
+    mode = cfg.trainer.get("act_compression", "none")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ConfigError(f"trainer.act_compression must be one of {', '.join(MODES)}, got {mode!r}")
+    overrides = to_plain(cfg.trainer.get("act_compression_overrides")) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"trainer.act_compression_overrides must be a mapping of module-name globs to "
+                          f"modes ({', '.join(MODES)}), got {overrides!r}")
+    for glob, value in overrides.items():
+        if not isinstance(value, str) or value not in MODES:
+            raise ConfigError(f"trainer.act_compression_overrides.{glob} must be one of {', '.join(MODES)}, "
+                              f"got {value!r}")
+    return mode, overrides
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
