@@ -870,6 +870,9 @@ def section_gpu_tests(ctx: Context) -> None:
         print(error.stdout or "", flush=True)
         raise RuntimeError("pytest did not finish before the deadline") from None
     print(done.stdout + done.stderr, flush=True)
+    if not report.is_file():
+        last = (done.stdout + done.stderr).strip().splitlines() or ["no output"]
+        raise RuntimeError(f"pytest exited with status {done.returncode} without a report: {last[-1]}")
     counts = junit_counts(report)
     ctx.figures.update(counts, exit_code=done.returncode, cupy_cache_in_memory=True)
     ctx.result["device"] = "cpu" if ctx.dry_run or counts["skipped"] == counts["tests"] else "cuda"
