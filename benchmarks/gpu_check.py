@@ -1305,30 +1305,46 @@ def configure_training_device(ctx: Context):
 
 
 def section_train_throughput(ctx: Context) -> None:
+    """Each method measured on its own: one that fails is recorded and the others still run."""
     import torch
 
     device = configure_training_device(ctx)
     data = load_data(ctx, device)
+    failed = []
     for method in TRAIN_METHODS:
-        ctx.figures[method] = measure_training(ctx, method, data, device)
+        try:
+            ctx.figures[method] = measure_training(ctx, method, data, device)
+        except Exception as error:
+            traceback.print_exc()
+            ctx.figures[method] = {"error": f"{type(error).__name__}: {error}"}
+            failed.append(method)
         ctx.save()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    fp = ctx.figures["fp"]["images_per_second"]
     ctx.figures.update(data=data.source, channels_last=True, cudnn_benchmark=device.type == "cuda")
+    amp = "on" if device.type == "cuda" else "off (CPU, as the trainer)"
     ctx.line(f"CIFAR ResNet-18, {data.source}, {data.train.shape[0]} training images held on the {device.type}, "
-             f"random crop + flip there; bf16 autocast {'on' if ctx.figures['fp']['amp_bf16'] else 'off (CPU)'}, "
-             f"channels_last; one full epoch timed after {ctx.sizes.warmup_steps} warm-up steps:")
+             f"random crop + flip there; bf16 autocast {amp}, channels_last; one full epoch timed after "
+             f"{ctx.sizes.warmup_steps} warm-up steps:")
     ctx.line()
     for text in table(["method", "optimizer", "batch", "img/s", "s/epoch", "vs fp", "peak memory (MiB)"],
-                      [[m, f["optimizer"], f["batch_size"], f"{f['images_per_second']:.0f}",
-                        f"{f['epoch_seconds']:.2f} ({f['epoch_images']} images)",
-                        f"{f['images_per_second'] / fp:.2f}x",
-                        f"{f['peak_memory_mib']:.0f}" if f["peak_memory_mib"] else "-"]
-                       for m, f in ((m, ctx.figures[m]) for m in TRAIN_METHODS)]):
+                      [throughput_row(m, ctx.figures) for m in TRAIN_METHODS]):
         ctx.line(text)
     if device.type != "cuda":
         ctx.skip("AMP and GPU-resident training", "needs CUDA (ran the same loop on CPU, AMP off as the trainer does)")
+    if failed:
+        raise RuntimeError(f"training failed for {', '.join(failed)}: {ctx.figures[failed[0]]['error']}")
+
+
+def throughput_row(method: str, figures: dict) -> list:
+    f = figures[method]
+    if "error" in f:
+        return [method, "failed", "", "", "", "", f["error"][:120]]
+    fp = figures["fp"].get("images_per_second")
+    return [method, f["optimizer"], f["batch_size"], f"{f['images_per_second']:.0f}",
+            f"{f['epoch_seconds']:.2f} ({f['epoch_images']} images)",
+            f"{f['images_per_second'] / fp:.2f}x" if fp else "-",
+            f"{f['peak_memory_mib']:.0f}" if f["peak_memory_mib"] else "-"]
 
 
 def plan_epochs(ctx: Context, data: GpuData, device, batch: int, eval_batch: int) -> tuple[int, float]:

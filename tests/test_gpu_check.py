@@ -354,3 +354,42 @@ def test_a_section_runs_without_hydra_omegaconf_or_wandb(tmp_path):
     report = json.loads(result.read_text())
     assert report["status"] == "ok", report
     assert len(report["figures"]["epochs"]) == report["figures"]["planned_epochs"] == gpu_check.DRY.max_epochs
+
+
+@pytest.mark.parametrize("method", [
+    "fp", "ternary",
+    pytest.param("xnor", marks=pytest.mark.xfail(
+        raises=RuntimeError,
+        reason="layers/quantized.py's fast backward calls aten.convolution_backward with the bf16 grad of an "
+               "autocast forward and the float32 input it saved (RuntimeError: expected scalar type BFloat16 "
+               "but found Float); the trainer's AMP on CUDA takes the same path")),
+])
+def test_training_step_under_bf16_autocast(method):
+    """The GPU run trains under bf16 autocast; CPU autocast takes the same dtype path through the layers."""
+    device = torch.device("cpu")
+    data = gpu_check.synthetic_data((4, 4, 4), device, size=8)
+    data.padded = torch.nn.functional.pad(data.train, (data.pad,) * 4)
+    run = gpu_check.build_run(method, steps_per_epoch=1, epochs=1, device=device)
+    run.amp = True
+    result = gpu_check.train_steps(run, data, batch=4, steps=1, generator=gpu_check.generator_for(device, 0))
+    assert np.isfinite(result["loss"])
+
+
+def test_a_failing_method_does_not_stop_the_others(tmp_path, monkeypatch):
+    figures = {"images_per_second": 100.0, "epoch_seconds": 1.0, "epoch_images": 100, "batch_size": 4,
+               "optimizer": "SGD", "peak_memory_mib": None}
+
+    def measure(ctx, method, data, device):
+        if method == "xnor":
+            raise RuntimeError("expected scalar type BFloat16 but found Float")
+        return dict(figures)
+
+    monkeypatch.setattr(gpu_check, "measure_training", measure)
+    ctx = gpu_check.Context(tmp_path, True, time.time() + 60, None, None, tmp_path / "section.json")
+    with pytest.raises(RuntimeError, match="training failed for xnor: RuntimeError: expected scalar type"):
+        gpu_check.section_train_throughput(ctx)
+    assert ctx.figures["ternary"]["images_per_second"] == 100.0 and "error" in ctx.figures["xnor"]
+    assert any(line.startswith("| xnor | failed |") for line in ctx.result["lines"])
+    sections = {"train_throughput": {"status": "failed", "device": "cuda", "figures": ctx.figures}}
+    verdicts = gpu_check.evaluate_goals(sections)[-2:]
+    assert [v["verdict"] for v in verdicts] == ["not measured", "met"]
