@@ -36,6 +36,7 @@ __all__ = [
     "pack_pixels",
     "conv",
     "linear",
+    "maxpool_bits",
     "ternary_prepack",
     "ternary_matmul",
     "peak_bitmacs_per_s",
@@ -210,6 +211,20 @@ def linear(a_words: torch.Tensor, weights: Prepacked, *, mode: int = native.OUT_
         raise ValueError(f"a has {words} words per row, the weights need {weights.group_words} (one group, 1x1)")
     out = conv(a_words.reshape(1, 1, m, words), weights, mode=mode, mul=mul, add=add)
     return out.reshape(m, -1)
+
+
+def maxpool_bits(bits: torch.Tensor, and_mask: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
+    """Max-pool of signs on packed NHWC words ``[N, H, W, words]``: per channel the AND (bit 1 in
+    ``and_mask[words]``) or the OR of the window's bits; out-of-range taps are skipped."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    n, h, w, words = bits.shape
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    bits, and_mask = bits.contiguous(), and_mask.contiguous()
+    out = torch.empty((n, ho, wo, words), dtype=torch.int64)
+    native.library().bq_maxpool_bits(_ptr(bits), n, h, w, words, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo,
+                                     _ptr(and_mask), _ptr(out))
+    return out
 
 
 def ternary_prepack(b_planes, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:

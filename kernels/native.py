@@ -167,6 +167,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_pack_planes": (c_i64, [c_ptr, c_i64, c_i64, c_i64, c_i64, c_ptr]),
         "bq_prepack_panels": (None, [c_ptr, c_i64, c_i64, c_ptr]),
         "bq_peak_bitmacs_per_s": (ctypes.c_double, [c_i64]),
+        "bq_maxpool_bits": (None, [c_ptr, *[c_i64] * 14, c_ptr, c_ptr]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)

@@ -110,8 +110,8 @@ const Isa* default_isa() {
 // Worker threads.  The caller works too and never waits for a worker that has not started: tasks
 // are claimed from an atomic counter, a worker joins the current job only while it is posted, and
 // the caller, once every task is claimed, withdraws the job and waits only for the workers that
-// joined (each finishing its last task).  Idle workers spin for a few tens of microseconds (the
-// gap between two layers' kernels at batch 1), then sleep on a condition variable.
+// joined (each finishing its last task).  Idle workers spin for 30 microseconds (a short gap
+// between two large kernels), then sleep on a condition variable.
 // ---------------------------------------------------------------------------------------------
 struct Job {
   void (*fn)(void*, int64_t);
@@ -172,7 +172,7 @@ class Pool {
       uint64_t now = seen;
       for (int spin = 0; (now = generation_.load(std::memory_order_acquire)) == seen; ++spin) {
         BQ_PAUSE();
-        if ((spin & 63) == 63 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) break;
+        if ((spin & 63) == 63 && std::chrono::steady_clock::now() - start > std::chrono::microseconds(30)) break;
       }
       Job* job = nullptr;
       {
@@ -289,6 +289,33 @@ __attribute__((visibility("default"))) void bq_prepack_panels(const uint64_t* ro
         const int64_t r = q * 8 + j;
         panels[(q * words + w) * 8 + j] = r < n ? rows[r * words + w] : 0;
       }
+}
+
+// Max-pool of signs on packed NHWC words [n][h][w][words]: per bit the AND (where and_mask has a
+// 1) or the OR of the window's bits; taps outside the input are skipped (the neutral element).
+__attribute__((visibility("default"))) void bq_maxpool_bits(const uint64_t* x, int64_t n, int64_t h, int64_t w,
+                                                            int64_t words, int64_t kh, int64_t kw, int64_t sh,
+                                                            int64_t sw, int64_t ph, int64_t pw, int64_t dh,
+                                                            int64_t dw, int64_t ho, int64_t wo,
+                                                            const uint64_t* and_mask, uint64_t* out) {
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t oy = 0; oy < ho; ++oy)
+      for (int64_t ox = 0; ox < wo; ++ox)
+        for (int64_t k = 0; k < words; ++k) {
+          uint64_t all = ~(uint64_t)0, any = 0;
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t iy = oy * sh - ph + i * dh;
+            if (iy < 0 || iy >= h) continue;
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t ix = ox * sw - pw + j * dw;
+              if (ix < 0 || ix >= w) continue;
+              const uint64_t v = x[((b * h + iy) * w + ix) * words + k];
+              all &= v;
+              any |= v;
+            }
+          }
+          out[((b * ho + oy) * wo + ox) * words + k] = (all & and_mask[k]) | (any & ~and_mask[k]);
+        }
 }
 
 struct PeakCtx {

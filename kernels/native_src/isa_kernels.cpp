@@ -38,6 +38,18 @@ extern "C" void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void*
 
 namespace {
 
+// Below this many word pairs (about 10-20 microseconds on one core) waking another thread costs
+// more than it saves, and on two cores it would compete with torch's own threads: run inline.
+constexpr int64_t INLINE_WORK = 1 << 17;
+
+void run_tasks(int64_t tasks, int64_t work, void (*fn)(void*, int64_t), void* ctx) {
+  if (work < INLINE_WORK) {
+    for (int64_t t = 0; t < tasks; ++t) fn(ctx, t);
+  } else {
+    bq_parallel_for(tasks, fn, ctx);
+  }
+}
+
 constexpr int NR = 8;  // output channels per panel
 
 // ---------------------------------------------------------------------------------------------
@@ -403,7 +415,8 @@ void BQ_EXPORT(conv)(const BqConvArgs* a) {
   if (a->mode == BQ_OUT_SIGN)  // bits are OR-ed in: start from +1 everywhere
     for (int64_t p = 0; p < plan.pixels; ++p)
       memset((uint64_t*)a->out + p * a->out_stride, 0, sizeof(uint64_t) * ((a->groups * a->out_per_group + 63) / 64));
-  bq_parallel_for(plan.pixel_blocks * a->groups * plan.chunks_per_group, conv_task, &plan);
+  const int64_t work = plan.pixels * a->groups * plan.panels_per_group * NR * plan.taps * a->group_words;
+  run_tasks(plan.pixel_blocks * a->groups * plan.chunks_per_group, work, conv_task, &plan);
 }
 
 void BQ_EXPORT(ternary_gemm)(const uint64_t* sa, const uint64_t* ma, int64_t m, const uint64_t* sb_panels,
@@ -412,7 +425,7 @@ void BQ_EXPORT(ternary_gemm)(const uint64_t* sa, const uint64_t* ma, int64_t m, 
   const int64_t blocks = (m + PIXEL_BLOCK - 1) / PIXEL_BLOCK;
   t.panel_chunk = panel_chunk_for(blocks, t.panels, 1, false);
   t.chunks = (t.panels + t.panel_chunk - 1) / t.panel_chunk;
-  bq_parallel_for(blocks * t.chunks, ternary_task, &t);
+  run_tasks(blocks * t.chunks, 2 * m * t.panels * NR * words, ternary_task, &t);
 }
 
 // Packs rows of k floats: bit = x < 0 (so 0 and -0.0 are +1), pad bits 0.  Returns how many NaNs

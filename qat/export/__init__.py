@@ -2,7 +2,8 @@
 (``python -m qat.export <run dir or checkpoint> --out model.safetensors [--benchmark]``)."""
 from .packed import (FORMAT, PackedConv2d, PackedLayer, PackedLinear, PackedSpec, load_packed, pack_model,
                      read_packed, save_packed)
+from .chains import fuse_binary_chains
 from .timing import time_inference
 
 __all__ = ["FORMAT", "PackedSpec", "PackedLayer", "PackedConv2d", "PackedLinear", "pack_model",
-           "save_packed", "load_packed", "read_packed", "time_inference"]
+           "save_packed", "load_packed", "read_packed", "fuse_binary_chains", "time_inference"]

@@ -1,0 +1,245 @@
+r"""Binary chains pass bits: a packed model rewritten so that a binary layer whose output only
+feeds another binary layer's sign emits the packed signs itself (``fuse_binary_chains``).
+
+A binary-input layer needs only ``sign(x)`` of its input.  When the path from a binary layer P to
+the next binary layer C is made of ops that keep or transform that sign exactly, P's kernel can
+emit C's packed input in its output pass (``kernels.cpu_native`` OUT_SIGN) and C can skip its own
+packing: no float tensor is written or read between them.  The ops allowed on the path:
+
+* per-channel affine maps ``z = s y + t``: a folded or eval-mode BatchNorm (and P's own
+  ``scale * acc + bias``) compose into one ``z = acc * M + A`` (float64, then the sign);
+* sign-keeping ops: ``Identity``, ``FoldedBatchNorm``, ``Dropout`` (eval), ``Hardtanh`` with
+  ``min_val < 0 <= max_val`` (then no affine map may follow it: a shift after a clamp does not
+  keep the sign);
+* ``MaxPool2d``, computed on bits.  For a per-channel map ``g`` applied after the pool,
+  ``g(max_i y_i) = max_i g(y_i)`` when ``g`` is non-decreasing and ``min_i g(y_i)`` when it is
+  decreasing (exact, rounding included, as ``g`` is monotone); with bit 1 = negative, the pooled
+  bit is the **AND** of the window's bits in the first case and the **OR** in the second.
+  Padding reads the neutral element (1 for AND, 0 for OR), as max-pool's ``-inf`` padding does;
+* ``Flatten`` before a binary ``Linear``: the linear over NCHW-flattened features is a
+  convolution whose kernel covers the whole ``H x W`` map, so its weights are used as such.
+
+What changes: the sign is taken of ``acc * M + A`` computed in float64, where the float model
+rounds each step in float32 -- the same kind of difference BatchNorm folding makes (a value
+within a rounding of 0 may take the other sign).  The result is for CPU inference with the
+native engine; it shares the packed model's layers and is not meant for ``save_packed`` (save the
+model ``pack_model`` returned and fuse after loading).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+
+import kernels
+from kernels import cpu_native, native
+
+from .packed import FoldedBatchNorm, PackedConv2d, PackedLayer, PackedLinear
+
+__all__ = ["fuse_binary_chains", "PackedMaxPool2d", "FusedBinaryLayer"]
+
+
+class PackedMaxPool2d(nn.Module):
+    """Max-pool of signs on packed NHWC words: per channel the AND (bit 1 where ``and_mask``) or
+    the OR of the window's bits; out-of-range taps are skipped (the neutral element)."""
+
+    def __init__(self, pool: nn.MaxPool2d, and_mask: torch.Tensor):
+        super().__init__()
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        self.kernel_size, self.stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
+        self.padding, self.dilation = pair(pool.padding), pair(pool.dilation)
+        self.register_buffer("and_mask", and_mask)
+
+    def forward(self, bits: torch.Tensor) -> torch.Tensor:
+        return cpu_native.maxpool_bits(bits, self.and_mask, self.kernel_size, self.stride, self.padding,
+                                       self.dilation)
+
+
+@dataclass
+class Emit:
+    """How a producer turns its accumulator into the consumer's packed input."""
+
+    mul: torch.Tensor  # float64 [O]: z = acc * mul + add
+    add: torch.Tensor
+    pools: list = field(default_factory=list)  # PackedMaxPool2d, applied in order
+
+
+class FusedBinaryLayer(nn.Module):
+    """A packed binary layer that may take packed bits as input and/or emit packed bits."""
+
+    def __init__(self, layer: PackedLayer, takes_bits: bool, emit: Emit | None, flattened_input: bool = False):
+        super().__init__()
+        self.layer, self.takes_bits, self.flattened_input = layer, takes_bits, flattened_input
+        self.emit = emit
+        self.pools = nn.ModuleList(emit.pools if emit else [])
+        self._as_conv = {}  # flattened-input linear: spatial size -> prepacked conv weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer, spec = self.layer, self.layer.spec
+        weights, mul, add = layer.native_weights()
+        if self.emit is not None:
+            mode, mul, add = native.OUT_SIGN, self.emit.mul, self.emit.add
+        else:
+            mode = native.OUT_FLOAT
+        if not self.takes_bits:  # float input: the layer packs it itself
+            if isinstance(layer, PackedConv2d):
+                x_padded, padding = layer._pad_input(x)
+                x_bits = cpu_native.pack_pixels(x_padded, spec.groups)
+            else:
+                x_bits = cpu_native.pack_rows(x.reshape(-1, x.shape[-1]))
+        else:
+            x_bits, padding = x, layer._explicit_padding() if isinstance(layer, PackedConv2d) else None
+        if isinstance(layer, PackedConv2d):
+            y = cpu_native.conv(x_bits, weights, spec.stride, padding, spec.dilation, mode=mode, mul=mul, add=add)
+        elif self.flattened_input:  # bits [N, H, W, words] of the map the linear reads flattened
+            conv_weights = self._conv_weights(x_bits.shape[1:3])
+            y = cpu_native.conv(x_bits, conv_weights, mode=mode, mul=mul, add=add).reshape(x_bits.shape[0], -1)
+        else:
+            y = cpu_native.linear(x_bits, weights, mode=mode, mul=mul, add=add)
+        if self.emit is not None:
+            for pool in self.pools:
+                y = pool(y)
+            return y
+        if isinstance(layer, PackedConv2d):
+            y = y.permute(0, 3, 1, 2)  # channels_last, the layout of the packed pipeline
+        return y
+
+    def _conv_weights(self, size):
+        size = tuple(int(s) for s in size)
+        if size not in self._as_conv:
+            spec = self.layer.spec
+            channels = spec.in_features // (size[0] * size[1])
+            codes = self.layer.codes().reshape(spec.out_features, channels, *size)  # NCHW flatten order
+            self._as_conv[size] = cpu_native.prepack_conv([kernels.pack_conv_weight(codes)], size, channels)
+        return self._as_conv[size]
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualified_name):
+        return isinstance(m, PackedLayer) or super().is_leaf_module(m, qualified_name)
+
+
+def _binary(module) -> bool:
+    return isinstance(module, PackedLayer) and module.spec.binary_input and not module.spec.activation_scale
+
+
+def _can_emit(module) -> bool:
+    return _binary(module) and module.spec.groups == 1
+
+
+def _can_take_bits(module) -> bool:
+    if not _binary(module):
+        return False
+    spec = module.spec
+    if isinstance(module, PackedConv2d):
+        per_group = spec.in_features // spec.groups
+        return (spec.groups == 1 or per_group % 64 == 0) and (spec.padding_mode == "zeros"
+                                                              or max(module._explicit_padding()) == 0)
+    return True
+
+
+def _bn_affine(bn) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and not bn.training):
+        return None
+    inv = torch.rsqrt(bn.running_var.double() + bn.eps)
+    gamma = bn.weight.detach().double() if bn.affine else torch.ones_like(inv)
+    beta = bn.bias.detach().double() if bn.affine else torch.zeros_like(inv)
+    scale = gamma * inv
+    return scale, beta - bn.running_mean.double() * scale
+
+
+def _is_flatten(node, modules) -> bool:
+    if node.op == "call_module":
+        m = modules[node.target]
+        return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+    if node.op == "call_function" and node.target is torch.flatten:
+        return tuple(node.args[1:2]) == (1,) and len(node.args) <= 2 and not node.kwargs
+    return node.op == "call_method" and node.target == "flatten" and tuple(node.args[1:]) == (1,)
+
+
+def _follow(producer, modules):
+    """(chain nodes, consumer node, Emit, flattened) for a fusable path from ``producer``, or None."""
+    layer = modules[producer.target]
+    weights, mul, add = layer.native_weights()
+    mul, add = mul.double().clone(), add.double().clone()
+    pools, pool_directions, chain = [], [], []
+    affine_allowed, flattened, node = True, False, producer
+    while len(node.users) == 1:
+        nxt = next(iter(node.users))
+        if nxt.op == "call_module" and isinstance(modules[nxt.target], PackedLayer):
+            consumer = modules[nxt.target]
+            if not _can_take_bits(consumer) or nxt.args[0] is not node or len(nxt.args) != 1:
+                return None
+            conv_to_conv = isinstance(layer, PackedConv2d) and isinstance(consumer, PackedConv2d) and not flattened
+            linear_input = isinstance(consumer, PackedLinear) and (flattened or isinstance(layer, PackedLinear))
+            if not (conv_to_conv or linear_input):
+                return None
+            bit_pools = []
+            for pool, direction in zip(pools, pool_directions):
+                # AND where the map after the pool is non-decreasing (bit 1 in the mask), else OR
+                and_mask = kernels.pack_bits(torch.where(direction < 0, 1.0, -1.0).unsqueeze(0))[0]
+                bit_pools.append(PackedMaxPool2d(pool, and_mask))
+            return chain, nxt, Emit(mul, add, bit_pools), flattened
+        if _is_flatten(nxt, modules) and not flattened and isinstance(layer, PackedConv2d):
+            flattened = True
+        elif nxt.op != "call_module" or flattened:
+            return None
+        else:
+            m = modules[nxt.target]
+            affine = _bn_affine(m)
+            if isinstance(m, (nn.Identity, FoldedBatchNorm, nn.Dropout)):
+                pass
+            elif affine is not None and affine_allowed:
+                scale, shift = affine
+                mul, add = mul * scale, add * scale + shift
+                pool_directions = [d * torch.sign(scale) for d in pool_directions]
+            elif isinstance(m, nn.Hardtanh) and m.min_val < 0 <= m.max_val:
+                affine_allowed = False
+            elif isinstance(m, nn.MaxPool2d) and not m.ceil_mode and not m.return_indices:
+                pools.append(m)
+                pool_directions.append(torch.ones(mul.shape[0], dtype=torch.float64))
+            else:
+                return None
+        chain.append(nxt)
+        node = nxt
+    return None
+
+
+def fuse_binary_chains(packed: nn.Module) -> nn.Module:
+    """A copy of a packed model (``pack_model``'s result, eval mode) in which binary layers pass
+    packed bits to each other (see the module docstring).  Needs the native engine; returns an
+    unchanged copy where it is unavailable or the model cannot be traced."""
+    model = copy.deepcopy(packed).eval()
+    if not native.available():
+        return model
+    try:
+        graph_module = torch.fx.GraphModule(model, _Tracer().trace(model))
+    except Exception:  # noqa: BLE001 - data-dependent control flow etc.: nothing to fuse
+        return model
+    modules = dict(graph_module.named_modules())
+    edges = []
+    for node in graph_module.graph.nodes:
+        if node.op == "call_module" and _can_emit(modules.get(node.target)):
+            found = _follow(node, modules)
+            if found:
+                edges.append((node, *found))
+    if not edges:
+        return model
+    emits = {producer.target: emit for producer, _, _, emit, _ in edges}
+    takes = {consumer.target: flattened for _, _, consumer, _, flattened in edges}
+    for index, name in enumerate(sorted(set(emits) | set(takes))):
+        fused = FusedBinaryLayer(modules[name], name in takes, emits.get(name), takes.get(name, False))
+        graph_module.add_submodule(f"fused_{index}", fused)
+        for node in graph_module.graph.nodes:
+            if node.op == "call_module" and node.target == name:
+                node.target = f"fused_{index}"
+    for producer, chain, consumer, _, _ in edges:
+        consumer.args = (producer,)
+        for node in reversed(chain):
+            graph_module.graph.erase_node(node)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module

@@ -1,0 +1,121 @@
+"""Binary chains that pass bits (qat.export.fuse_binary_chains) against the packed model they come from."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+import qat
+from kernels import cpu_native, native
+from qat import models
+from qat.export import fuse_binary_chains, pack_model
+from qat.export.chains import FusedBinaryLayer, PackedMaxPool2d
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+
+def randomize_batchnorms(model: nn.Module, negative_gamma: bool = False) -> nn.Module:
+    """BatchNorm statistics and scales that are not the identity (half the gammas negative if asked)."""
+    gen = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            n = module.num_features
+            module.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+            module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            if module.affine:
+                gamma = torch.rand(n, generator=gen) + 0.5
+                if negative_gamma:
+                    gamma[::2] *= -1
+                module.weight.data.copy_(gamma)
+                module.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model
+
+
+class PoolThenBatchNorm(nn.Module):
+    """binary conv -> max-pool -> BN (negative gammas: OR pooling) -> binary conv -> flatten -> binary linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(16, 70, 3, padding=1, bias=True)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(70)
+        self.conv2 = nn.Conv2d(70, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.act = nn.Hardtanh()
+        self.fc = nn.Linear(32 * 5 * 5, 10)
+
+    def forward(self, x):
+        x = self.conv1(self.first(x))
+        x = self.bn1(self.pool(x))
+        x = self.act(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+def fused_and_packed(model, keep_fp=("first",), negative_gamma=False):
+    model = randomize_batchnorms(model, negative_gamma)
+    quantized = qat.quantize_model(model, {"method": "xnor", "keep_fp": list(keep_fp)}).eval()
+    packed = pack_model(quantized)
+    return fuse_binary_chains(packed), packed
+
+
+CASES = [
+    ("mnist_cnn", lambda: models.build("mnist_cnn", num_classes=10, in_channels=1), (1, 28, 28), 4),
+    ("resnet20", lambda: models.build("resnet20", num_classes=10, activation="hardtanh"), (3, 32, 32), 18),
+    ("vgg_small", lambda: models.build("vgg_small", num_classes=10, activation="hardtanh"), (3, 32, 32), 6),
+    ("pool_then_bn", PoolThenBatchNorm, (3, 10, 10), 3),
+]
+
+
+@pytest.mark.parametrize("name,build,shape,fused_layers", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("negative_gamma", [False, True])
+def test_fused_chains_agree_with_the_packed_model(name, build, shape, fused_layers, negative_gamma):
+    torch.manual_seed(0)
+    fused, packed = fused_and_packed(build(), negative_gamma=negative_gamma)
+    count = sum(isinstance(m, FusedBinaryLayer) for m in fused.modules())
+    assert count == fused_layers, name
+    x = torch.randn(16, *shape)
+    with torch.inference_mode():
+        expected, got = packed(x), fused(x)
+    # Only the rounding of the composed affine map differs (as BatchNorm folding): a value within a
+    # rounding of zero may change sign, nothing more.
+    scale = expected.abs().max()
+    assert float((got - expected).abs().max()) <= 1e-4 * float(scale), name
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_a_wrong_pooling_direction_would_be_seen():
+    """With negative BN scales after the pool, AND in place of OR changes the outputs a lot."""
+    torch.manual_seed(0)
+    fused, packed = fused_and_packed(PoolThenBatchNorm(), negative_gamma=True)
+    pool = next(m for m in fused.modules() if isinstance(m, PackedMaxPool2d))
+    x = torch.randn(16, 3, 10, 10)
+    with torch.inference_mode():
+        expected = packed(x)
+        pool.and_mask.fill_(-1)  # AND everywhere
+        wrong = fused(x)
+    assert float((wrong - expected).abs().max()) > 1e-2
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)])
+def test_bit_max_pool_equals_max_and_min_pool_of_signs(kernel, stride, padding):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 70, 7, 6, generator=gen)
+    signs = torch.where(x < 0, -1.0, 1.0)
+    decreasing = torch.rand(70, generator=gen) < 0.5  # OR channels
+    max_pool = F.max_pool2d(signs, kernel, stride, padding)
+    min_pool = -F.max_pool2d(-signs, kernel, stride, padding)
+    expected = torch.where(decreasing[None, :, None, None], min_pool, max_pool)
+    and_mask = kernels.pack_bits(torch.where(decreasing, 1.0, -1.0).unsqueeze(0))[0]
+    got = cpu_native.maxpool_bits(kernels.pack_activations(x), and_mask, (kernel, kernel), (stride, stride),
+                                  (padding, padding), (1, 1))
+    assert torch.equal(got, kernels.pack_activations(expected))
+
+
+def test_models_without_binary_chains_come_back_unchanged():
+    model = qat.quantize_model(models.build("mnist_cnn", num_classes=10, in_channels=1),
+                               {"method": "bwn", "keep_fp": ["first"]}).eval()
+    fused = fuse_binary_chains(pack_model(model))
+    assert not any(isinstance(m, FusedBinaryLayer) for m in fused.modules())
