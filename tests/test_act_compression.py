@@ -168,13 +168,16 @@ def test_int_modes_train_every_method_and_leave_weights_alone(method, data):
     _, gx0, grads0, stats0 = step(model, "none", *data)
     for mode in ("int8", "int2"):
         compression = ActCompression(model, mode, min_numel=64)
-        quantized_shapes = []
+        quantized_shapes, norm_bits = [], set()
         pack = compression._pack
 
         def spy(t):
             packed = pack(t)
             if type(packed).__name__ == "_Quantized":
                 quantized_shapes.append(tuple(t.shape))
+                stack = compression._stack()
+                if stack and stack[-1].kind == "norm":
+                    norm_bits.add(packed.bits)
             return packed
         compression._pack = spy
         model.zero_grad(set_to_none=True)
@@ -183,6 +186,8 @@ def test_int_modes_train_every_method_and_leave_weights_alone(method, data):
         loss.backward()
         compression.remove()
         assert quantized_shapes and not set(quantized_shapes) & weight_shapes
+        assert tuple(data[0].shape) not in quantized_shapes  # the input batch is held anyway
+        assert norm_bits == {8}  # BatchNorm inputs: at least 8 bits
         assert all(p.grad is None or bool(p.grad.isfinite().all()) for p in model.parameters())
         assert stats.held < stats0.held
         # close to the float gradient where activations stay float (with binary inputs a perturbed
