@@ -84,13 +84,14 @@ struct Prim {
   }
   static inline void flush(Acc& a, uint32_t* tot) {
     const __m256i z = _mm256_setzero_si256();
-    alignas(32) uint64_t s[8];
-    _mm256_store_si256((__m256i*)s, _mm256_sad_epu8(a.lo, z));  // 8 byte counts -> one u64 per word
-    _mm256_store_si256((__m256i*)(s + 4), _mm256_sad_epu8(a.hi, z));
-    for (int j = 0; j < 8; ++j) tot[j] += (uint32_t)s[j];
+    // sad: one u64 sum per 64-bit word (< 2^16); keep the low 32 bits of each, channels 0-7 in order.
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    __m256i lo = _mm256_permutevar8x32_epi32(_mm256_sad_epu8(a.lo, z), even);
+    __m256i hi = _mm256_permutevar8x32_epi32(_mm256_sad_epu8(a.hi, z), even);
+    __m256i sums = _mm256_blend_epi32(lo, hi, 0xF0);
+    _mm256_storeu_si256((__m256i*)tot, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)tot), sums));
     zero(a);
-  }
-};
+  }};
 #elif defined(BQ_ISA_AVX512)
 struct Prim {
   static constexpr int MR = 8;
@@ -155,27 +156,26 @@ struct Prim {
 // Microkernels
 // ---------------------------------------------------------------------------------------------
 
-// counts[i][j] = sum_t sum_w popc(rows[i*taps + t][w] ^ panel[t*words + w][j]) for i < R.
+// counts[i][j] = sum_w popc(rows[i][w] ^ panel[w][j]) for i < R, w < words: a branch-free inner
+// loop over FLUSH words at a time, then the counters are flushed.
 template <int R>
-inline void binary_micro(const uint64_t* const* rows, int64_t taps, int64_t words,
-                         const uint64_t* panel, uint32_t (*counts)[NR]) {
+inline void binary_micro(const uint64_t* const* rows, int64_t words, const uint64_t* panel,
+                         uint32_t (*counts)[NR]) {
   typename Prim::Acc acc[R];
-  for (int i = 0; i < R; ++i) { Prim::zero(acc[i]); for (int j = 0; j < NR; ++j) counts[i][j] = 0; }
-  int pending = 0;
-  for (int64_t t = 0; t < taps; ++t) {
-    const uint64_t* row[R];
-    for (int i = 0; i < R; ++i) row[i] = rows[i * taps + t];
-    const uint64_t* b_ptr = panel + t * words * NR;
-    for (int64_t w = 0; w < words; ++w) {
-      typename Prim::V b = Prim::load(b_ptr + w * NR);
-      for (int i = 0; i < R; ++i) Prim::acc_popc(acc[i], Prim::vxor(Prim::bcast(row[i][w]), b));
-      if (++pending == Prim::FLUSH) {
-        for (int i = 0; i < R; ++i) Prim::flush(acc[i], counts[i]);
-        pending = 0;
-      }
-    }
+  const uint64_t* row[R];
+  for (int i = 0; i < R; ++i) {
+    Prim::zero(acc[i]);
+    row[i] = rows[i];
+    for (int j = 0; j < NR; ++j) counts[i][j] = 0;
   }
-  for (int i = 0; i < R; ++i) Prim::flush(acc[i], counts[i]);
+  for (int64_t w0 = 0; w0 < words; w0 += Prim::FLUSH) {
+    const int64_t w1 = words - w0 > Prim::FLUSH ? w0 + Prim::FLUSH : words;
+    for (int64_t w = w0; w < w1; ++w) {
+      typename Prim::V b = Prim::load(panel + w * NR);
+      for (int i = 0; i < R; ++i) Prim::acc_popc(acc[i], Prim::vxor(Prim::bcast(row[i][w]), b));
+    }
+    for (int i = 0; i < R; ++i) Prim::flush(acc[i], counts[i]);
+  }
 }
 
 // Ternary: both[i][j] = sum popc(ma & mb), neg[i][j] = sum popc(ma & mb & (sa ^ sb)).
@@ -220,9 +220,8 @@ inline void with_rows(int r, Args&&... args) {
 
 template <int R>
 struct BinaryMicro {
-  static void run(const uint64_t* const* rows, int64_t taps, int64_t words, const uint64_t* panel,
-                  uint32_t (*counts)[NR]) {
-    binary_micro<R>(rows, taps, words, panel, counts);
+  static void run(const uint64_t* const* rows, int64_t words, const uint64_t* panel, uint32_t (*counts)[NR]) {
+    binary_micro<R>(rows, words, panel, counts);
   }
 };
 
@@ -269,6 +268,14 @@ void write_rows(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_first,
     int32_t dot[NR];
     for (int j = 0; j < NR; ++j)  // a fixed trip count: vectorized
       dot[j] = (int32_t)full - 2 * (int32_t)counts[i][j] - (int32_t)correction[j];
+    if (Mode == BQ_OUT_SIGN && width == NR && (oc0 & 7) == 0) {  // one whole byte of the packed output
+      double y[NR];
+      for (int j = 0; j < NR; ++j) y[j] = (double)dot[j] * a.mul_d[oc0 + j] + a.add_d[oc0 + j];
+      unsigned bits = 0;
+      for (int j = 0; j < NR; ++j) bits |= (unsigned)(y[j] < 0) << j;
+      ((unsigned char*)((uint64_t*)a.out + p * a.out_stride))[oc0 >> 3] = (unsigned char)bits;  // little-endian
+      continue;
+    }
     if (Mode == BQ_OUT_FLOAT && width == NR) {
       float* dst = (float*)a.out + p * a.out_stride + oc0;
       const float* mul = a.mul_f + oc0;
@@ -300,10 +307,26 @@ void write_outputs(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_fir
   }
 }
 
+// Per-thread scratch, grown on demand: one pixel block's gathered rows.
+uint64_t* scratch_words(size_t count) {
+  static thread_local uint64_t* buffer = nullptr;
+  static thread_local size_t capacity = 0;
+  if (count > capacity) {
+    free(buffer);
+    buffer = (uint64_t*)malloc(count * sizeof(uint64_t));
+    capacity = count;
+  }
+  return buffer;
+}
+
+// One task: a block of PIXEL_BLOCK output pixels x a chunk of panels of one group.  The pixels'
+// taps are first gathered into contiguous rows of taps * group_words words (a padded tap becomes
+// zero words, i.e. +1), so the microkernel runs one tight loop over the whole row; a 1x1 kernel
+// reads its rows in place.
 void conv_task(void* ctx, int64_t task) {
   const ConvPlan& plan = *(const ConvPlan*)ctx;
   const BqConvArgs& a = *plan.a;
-  const int64_t taps = plan.taps;
+  const int64_t taps = plan.taps, gw = a.group_words, kwords = taps * gw;
   const int64_t per_block = plan.chunks_per_group * a.groups;
   const int64_t block = task / per_block;
   const int64_t rest = task % per_block;
@@ -315,44 +338,55 @@ void conv_task(void* ctx, int64_t task) {
   const int64_t p1 = p0 + PIXEL_BLOCK < plan.pixels ? p0 + PIXEL_BLOCK : plan.pixels;
   const int64_t hw = a.ho * a.wo;
 
-  const uint64_t* rows[PIXEL_BLOCK * 128];
-  unsigned char padded[PIXEL_BLOCK * 128];
+  const uint64_t* rows[PIXEL_BLOCK];
   unsigned char any_pad[PIXEL_BLOCK];
-  const uint64_t** row_ptr = rows;
-  unsigned char* pad_ptr = padded;
-  void* heap = nullptr;
-  if (taps > 128) {  // large kernels: tables on the heap
-    heap = malloc((size_t)(PIXEL_BLOCK * taps) * (sizeof(uint64_t*) + 1));
-    row_ptr = (const uint64_t**)heap;
-    pad_ptr = (unsigned char*)(row_ptr + PIXEL_BLOCK * taps);
-  }
+  const bool gather = taps > 1 || gw > ZERO_WORDS;
+  uint64_t* cols = gather ? scratch_words((size_t)(PIXEL_BLOCK * kwords + PIXEL_BLOCK * taps)) : nullptr;
+  unsigned char* padded = gather ? (unsigned char*)(cols + PIXEL_BLOCK * kwords) : nullptr;
+  unsigned char one_tap[PIXEL_BLOCK];
+  if (!gather) padded = one_tap;
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t n = p / hw, oy = (p % hw) / a.wo, ox = p % a.wo;
-    any_pad[p - p0] = 0;
+    const int64_t n = p / hw, oy = (p % hw) / a.wo, ox = p % a.wo, i_row = p - p0;
+    any_pad[i_row] = 0;
+    uint64_t* dst = gather ? cols + i_row * kwords : nullptr;
+    const int64_t iy0 = oy * a.sh - a.ph, ix0 = ox * a.sw - a.pw;
+    if (gather && iy0 >= 0 && ix0 >= 0 && iy0 + (a.kh - 1) * a.dh < a.h && ix0 + (a.kw - 1) * a.dw < a.w) {
+      const uint64_t* base = a.x + ((n * a.h + iy0) * a.w + ix0) * a.pixel_words + g * gw;  // interior pixel
+      for (int64_t i = 0; i < a.kh; ++i)
+        for (int64_t j = 0; j < a.kw; ++j) {
+          const uint64_t* src = base + (i * a.dh * a.w + j * a.dw) * a.pixel_words;
+          for (int64_t w = 0; w < gw; ++w) *dst++ = src[w];
+        }
+      for (int64_t t = 0; t < taps; ++t) padded[i_row * taps + t] = 0;
+      rows[i_row] = cols + i_row * kwords;
+      continue;
+    }
     for (int64_t i = 0; i < a.kh; ++i) {
       for (int64_t j = 0; j < a.kw; ++j) {
         const int64_t t = i * a.kw + j, iy = oy * a.sh - a.ph + i * a.dh, ix = ox * a.sw - a.pw + j * a.dw;
         const bool inside = iy >= 0 && iy < a.h && ix >= 0 && ix < a.w;
-        row_ptr[(p - p0) * taps + t] =
-            inside ? a.x + ((n * a.h + iy) * a.w + ix) * a.pixel_words + g * a.group_words : kZeros;
-        pad_ptr[(p - p0) * taps + t] = !inside;
-        any_pad[p - p0] |= !inside;
+        const uint64_t* src = inside ? a.x + ((n * a.h + iy) * a.w + ix) * a.pixel_words + g * gw : kZeros;
+        if (gather) {
+          for (int64_t w = 0; w < gw; ++w) dst[t * gw + w] = inside ? src[w] : 0;
+        } else {
+          rows[i_row] = src;
+        }
+        padded[i_row * taps + t] = !inside;
+        any_pad[i_row] |= !inside;
       }
     }
+    if (gather) rows[i_row] = dst;
   }
-  const int64_t kwords = taps * a.group_words;
   const uint64_t* group_panels = a.panels + g * plan.panels_per_group * kwords * NR;
   uint32_t counts[Prim::MR][NR];
   for (int64_t panel = panel0; panel < panel1; ++panel) {
     const uint64_t* pn = group_panels + panel * kwords * NR;
     for (int64_t p = p0; p < p1; p += Prim::MR) {
       const int r = (int)(p1 - p < Prim::MR ? p1 - p : Prim::MR);
-      with_rows<BinaryMicro>(r, (const uint64_t* const*)(row_ptr + (p - p0) * taps), taps, a.group_words, pn,
-                             counts);
-      write_outputs(plan, g, panel, p, r, counts, pad_ptr + (p - p0) * taps, any_pad + (p - p0));
+      with_rows<BinaryMicro>(r, (const uint64_t* const*)(rows + (p - p0)), kwords, pn, counts);
+      write_outputs(plan, g, panel, p, r, counts, padded + (p - p0) * taps, any_pad + (p - p0));
     }
   }
-  free(heap);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -494,7 +528,7 @@ int64_t BQ_EXPORT(peak_bitmacs)(int64_t reps) {
   volatile uint32_t sink = 0;
   for (int64_t r = 0; r < reps; ++r) {
     __asm__ volatile("" ::: "memory");  // the inputs may have changed: no hoisting out of the loop
-    binary_micro<Prim::MR>(rows, 1, 64, panel, counts);
+    binary_micro<Prim::MR>(rows, 64, panel, counts);
     uint32_t sum = 0;
     for (int i = 0; i < Prim::MR; ++i)
       for (int j = 0; j < NR; ++j) sum += counts[i][j];
