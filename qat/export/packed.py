@@ -33,6 +33,7 @@ model, and a SHA-256 checksum of all of it (``checksum``) that ``load_packed`` v
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -514,25 +515,35 @@ def read_packed(path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dic
 def _assemble(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module | None, source) -> nn.Module:
     """The model ``meta`` describes with ``tensors`` loaded: ``model`` (or the float model its
     architecture names) with the packed layers and folded BatchNorms put in place."""
+    assign = False
     if model is None:
         architecture = meta["architecture"]
         if not architecture:
             raise ValueError(f"{source} records no architecture; pass the float model: load_packed(path, model=...)")
         from qat import models
-        model = models.build_architecture(architecture)
+        # A shape-only skeleton: the file's tensors are assigned into it, so the float weights of the
+        # layers that are packed never exist in memory (a packed ResNet-18 loads in a few MB).
+        with torch.device("meta"):
+            model = models.build_architecture(architecture)
+        assign = True
     for name, spec_dict in meta["layers"].items():
         spec = PackedSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec_dict.items()})
         try:
             model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{source} has a packed layer {name!r} that the model does not have") from None
-        model = _replace(model, name, PACKED_CLASSES[spec.kind](spec))
+        with torch.device("meta") if assign else contextlib.nullcontext():
+            model = _replace(model, name, PACKED_CLASSES[spec.kind](spec))
     for name in meta["folded_batchnorms"]:
         model = _replace(model, name, FoldedBatchNorm())
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as error:
         raise ValueError(f"{source} does not match the model it is loaded into: {error}") from None
+    unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unfilled:
+        raise ValueError(f"{source} leaves {', '.join(unfilled[:3])} of the model without values (tensors the file does "
+                         f"not hold); load it with load_packed(path, model=<float model>)")
     return model
 
 
