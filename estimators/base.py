@@ -56,8 +56,9 @@ class Estimator(nn.Module):
     scheduled: bool = False
     #: What ``grad(x)`` needs of x, for layers that store less than x for backward
     #: (``layers.quantized``, compressed activations): ``"none"`` when grad(x) == 1 everywhere,
-    #: ``"support"`` when grad(x) = 1[x in S] (one bit per element, ``support(x)``), ``"value"``
-    #: when the derivative is smooth and needs x itself (no exact compression: x is kept).
+    #: ``"zeros"`` when grad(x) is 1 except on a set Z where it is 0 (one bit per element,
+    #: ``zeros(x)``), ``"value"`` when the derivative is smooth and needs x itself (no exact
+    #: compression: x is kept).
     needs: str = "value"
 
     def grad(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -67,18 +68,18 @@ class Estimator(nn.Module):
         """dL/dx = dL/dy * grad(x); an estimator may override it with a fused equivalent."""
         return self.grad(x).to(grad_output.dtype).mul_(grad_output)
 
-    def support(self, x: torch.Tensor) -> torch.Tensor:
-        """Bool mask of S for ``needs == "support"`` estimators: grad(x) = 1[x in S]."""
+    def zeros(self, x: torch.Tensor) -> torch.Tensor:
+        """Bool mask of Z for ``needs == "zeros"`` estimators: grad(x) = 0 on Z, 1 elsewhere."""
         raise NotImplementedError(f"estimator {self.name!r} has a smooth derivative (needs={self.needs!r})")
 
-    def backward_from_support(self, support: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor:
-        """``backward(x, g)`` from ``support(x)`` alone (None for ``needs == "none"``), bit for bit:
-        g where x in S, +0.0 elsewhere (what ``backward`` gives, NaN inputs included)."""
+    def backward_from_zeros(self, zeros: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor:
+        """``backward(x, g)`` from ``zeros(x)`` alone (None for ``needs == "none"``), bit for bit:
+        g, with +0.0 on Z (what ``backward`` gives, NaN inputs included). May write into g."""
         if self.needs == "none":
             return self.backward(grad_output, grad_output)  # grad(.) == 1: x's values are not read
-        if self.needs != "support":
+        if self.needs != "zeros":
             raise NotImplementedError(f"estimator {self.name!r} needs x itself (needs={self.needs!r})")
-        return torch.where(support, grad_output, grad_output.new_zeros(()))
+        return grad_output.masked_fill_(zeros, 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quantize(x, sign)

@@ -39,7 +39,7 @@ class ClippedSTE(Estimator):
     """
 
     name = "clipped_ste"
-    needs = "support"
+    needs = "zeros"
 
     def __init__(self, clip: float = 1.0):
         super().__init__()
@@ -52,9 +52,9 @@ class ClippedSTE(Estimator):
     def _bound(self, dtype):
         return float(torch.nextafter(torch.tensor(self.clip, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
 
-    def support(self, x):
-        """1[|x| <= clip] as ``backward`` applies it: NaN counts as inside (hardtanh_backward passes it)."""
-        return torch.ge(x.abs(), self._bound(x.dtype)).logical_not_()
+    def zeros(self, x):
+        """1[|x| > clip] as ``backward`` applies it (NaN is not in it: hardtanh_backward passes it)."""
+        return torch.ge(x.abs(), self._bound(x.dtype))
 
     def backward(self, x, grad_output):
         # One fused pass: hardtanh's backward keeps g where min < x < max (exclusive), so the

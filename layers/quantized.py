@@ -131,8 +131,8 @@ class _PackedSignInputOp(torch.autograd.Function):
 
     the same values and gradients bit for bit (the same ops on the same operands), but saved:
     sign(x) as packed bits (``kernels.pack_bits``' format, ``layers.bitpack``: 1 bit per element, not a float copy); of x,
-    only what the estimator's derivative needs (``Estimator.needs``): nothing (identity), its
-    support as packed bits (clipped_ste: 1 bit), or x itself for smooth derivatives (approx_sign,
+    only what the estimator's derivative needs (``Estimator.needs``): nothing (identity), where
+    it is zero as packed bits (clipped_ste: 1 bit), or x itself for smooth derivatives (approx_sign,
     swish_sign, ede, fourier: no compression of x, only the float sign(x) copy goes); and, when the
     code is sign(W) (``is_plain_sign``), the latent weight instead of the float code, recomputed in
     backward. Everything saved is the layer's input at 1-2 bits per element.
@@ -146,8 +146,8 @@ class _PackedSignInputOp(torch.autograd.Function):
             if bias is not None:
                 y.add_(layer.channel_view(bias))
         saved = [pack_flags(x_q < 0), scale, weight if code_is_sign else code]
-        if estimator.needs == "support":
-            saved.append(pack_flags(estimator.support(x)))
+        if estimator.needs == "zeros":
+            saved.append(pack_flags(estimator.zeros(x)))
         elif estimator.needs == "value":
             saved.append(x)
         ctx.save_for_backward(*saved)
@@ -170,10 +170,10 @@ class _PackedSignInputOp(torch.autograd.Function):
         if need_x:
             if estimator.needs == "value":
                 grad_x = estimator.backward(rest[0], grad_xq)
-            elif estimator.needs == "support":
-                grad_x = estimator.backward_from_support(unpack_flags(rest[0], ctx.shape), grad_xq)
+            elif estimator.needs == "zeros":
+                grad_x = estimator.backward_from_zeros(unpack_flags(rest[0], ctx.shape), grad_xq)
             else:
-                grad_x = estimator.backward_from_support(None, grad_xq)
+                grad_x = estimator.backward_from_zeros(None, grad_xq)
         return grad_x, grad_w * per_channel, grad_scale, grad_bias, None, None, None, None
 
 

@@ -9,7 +9,7 @@ Modes (``MODES``):
 
 ``none``   every saved tensor stays as it is (PyTorch's default).
 ``exact``  bit-identical gradients, less memory:
-           - binary-input layers save sign(x) and their estimator's support as packed bits
+           - binary-input layers save sign(x) and where their estimator's derivative is 0 as packed bits
              (``layers.quantized._PackedSignInputOp``; smooth estimators keep x: see there);
            - the output of such a layer, y = S * alpha_c with integer |S| <= K, is saved as int16 S
              wherever the next op saves it (BatchNorm, max-pool), checked S * alpha_c == y bit for bit
@@ -44,6 +44,7 @@ import threading
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -70,9 +71,9 @@ def check_mode(mode, where: str = "act_compression") -> str:
 # ------------------------------------------------------------------------------ packed forms
 @dataclass
 class _Mask:
-    """An activation module's saved tensor as one bit per element: kept[i] = the gradient passes.
-    Rebuilt as ``inside`` where kept and ``outside`` elsewhere, which gives the module's backward
-    the same mask (ReLU: 1.0 / 0.0; Hardtanh: the midpoint / max_val)."""
+    """An activation module's saved tensor as one bit per element: stopped[i] = its backward
+    gives 0 there. Rebuilt as ``outside`` where stopped and ``inside`` elsewhere, which gives the
+    module's backward the same mask (ReLU: 0.0 / 1.0; Hardtanh: max_val / the midpoint)."""
     words: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
@@ -80,9 +81,11 @@ class _Mask:
     outside: float
 
     def unpack(self) -> torch.Tensor:
-        kept = unpack_flags(self.words, self.shape)
-        return torch.where(kept, torch.tensor(self.inside, dtype=self.dtype, device=kept.device),
-                           torch.tensor(self.outside, dtype=self.dtype, device=kept.device))
+        stopped = unpack_flags(self.words, self.shape)
+        table = torch.tensor([self.inside, self.outside], dtype=self.dtype, device=stopped.device)
+        if stopped.device.type == "cpu" and self.dtype != torch.bfloat16:  # one NumPy pass
+            return torch.from_numpy(np.take(table.numpy(), stopped.view(torch.uint8).numpy()))
+        return table[stopped.long()]
 
 
 @dataclass
@@ -355,14 +358,11 @@ class ActCompression:
 
     @staticmethod
     def _mask(t: torch.Tensor, module: nn.Module) -> _Mask:
-        if isinstance(module, nn.ReLU):  # threshold_backward(g, y, 0): g where not y <= 0
-            return _Mask(pack_flags(torch.le(t, 0).logical_not_()), t.shape, t.dtype, 1.0, 0.0)
-        low, high = float(module.min_val), float(module.max_val)  # g where not (x <= min or x >= max)
-        if low == -high:
-            kept = torch.ge(t.abs(), high).logical_not_()
-        else:
-            kept = torch.le(t, low).logical_or_(torch.ge(t, high)).logical_not_()
-        return _Mask(pack_flags(kept), t.shape, t.dtype, (low + high) / 2, high)
+        if isinstance(module, nn.ReLU):  # threshold_backward(g, y, 0): 0 where y <= 0
+            return _Mask(pack_flags(torch.le(t, 0)), t.shape, t.dtype, 1.0, 0.0)
+        low, high = float(module.min_val), float(module.max_val)  # 0 where x <= min or x >= max
+        stopped = torch.ge(t.abs(), high) if low == -high else torch.le(t, low).logical_or_(torch.ge(t, high))
+        return _Mask(pack_flags(stopped), t.shape, t.dtype, (low + high) / 2, high)
 
     @staticmethod
     def _unpack(packed):
