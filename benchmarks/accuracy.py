@@ -111,6 +111,37 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def act_compression_mode(run: dict) -> str:
+    facts = run.get("act_compression") or {}
+    return facts.get("mode", "none") if isinstance(facts, dict) else "none"
+
+
+def act_compression_table(runs: list[dict], none_reference: dict[str, list[float]]) -> str:
+    """One row per (model, data, method, act_compression mode): test top-1 over seeds and its
+    difference to `none` on the same seeds (runs of this sweep, else --none reference figures)."""
+    groups: dict[tuple, dict[int, float]] = {}
+    for run in runs:
+        key = (run["model"], run["data"], run["method"], act_compression_mode(run))
+        groups.setdefault(key, {})[run["seed"]] = run["test_acc1"]
+    lines = ["| model | data | method | act_compression | seeds | test top-1 (mean ± sd) | per seed | "
+             "none, same seeds | difference | within 0.3 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    modes = ("none", "exact", "int8", "int4", "int2")
+    for key in sorted(groups, key=lambda k: (k[0], k[1], k[2], modes.index(k[3]) if k[3] in modes else 9)):
+        model, data, method, mode = key
+        by_seed = groups[key]
+        seeds = sorted(by_seed)
+        base = groups.get((model, data, method, "none")) or dict(enumerate(none_reference.get(data, [])))
+        paired = [s for s in seeds if s in base]
+        accuracies = [by_seed[s] for s in seeds]
+        diff = statistics.mean(by_seed[s] - base[s] for s in paired) if paired and mode != "none" else None
+        reference = statistics.mean(base[s] for s in paired) if paired else None
+        lines.append(f"| {model} | {data} | {method} | {mode} | {','.join(map(str, seeds))} | {mean_spread(accuracies)} | "
+                     f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {'-' if reference is None else f'{reference:.2f}'} | "
+                     f"{'-' if diff is None else f'{diff:+.2f}'} | "
+                     f"{'' if diff is None else ('yes' if abs(diff) <= 0.3 else 'no') + (' (3 seeds)' if len(paired) >= 3 else f' ({len(paired)} seed)')} |")
+    return "\n".join(lines)
+
+
 def replace_section(path: Path, section: str, text: str) -> None:
     begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
     content = path.read_text() if path.exists() else f"{begin}\n{end}\n"
@@ -144,6 +175,10 @@ def main(argv: list[str] | None = None) -> None:
     tab.add_argument("directories", type=Path, nargs="+", help="sweep directories (searched recursively)")
     tab.add_argument("--write", type=Path, default=None, help="a Markdown file whose marked section to replace")
     tab.add_argument("--section", default="mnist_bnn")
+    tab.add_argument("--by-act-compression", action="store_true",
+                     help="rows per trainer.act_compression mode, with the difference to none")
+    tab.add_argument("--none", action="append", default=[], metavar="DATA=ACC,ACC,...",
+                     help="reference none test top-1 per seed 0,1,.. when the sweep has no none runs")
     args = parser.parse_args(argv)
     if args.command == "run":
         for data in args.data:
@@ -161,7 +196,12 @@ def main(argv: list[str] | None = None) -> None:
             replace_section(args.write, "timing", text)
         print(text)
         return
-    text = table([run for directory in args.directories for run in load(directory)])
+    runs = [run for directory in args.directories for run in load(directory)]
+    if args.by_act_compression:
+        reference = {d: [float(v) for v in values.split(",")] for d, values in (item.split("=", 1) for item in args.none)}
+        text = act_compression_table(runs, reference)
+    else:
+        text = table(runs)
     if args.write:
         replace_section(args.write, args.section, text)
         print(f"wrote section {args.section!r} of {args.write}")
