@@ -25,7 +25,7 @@ from .packing import (
     unpack_ternary,
 )
 from .matmul import binary_matmul, prepack_binary, prepack_ternary, ternary_matmul
-from .conv import binary_conv2d, pack_activations, pack_conv_weight
+from .conv import binary_conv2d, pack_activations, pack_conv_weight, repack_conv_weight
 from .epilogue import epilogue, fold_bn
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "prepack_ternary",
     "pack_activations",
     "pack_conv_weight",
+    "repack_conv_weight",
     "binary_conv2d",
     "fold_bn",
     "epilogue",

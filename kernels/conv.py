@@ -32,6 +32,7 @@ GEMM route above stays as the reference (``path='popcount'`` / ``'int_mm'``) and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,7 +40,7 @@ from . import cpu_matmul
 from .matmul import binary_matmul
 from .packing import check_packed, pack_bits, packed_words, unpack_bits
 
-__all__ = ["pack_activations", "pack_conv_weight", "binary_conv2d", "conv_output_size"]
+__all__ = ["pack_activations", "pack_conv_weight", "repack_conv_weight", "binary_conv2d", "conv_output_size"]
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -67,6 +68,28 @@ def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"weight must be [O, C, kh, kw], got shape {tuple(weight.shape)}")
     o = weight.shape[0]
     return pack_bits(weight.permute(0, 2, 3, 1)).reshape(o, -1)
+
+
+def repack_conv_weight(weight_bits: torch.Tensor, in_channels: int, kernel_size) -> torch.Tensor:
+    """Flat packed weights -> :func:`pack_conv_weight`'s per-tap layout, without unpacking to floats.
+
+    ``weight_bits[O, ceil(C kh kw / 64)]`` is ``pack_bits(weight.flatten(1))`` (element ``c kh kw + t``
+    of row o is ``w[o, c, t]``); the result is ``[O, kh kw ceil(C/64)]`` as ``pack_conv_weight(weight)``.
+    Works on the bits (one byte per weight at most), so a large layer needs no float copy.
+    """
+    kh, kw = _pair(kernel_size, "kernel_size")
+    taps, o = kh * kw, weight_bits.shape[0]
+    k = in_channels * taps
+    check_packed(weight_bits, k, "weight_bits")
+    source = weight_bits.detach().cpu().contiguous().numpy().view(np.uint8)
+    packed = np.empty((o, taps * packed_words(in_channels)), dtype=np.int64)
+    for start in range(0, o, 64):  # 64 rows at a time: the byte-per-weight temporaries stay small
+        flat = np.unpackbits(source[start:start + 64], axis=-1, count=k, bitorder="little")
+        rows = flat.shape[0]
+        per_tap = np.zeros((rows, taps, packed_words(in_channels) * 64), dtype=np.uint8)
+        per_tap[:, :, :in_channels] = flat.reshape(rows, in_channels, taps).transpose(0, 2, 1)
+        packed[start:start + rows] = np.packbits(per_tap, axis=-1, bitorder="little").view(np.int64).reshape(rows, -1)
+    return torch.from_numpy(packed).to(weight_bits.device)
 
 
 def _im2col(x_bits: torch.Tensor, kernel, stride, padding, dilation, out_hw) -> torch.Tensor:

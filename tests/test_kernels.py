@@ -828,3 +828,11 @@ def test_benchmark_results_section_replaced_and_others_kept(tmp_path, monkeypatc
     assert "keep me" in text and "keep too" in text and "old numbers" not in text
     assert text.count("## Kernels") == 1 and "| cpu |" in text and "not yet measured" in text
     assert text.index("## Training") < text.index("## Kernels") < text.index("## Other")
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 3, 3), (7, 64, 3, 3), (4, 65, 1, 1), (3, 130, 2, 3), (2, 1, 5, 5)])
+def test_repack_conv_weight_equals_pack_conv_weight(shape, gen):
+    """The packed layers build the per-tap layout from their flat bits, never from floats."""
+    w = torch.randn(*shape, generator=gen)
+    flat = kernels.pack_bits(w.flatten(1))
+    assert torch.equal(kernels.repack_conv_weight(flat, shape[1], shape[2:]), kernels.pack_conv_weight(w))

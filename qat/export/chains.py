@@ -208,11 +208,12 @@ def _follow(producer, modules):
     return None
 
 
-def fuse_binary_chains(packed: nn.Module) -> nn.Module:
-    """A copy of a packed model (``pack_model``'s result, eval mode) in which binary layers pass
-    packed bits to each other (see the module docstring).  Needs the native engine; returns an
-    unchanged copy where it is unavailable or the model cannot be traced."""
-    model = copy.deepcopy(packed).eval()
+def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
+    """A packed model (``pack_model``'s result, eval mode) in which binary layers pass packed bits to
+    each other (see the module docstring).  Works on a copy unless ``inplace`` (then the returned
+    model shares ``packed``'s layers, and ``packed`` should no longer be used).  Needs the native
+    engine; returns the model unfused where it is unavailable or cannot be traced."""
+    model = (packed if inplace else copy.deepcopy(packed)).eval()
     if not native.available():
         return model
     try:

@@ -263,8 +263,10 @@ class PackedConv2d(PackedLayer):
     def group_tap_bits(self, device) -> tuple[torch.Tensor, ...]:
         """The kernel's runtime weight layout (``kernels.pack_conv_weight``), one per group:
         group g holds output channels [g C_out/G, (g+1) C_out/G)."""
-        codes = self.codes().reshape(self.spec.weight_shape)
-        return tuple(kernels.pack_conv_weight(chunk).to(device) for chunk in codes.chunk(self.spec.groups, dim=0))
+        s = self.spec
+        rows = s.out_features // s.groups
+        return tuple(kernels.repack_conv_weight(self.weight_bits[g * rows:(g + 1) * rows], s.in_features // s.groups,
+                                                s.kernel_size).to(device) for g in range(s.groups))
 
     @staticmethod
     def channels_to_last(acc):
@@ -540,7 +542,8 @@ def _assemble(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module | N
         model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as error:
         raise ValueError(f"{source} does not match the model it is loaded into: {error}") from None
-    unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+                if t.is_meta and name not in tensors]
     if unfilled:
         raise ValueError(f"{source} leaves {', '.join(unfilled[:3])} of the model without values (tensors the file does "
                          f"not hold); load it with load_packed(path, model=<float model>)")
