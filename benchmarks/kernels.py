@@ -90,6 +90,7 @@ def cpu_section(quick: bool) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(n, k, generator=gen)
     w_bits = kernels.pack_bits(weight)
+    w_prepacked = kernels.prepack_binary(w_bits, k)  # the native engine's layout, built once as a layer does
     lines = [
         f"CPU: N = K = {k}, float32 F.linear vs kernels.binary_matmul (exact int32), "
         f"min of {rounds} interleaved rounds, torch threads = {torch.get_num_threads()}",
@@ -103,8 +104,8 @@ def cpu_section(quick: bool) -> list[str]:
         t = interleaved_min(
             {
                 "float": lambda: F.linear(x, weight),
-                "binary": lambda: kernels.binary_matmul(x_bits, w_bits, k),
-                "binary+pack": lambda: kernels.binary_matmul(kernels.pack_bits(x), w_bits, k),
+                "binary": lambda: kernels.binary_matmul(x_bits, w_prepacked, k),
+                "binary+pack": lambda: kernels.binary_matmul(kernels.pack_bits(x), w_prepacked, k),
             },
             rounds,
         )
@@ -127,7 +128,8 @@ def cpu_section(quick: bool) -> list[str]:
 def forced_paths_table(weight, w_bits, gen, rounds: int) -> list[str]:
     """Both exact CPU paths forced at M = 16 and 64: the evidence behind the 'auto' choice here."""
     k = weight.shape[1]
-    paths = ["popcount"] + (["int_mm"] if cpu_matmul.int_mm_available() else [])
+    paths = ["popcount"] + (["int_mm"] if cpu_matmul.int_mm_available() else []) + (
+        ["native"] if kernels.native.available() else [])
     lines = [
         f"Both exact CPU paths forced (path=...), min of {rounds} interleaved rounds; ratio = F.linear time / path time",
         "",
