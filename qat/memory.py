@@ -8,10 +8,11 @@ for backward under each ``trainer.act_compression`` mode, and what it costs:
   ``binary inputs`` (what the binary-input layers save of their inputs), ratios to ``none``;
 - step time: median over ``--steps`` steps per mode, modes interleaved round-robin in one process
   so a changing machine load hits them alike;
-- peak memory: each mode in a fresh process (``--child``): the peak RSS of the process (CPU) or
-  ``torch.cuda.max_memory_allocated`` (GPU) over one step at batch B/2 and one at B; their
-  difference gives the memory per image, and with it the largest batch whose peak fits
-  ``--budget-mib``.
+- peak memory: each mode and batch size (B/2 and B) in a fresh process (``--child``): on CPU the
+  process's peak RSS during one step (VmHWM, reset before the step) and its rise over the RSS
+  before it (model built, batch made); on GPU ``torch.cuda.max_memory_allocated``. The difference
+  between B/2 and B gives the memory per image, and with it the largest batch whose peak fits
+  ``--budget-mib`` (a linear extrapolation).
 
 Hydra overrides (``+experiment=...``, ``quant=...``, ``model=...``) compose the config exactly as
 ``train.py`` does; ``trainer.act_compression_overrides`` applies to every mode but ``none``. Bad
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,28 +103,46 @@ def measure_saved_and_time(cfg, modes, overrides, size, steps, device):
     return results
 
 
+def _status_bytes(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs). getrusage's ru_maxrss cannot
+    be used: Linux carries the forking parent's peak across exec into it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def child_peak(cfg, mode, overrides, size, device) -> dict:
-    """Peak memory of one step at size // 2 and at size, in this (fresh) process."""
+    """Peak memory of one training step at batch ``size`` in this fresh process: CUDA's
+    max_memory_allocated, or on CPU the process's peak RSS (VmHWM) and its rise over the RSS
+    before the step (model built, batch made)."""
     model = build_model(cfg, device)
     compression = set_act_compression(model, mode, overrides if mode != "none" else None)
-    out = {}
-    for b in (max(1, size // 2), size):
-        images, labels = batch(cfg, b, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            train_step(model, compression, images, labels)
-            torch.cuda.synchronize(device)
-            out[str(b)] = torch.cuda.max_memory_allocated(device)
-        else:
-            train_step(model, compression, images, labels)
-            out[str(b)] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        del images, labels
-    return out
+    images, labels = batch(cfg, size, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        train_step(model, compression, images, labels)
+        torch.cuda.synchronize(device)
+        return {"peak": torch.cuda.max_memory_allocated(device)}
+    before = _status_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    train_step(model, compression, images, labels)
+    peak = _status_bytes("VmHWM")
+    return {"peak": peak, "rise": peak - before if reset else None}
 
 
 def largest_batch(peaks: dict, budget: int) -> int | None:
-    (b1, p1), (b2, p2) = sorted((int(b), p) for b, p in peaks.items())
+    (b1, p1), (b2, p2) = sorted((int(b), p["peak"]) for b, p in peaks.items())
     per_image = (p2 - p1) / (b2 - b1) if b2 > b1 else 0
     if per_image <= 0:
         return None
@@ -137,11 +155,13 @@ def mib(n) -> str:
 
 def table(cfg, results: dict, peaks: dict, budget: int | None, device) -> str:
     base = results.get("none")
-    kind = "peak RSS (process)" if device.type == "cpu" else "max_memory_allocated"
+    kind = "peak RSS in the step" if device.type == "cpu" else "max_memory_allocated"
     head = ["mode", "held for backward MiB", "x less", "binary-layer inputs MiB", "x less",
             "step s (median)", "x none"]
     if peaks:
         head += [f"{kind} MiB", "x less"]
+        if device.type == "cpu":
+            head += ["rise over RSS before the step MiB", "x less"]
         if budget:
             head += [f"largest batch in {budget / 2**20:,.0f} MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -152,9 +172,14 @@ def table(cfg, results: dict, peaks: dict, budget: int | None, device) -> str:
                "-" if seconds is None else f"{seconds:.2f}",
                _ratio(seconds, base and base["seconds"] and statistics.median(base["seconds"]), inverse=True)]
         if peaks:
-            peak = max(peaks[mode].values())
-            base_peak = max(peaks["none"].values()) if "none" in peaks else None
+            top = str(max(int(b) for b in peaks[mode]))
+            peak = peaks[mode][top]["peak"]
+            base_peak = peaks["none"][top]["peak"] if "none" in peaks else None
             row += [mib(peak), _ratio(base_peak, peak)]
+            if device.type == "cpu":
+                rise = peaks[mode][top].get("rise")
+                base_rise = peaks["none"][top].get("rise") if "none" in peaks else None
+                row += [mib(rise), _ratio(base_rise, rise)]
             if budget:
                 found = largest_batch(peaks[mode], budget)
                 row.append("-" if found is None else str(found))
@@ -168,8 +193,8 @@ def _ratio(a, b, inverse=False) -> str:
     return f"{a / b:.2f}"
 
 
-def run_child(argv: list[str], mode: str) -> dict:
-    command = [sys.executable, "-m", "qat.memory", *argv, "--child", mode]
+def run_child(argv: list[str], mode: str, size: int) -> dict:
+    command = [sys.executable, "-m", "qat.memory", *argv, "--batch", str(size), "--child", mode]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"peak-memory child for mode {mode} failed:\n{done.stderr[-2000:]}")
@@ -208,7 +233,7 @@ def main(argv=None) -> int:
     peaks = {}
     if not args.no_peak:
         child_argv = [a for a in argv if a != "--no-peak"]
-        peaks = {mode: run_child(child_argv, mode) for mode in modes}
+        peaks = {mode: {str(b): run_child(child_argv, mode, b) for b in (max(1, size // 2), size)} for mode in modes}
     budget = int(args.budget_mib * 2**20) if args.budget_mib else None
     title = (f"{cfg.get('experiment_name', 'default')}: model {cfg.model.name}, method {cfg.quant.method}, "
              f"batch {size}, device {device}, {torch.get_num_threads()} threads")
