@@ -34,8 +34,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages above win their names
+
 import kernels  # noqa: E402
 from kernels import cpu_matmul, cpu_native, native  # noqa: E402
+from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## CPU engine"
@@ -279,15 +282,7 @@ def memory_section() -> list[str]:
 
 def write_results(command: str, lines: list[str], note: str) -> None:
     body = [SECTION, "", f"Command: `{command}`", *([f"Note: {note}"] if note else []), "", *lines, ""]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    rows = text.splitlines()
-    start = next((i for i, line in enumerate(rows) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    else:
-        end = next((i for i in range(start + 1, len(rows)) if rows[i].startswith("## ")), len(rows))
-        new = "\n".join(rows[:start] + body + rows[end:]) + "\n"
-    RESULTS.write_text(new)
+    replace_section(RESULTS, SECTION, body)
 
 
 def main(argv=None) -> int:

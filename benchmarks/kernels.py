@@ -38,8 +38,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages above win their names
+
 import kernels  # noqa: E402
 from kernels import cpu_matmul  # noqa: E402
+from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 NO_GPU = "not yet measured (no GPU available in this session)"
@@ -298,15 +301,7 @@ def write_results(
         *e2e,
         "",
     ]
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == "## Kernels"), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + "\n".join(body)
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + body + lines[end:]) + "\n"
-    RESULTS.write_text(new)
+    replace_section(RESULTS, "## Kernels", body)
 
 
 def main(argv=None) -> None:

@@ -48,6 +48,15 @@ class PrepackedTernary:
         self.native = cpu_native.ternary_prepack((sign, nonzero), k) if _native_ready(sign) else None
 
 
+def _unwrap(b, prepacked_type, k: int):
+    """(packed operand, its prepacked form or None) of a weight argument that may be prepacked."""
+    if not isinstance(b, prepacked_type):
+        return b, None
+    if b.k != k:
+        raise ValueError(f"the prepacked weights have k={b.k}, not {k}")
+    return (b.bits if prepacked_type is PrepackedBinary else b.planes), b
+
+
 def prepack_binary(b_bits: torch.Tensor, k: int) -> PrepackedBinary:
     """Prepare weights for many :func:`binary_matmul` calls (the native panel layout on CPU)."""
     return PrepackedBinary(b_bits, k)
@@ -93,11 +102,7 @@ def binary_matmul(
     'int_mm' (:mod:`kernels.cpu_matmul`), on CUDA 'gemv' / 'gemm' / 'tc' (:mod:`kernels.cuda_matmul`).
     ``b_bits`` may be a :func:`prepack_binary` result (CPU).
     """
-    prepacked = b_bits if isinstance(b_bits, PrepackedBinary) else None
-    if prepacked is not None:
-        if prepacked.k != k:
-            raise ValueError(f"the prepacked weights have k={prepacked.k}, not {k}")
-        b_bits = prepacked.bits
+    b_bits, prepacked = _unwrap(b_bits, PrepackedBinary, k)
     _check_pair(a_bits, b_bits, k, "a_bits", "b_bits")
     a_bits, b_bits = a_bits.contiguous(), b_bits.contiguous()
     if a_bits.is_cuda:
@@ -118,11 +123,7 @@ def ternary_matmul(a_planes, b_planes, k: int, *, path: str = "auto") -> torch.T
     Returns int32 [M, N].  ``path`` as in :func:`binary_matmul` (no 'tc' for ternary);
     ``b_planes`` may be a :func:`prepack_ternary` result (CPU).
     """
-    prepacked = b_planes if isinstance(b_planes, PrepackedTernary) else None
-    if prepacked is not None:
-        if prepacked.k != k:
-            raise ValueError(f"the prepacked weights have k={prepacked.k}, not {k}")
-        b_planes = prepacked.planes
+    b_planes, prepacked = _unwrap(b_planes, PrepackedTernary, k)
     sa, ma = _check_planes(a_planes, "a_planes")
     sb, mb = _check_planes(b_planes, "b_planes")
     _check_pair(sa, sb, k, "a_planes", "b_planes")

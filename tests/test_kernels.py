@@ -267,7 +267,9 @@ def test_decide_cpu_path_is_a_pure_function_of_its_inputs():
 
 
 @pytest.fixture
-def fresh_dispatch():
+def fresh_dispatch(monkeypatch):
+    """The NumPy paths' choice, as where the native engine is unavailable (no compiler)."""
+    monkeypatch.setattr(native, "available", lambda: False)
     cpu_matmul.int_mm_fast.cache_clear()
     yield
     cpu_matmul.int_mm_fast.cache_clear()

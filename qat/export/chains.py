@@ -19,6 +19,10 @@ packing: no float tensor is written or read between them.  The ops allowed on th
 * ``Flatten`` before a binary ``Linear``: the linear over NCHW-flattened features is a
   convolution whose kernel covers the whole ``H x W`` map, so its weights are used as such.
 
+Where a *float* layer's output reaches a binary conv through such a chain holding a BatchNorm or a
+max-pool, a ``SignPacker`` takes the chain's place: ``sign(y * M + A)`` packed, then the same bit
+pools (e.g. mnist_cnn's float first conv -> max-pool -> BatchNorm -> binary conv).
+
 What changes: the sign is taken of ``acc * M + A`` computed in float64, where the float model
 rounds each step in float32 -- the same kind of difference BatchNorm folding makes (a value
 within a rounding of 0 may take the other sign).  The result is for CPU inference with the
@@ -39,7 +43,7 @@ from kernels import cpu_native, native
 
 from .packed import FoldedBatchNorm, PackedConv2d, PackedLayer, PackedLinear
 
-__all__ = ["fuse_binary_chains", "PackedMaxPool2d", "FusedBinaryLayer"]
+__all__ = ["fuse_binary_chains", "PackedMaxPool2d", "FusedBinaryLayer", "SignPacker"]
 
 
 class PackedMaxPool2d(nn.Module):
@@ -160,52 +164,115 @@ def _is_flatten(node, modules) -> bool:
     return node.op == "call_method" and node.target == "flatten" and tuple(node.args[1:]) == (1,)
 
 
-def _follow(producer, modules):
-    """(chain nodes, consumer node, Emit, flattened) for a fusable path from ``producer``, or None."""
-    layer = modules[producer.target]
-    weights, mul, add = layer.native_weights()
-    mul, add = mul.double().clone(), add.double().clone()
-    pools, pool_directions, chain = [], [], []
-    affine_allowed, flattened, node = True, False, producer
+# The modules a path between two binary layers may hold (each checked further by _emit_for).
+PATH_MODULES = (nn.Identity, FoldedBatchNorm, nn.Dropout, nn.Hardtanh, nn.MaxPool2d, nn.modules.batchnorm._BatchNorm)
+
+
+def _sign_path(node, modules):
+    """(chain nodes, consumer node, flattened) when ``node``'s value reaches a binary layer that
+    can take packed input through single-user ops of the module docstring's list; else None."""
+    chain, flattened = [], False
     while len(node.users) == 1:
         nxt = next(iter(node.users))
         if nxt.op == "call_module" and isinstance(modules[nxt.target], PackedLayer):
-            consumer = modules[nxt.target]
-            if not _can_take_bits(consumer) or nxt.args[0] is not node or len(nxt.args) != 1:
+            ok = _can_take_bits(modules[nxt.target]) and len(nxt.args) == 1 and nxt.args[0] is node
+            return (chain, nxt, flattened) if ok else None
+        if _is_flatten(nxt, modules):
+            if flattened:
                 return None
-            conv_to_conv = isinstance(layer, PackedConv2d) and isinstance(consumer, PackedConv2d) and not flattened
-            linear_input = isinstance(consumer, PackedLinear) and (flattened or isinstance(layer, PackedLinear))
-            if not (conv_to_conv or linear_input):
-                return None
-            bit_pools = []
-            for pool, direction in zip(pools, pool_directions):
-                # AND where the map after the pool is non-decreasing (bit 1 in the mask), else OR
-                and_mask = kernels.pack_bits(torch.where(direction < 0, 1.0, -1.0).unsqueeze(0))[0]
-                bit_pools.append(PackedMaxPool2d(pool, and_mask))
-            return chain, nxt, Emit(mul, add, bit_pools), flattened
-        if _is_flatten(nxt, modules) and not flattened and isinstance(layer, PackedConv2d):
             flattened = True
-        elif nxt.op != "call_module" or flattened:
+        elif nxt.op != "call_module" or flattened or not isinstance(modules[nxt.target], PATH_MODULES):
             return None
-        else:
-            m = modules[nxt.target]
-            affine = _bn_affine(m)
-            if isinstance(m, (nn.Identity, FoldedBatchNorm, nn.Dropout)):
-                pass
-            elif affine is not None and affine_allowed:
-                scale, shift = affine
-                mul, add = mul * scale, add * scale + shift
-                pool_directions = [d * torch.sign(scale) for d in pool_directions]
-            elif isinstance(m, nn.Hardtanh) and m.min_val < 0 <= m.max_val:
-                affine_allowed = False
-            elif isinstance(m, nn.MaxPool2d) and not m.ceil_mode and not m.return_indices:
-                pools.append(m)
-                pool_directions.append(torch.ones(mul.shape[0], dtype=torch.float64))
-            else:
-                return None
         chain.append(nxt)
         node = nxt
     return None
+
+
+def _emit_for(chain, modules, mul: torch.Tensor, add: torch.Tensor) -> Emit | None:
+    """Compose ``z = y * mul + add`` with the chain's affine maps and turn its max-pools into bit
+    pools (AND or OR per channel); None when an op of the chain does not keep the sign."""
+    pools, directions, affine_allowed = [], [], True
+    for node in chain:
+        if _is_flatten(node, modules):
+            continue
+        m = modules[node.target]
+        affine = _bn_affine(m)
+        if isinstance(m, (nn.Identity, FoldedBatchNorm, nn.Dropout)):
+            continue
+        if affine is not None and affine_allowed:
+            scale, shift = affine
+            mul, add = mul * scale, add * scale + shift
+            directions = [d * torch.sign(scale) for d in directions]
+        elif isinstance(m, nn.Hardtanh) and m.min_val < 0 <= m.max_val:
+            affine_allowed = False
+        elif isinstance(m, nn.MaxPool2d) and not m.ceil_mode and not m.return_indices:
+            pools.append(m)
+            directions.append(torch.ones(mul.shape[0], dtype=torch.float64))
+        else:
+            return None
+    # AND where the map after the pool is non-decreasing (bit 1 in the mask), else OR
+    bit_pools = [PackedMaxPool2d(pool, kernels.pack_bits(torch.where(d < 0, 1.0, -1.0).unsqueeze(0))[0])
+                 for pool, d in zip(pools, directions)]
+    return Emit(mul, add, bit_pools)
+
+
+def _follow(producer, modules):
+    """(chain nodes, consumer node, Emit, flattened) for a fusable path from a binary layer, or None."""
+    layer = modules[producer.target]
+    path = _sign_path(producer, modules)
+    if path is None:
+        return None
+    chain, consumer_node, flattened = path
+    consumer = modules[consumer_node.target]
+    conv_to_conv = isinstance(layer, PackedConv2d) and isinstance(consumer, PackedConv2d) and not flattened
+    to_linear = isinstance(consumer, PackedLinear) and (flattened == isinstance(layer, PackedConv2d))
+    if not (conv_to_conv or to_linear):
+        return None
+    _, mul, add = layer.native_weights()
+    emit = _emit_for(chain, modules, mul.double().clone(), add.double().clone())
+    return None if emit is None else (chain, consumer_node, emit, flattened)
+
+
+class SignPacker(nn.Module):
+    """Packs the signs of a float layer's output for a binary layer, in place of the BatchNorms,
+    sign-keeping activations and max-pools between them: ``bits = sign(y * mul + add)`` (float32),
+    then the bit pools."""
+
+    def __init__(self, emit: Emit):
+        super().__init__()
+        self.register_buffer("mul", emit.mul.float().view(1, -1, 1, 1))
+        self.register_buffer("add", emit.add.float().view(1, -1, 1, 1))
+        self.pools = nn.ModuleList(emit.pools)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        bits = cpu_native.pack_pixels(torch.addcmul(self.add, y, self.mul))
+        for pool in self.pools:
+            bits = pool(bits)
+        return bits
+
+
+def _float_feeds(graph_module, modules, fused_consumers):
+    """(start node, chain, consumer node, Emit) for each binary conv fed by a float value through a
+    chain that holds a BatchNorm or a max-pool (work a sign packer saves)."""
+    found = []
+    for node in graph_module.graph.nodes:
+        if not (node.op == "call_module" and node.target not in fused_consumers
+                and isinstance(modules[node.target], PackedConv2d) and _can_take_bits(modules[node.target])):
+            continue
+        chain, start = [], node.args[0] if len(node.args) == 1 else None
+        while isinstance(start, torch.fx.Node) and start.op == "call_module" and len(start.users) == 1 \
+                and isinstance(modules[start.target], PATH_MODULES) and len(start.args) == 1:
+            chain.insert(0, start)
+            start = start.args[0]
+        useful = any(isinstance(modules[n.target], (nn.MaxPool2d, nn.modules.batchnorm._BatchNorm)) for n in chain)
+        if not (chain and useful and isinstance(start, torch.fx.Node)) or _sign_path(start, modules) != (chain, node, False):
+            continue
+        channels = modules[node.target].spec.in_features
+        emit = _emit_for(chain, modules, torch.ones(channels, dtype=torch.float64),
+                         torch.zeros(channels, dtype=torch.float64))
+        if emit is not None:
+            found.append((start, chain, node, emit))
+    return found
 
 
 def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
@@ -227,10 +294,12 @@ def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
             found = _follow(node, modules)
             if found:
                 edges.append((node, *found))
-    if not edges:
+    feeds = _float_feeds(graph_module, modules, {consumer.target for _, _, consumer, _, _ in edges})
+    if not edges and not feeds:
         return model
     emits = {producer.target: emit for producer, _, _, emit, _ in edges}
     takes = {consumer.target: flattened for _, _, consumer, _, flattened in edges}
+    takes.update({consumer.target: False for _, _, consumer, _ in feeds})
     for index, name in enumerate(sorted(set(emits) | set(takes))):
         fused = FusedBinaryLayer(modules[name], name in takes, emits.get(name), takes.get(name, False))
         graph_module.add_submodule(f"fused_{index}", fused)
@@ -239,6 +308,13 @@ def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
                 node.target = f"fused_{index}"
     for producer, chain, consumer, _, _ in edges:
         consumer.args = (producer,)
+        for node in reversed(chain):
+            graph_module.graph.erase_node(node)
+    for index, (start, chain, consumer, emit) in enumerate(feeds):
+        graph_module.add_submodule(f"sign_packer_{index}", SignPacker(emit))
+        with graph_module.graph.inserting_after(start):
+            packer = graph_module.graph.call_module(f"sign_packer_{index}", (start,))
+        consumer.args = (packer,)
         for node in reversed(chain):
             graph_module.graph.erase_node(node)
     graph_module.graph.lint()
