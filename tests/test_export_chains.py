@@ -11,7 +11,7 @@ import qat
 from kernels import cpu_native, native
 from qat import models
 from qat.export import fuse_binary_chains, pack_model
-from qat.export.chains import FusedBinaryLayer, PackedMaxPool2d
+from qat.export.chains import FusedBinaryLayer, PackedMaxPool2d, SignPacker
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
@@ -62,20 +62,21 @@ def fused_and_packed(model, keep_fp=("first",), negative_gamma=False):
 
 
 CASES = [
-    ("mnist_cnn", lambda: models.build("mnist_cnn", num_classes=10, in_channels=1), (1, 28, 28), 4),
-    ("resnet20", lambda: models.build("resnet20", num_classes=10, activation="hardtanh"), (3, 32, 32), 18),
-    ("vgg_small", lambda: models.build("vgg_small", num_classes=10, activation="hardtanh"), (3, 32, 32), 6),
-    ("pool_then_bn", PoolThenBatchNorm, (3, 10, 10), 3),
+    # name, builder, input shape, binary layers fused, sign packers (a float layer feeding bits)
+    ("mnist_cnn", lambda: models.build("mnist_cnn", num_classes=10, in_channels=1), (1, 28, 28), 4, 1),
+    ("resnet20", lambda: models.build("resnet20", num_classes=10, activation="hardtanh"), (3, 32, 32), 18, 0),
+    ("vgg_small", lambda: models.build("vgg_small", num_classes=10, activation="hardtanh"), (3, 32, 32), 6, 0),
+    ("pool_then_bn", PoolThenBatchNorm, (3, 10, 10), 3, 0),
 ]
 
 
-@pytest.mark.parametrize("name,build,shape,fused_layers", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,build,shape,fused_layers,sign_packers", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("negative_gamma", [False, True])
-def test_fused_chains_agree_with_the_packed_model(name, build, shape, fused_layers, negative_gamma):
+def test_fused_chains_agree_with_the_packed_model(name, build, shape, fused_layers, sign_packers, negative_gamma):
     torch.manual_seed(0)
     fused, packed = fused_and_packed(build(), negative_gamma=negative_gamma)
-    count = sum(isinstance(m, FusedBinaryLayer) for m in fused.modules())
-    assert count == fused_layers, name
+    assert sum(isinstance(m, FusedBinaryLayer) for m in fused.modules()) == fused_layers, name
+    assert sum(isinstance(m, SignPacker) for m in fused.modules()) == sign_packers, name
     x = torch.randn(16, *shape)
     with torch.inference_mode():
         expected, got = packed(x), fused(x)
