@@ -65,7 +65,7 @@ CASES = [
     # name, builder, input shape, binary layers fused, sign packers (a float layer feeding bits)
     ("mnist_cnn", lambda: models.build("mnist_cnn", num_classes=10, in_channels=1), (1, 28, 28), 4, 1),
     ("resnet20", lambda: models.build("resnet20", num_classes=10, activation="hardtanh"), (3, 32, 32), 18, 0),
-    ("vgg_small", lambda: models.build("vgg_small", num_classes=10, activation="hardtanh"), (3, 32, 32), 6, 0),
+    ("vgg_small", lambda: models.build("vgg_small", num_classes=10, activation="hardtanh"), (3, 32, 32), 6, 1),
     ("pool_then_bn", PoolThenBatchNorm, (3, 10, 10), 3, 0),
 ]
 
