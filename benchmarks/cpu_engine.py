@@ -25,7 +25,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,24 +37,12 @@ sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages 
 
 import kernels  # noqa: E402
 from kernels import cpu_matmul, cpu_native, native  # noqa: E402
+from interleaved import interleaved_min  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## CPU engine"
 N = K = 4096
-
-
-def interleaved_min(fns: dict, rounds: int) -> dict[str, float]:
-    """Min wall time (s) of each fn over ``rounds`` rounds, candidates interleaved per round."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def peaks() -> dict[str, float]:

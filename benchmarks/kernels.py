@@ -29,7 +29,6 @@ import platform
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +41,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages 
 
 import kernels  # noqa: E402
 from kernels import cpu_matmul  # noqa: E402
+from interleaved import interleaved_min  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -72,19 +72,6 @@ def packed_models_section(quick: bool) -> list[str]:
 
 
 END_TO_END: Callable[[bool], list[str]] | None = packed_models_section
-
-
-def interleaved_min(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Min wall time (s) of each fn over ``rounds`` rounds, candidates interleaved per round."""
-    for fn in fns.values():
-        fn()  # warm-up (thread pool, first-call allocations)
-    best = {name: float("inf") for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def cpu_section(quick: bool) -> list[str]:
