@@ -12,8 +12,9 @@ Modes (``MODES``):
            - binary-input layers save sign(x) and where their estimator's derivative is 0 as packed bits
              (``layers.quantized._PackedSignInputOp``; smooth estimators keep x: see there);
            - the output of such a layer, y = S * alpha_c with integer |S| <= K, is saved as int16 S
-             wherever the next op saves it (BatchNorm, max-pool), checked S * alpha_c == y bit for bit
-             when packed (else kept as float);
+             wherever the next op saves it (BatchNorm, max-pool); S * alpha_c == y bit for bit
+             follows from the conv's exact integer sums, checked on a sample when packed (else kept
+             as float, see ``_compress``);
            - ReLU and Hardtanh modules save one bit per element (whether the input is inside the
              linear range), all that their backward reads;
            - int64 tensors whose values fit int16 (max-pool indices) are saved as int16.
@@ -351,9 +352,14 @@ class ActCompression:
         form = integer_form(t)
         if form is not None and form[1] <= INT16_MAX:
             scale = form[0]
-            codes = torch.div(t, scale).round_()
-            if torch.equal(codes.mul(scale), t):  # exactness checked, not assumed
-                return _Integer(codes.to(torch.int16), scale)
+            # |S| <= K < 2^15 and y = fl(S * s) is within 2^-24 relative of S * s, so
+            # round(y * (1 / s)) is S exactly. That y really is S * s (the conv summed the +-1
+            # products exactly, as float32 sums of integers below 2^24 do in any order; a
+            # Winograd or FFT backend would not) is checked on the first example of the batch:
+            # such a backend is inexact almost everywhere, so a sample finds it, at 1/N of a pass.
+            codes = t.mul(scale.reciprocal()).round_().to(torch.int16)
+            if torch.equal(codes[:1].to(t.dtype).mul_(scale), t[:1]):
+                return _Integer(codes, scale)
         return t
 
     @staticmethod

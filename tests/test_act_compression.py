@@ -253,3 +253,19 @@ def test_exact_mode_trains_bit_identically_and_int2_resumes_exactly(compose, tmp
     for key, tensor in straight.items():
         assert torch.equal(tensor, resumed[key]), key
     assert any(not torch.equal(t, none_state[k]) for k, t in straight.items() if t.is_floating_point())
+
+
+def test_integer_form_is_checked_not_assumed():
+    from layers.quantized import INTEGER_FORM_ATTR
+
+    compression = ActCompression(nn.Sequential(nn.Identity()), "exact", min_numel=1)
+    scale = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1)
+    y = torch.randint(-9, 10, (3, 2, 4, 4)).float() * scale
+    setattr(y, INTEGER_FORM_ATTR, (scale, 9, y._version))
+    packed = compression._compress(y, "exact", None)
+    assert type(packed).__name__ == "_Integer" and torch.equal(packed.unpack(), y)
+    inexact = y + 0.01
+    setattr(inexact, INTEGER_FORM_ATTR, (scale, 9, inexact._version))
+    assert compression._compress(inexact, "exact", None) is inexact
+    y.add_(0.01)  # changed in place after the layer: the recorded form no longer applies
+    assert compression._compress(y, "exact", None) is y
