@@ -292,7 +292,11 @@ void write_rows(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_first,
         ((float*)a.out)[p * a.out_stride + oc] = (float)dot[j] * a.mul_f[oc] + a.add_f[oc];
       } else {
         const double y = (double)dot[j] * a.mul_d[oc] + a.add_d[oc];
-        if (y < 0) ((uint64_t*)a.out)[p * a.out_stride + (oc >> 6)] |= (uint64_t)1 << (oc & 63);
+        // An atomic OR of the bit's byte: with groups > 1 a byte can hold channels of panels of
+        // several groups, written by different threads (a plain |= of the word lost bits).
+        if (y < 0)
+          __atomic_fetch_or((unsigned char*)((uint64_t*)a.out + p * a.out_stride) + (oc >> 3),
+                            (unsigned char)(1u << (oc & 7)), __ATOMIC_RELAXED);  // little-endian
       }
     }
   }
