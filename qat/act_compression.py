@@ -9,8 +9,8 @@ Modes (``MODES``):
 
 ``none``   every saved tensor stays as it is (PyTorch's default).
 ``exact``  bit-identical gradients, less memory:
-           - binary-input layers save sign(x) and where their estimator's derivative is 0 as packed bits
-             (``layers.quantized._PackedSignInputOp``; smooth estimators keep x: see there);
+           - binary-input layers save sign(x) and where their estimator's derivative is 0 as
+             packed bits (``layers.quantized._PackedSignInputOp``; smooth estimators keep x);
            - the output of such a layer, y = S * alpha_c with integer |S| <= K, is saved as int16 S
              wherever the next op saves it (BatchNorm, max-pool); S * alpha_c == y bit for bit
              follows from the conv's exact integer sums, checked on a sample when packed (else kept
@@ -18,14 +18,15 @@ Modes (``MODES``):
            - ReLU and Hardtanh modules save one bit per element (whether the input is inside the
              linear range), all that their backward reads;
            - int64 tensors whose values fit int16 (max-pool indices) are saved as int16.
-``int8`` / ``int4`` / ``int2``  ``exact``, plus every other float activation saved (float convolutions'
-           and linears' inputs, BatchNorm, PReLU, pooling, ...; not the model's input batch, which the
-           caller holds anyway) quantized per group of ``group_size``
-           (256) consecutive elements to b bits with stochastic rounding, as ActNN (Chen et al. 2021)
-           and GACT (Liu et al. 2022) do:
+``int8`` / ``int4`` / ``int2``  ``exact``, plus every other float activation saved (float
+           convolutions' and linears' inputs, BatchNorm, PReLU, pooling, ...; not the model's input
+           batch, which the caller holds anyway) quantized per group of ``group_size`` (256)
+           consecutive elements to b bits with stochastic rounding, as ActNN (Chen et al. 2021) and
+           GACT (Liu et al. 2022) do:
                lo, hi = min, max of the group,  s = (hi - lo) / (2^b - 1),
                q = clamp(floor((x - lo) / s + u), 0, 2^b - 1),  u ~ U[0, 1),   x~ = lo + s q,
-           unbiased (E[x~] = x) with |x~ - x| < s. Stored: b bits per element + lo and s as float32
+           unbiased (E[x~] = x, u drawn with 8 random bits: see ``quantize_groups``) with
+           |x~ - x| < s. Stored: b bits per element + lo and s as float32
            per group (0.25 bit per element). Weights and parameter-derived tensors are never touched.
            BatchNorm inputs get at least ``norm_bits`` = 8 (a fixed allocation in the spirit of GACT's
            adaptive one): BN's backward multiplies the error of x_hat into every gradient upstream;
@@ -51,7 +52,7 @@ from torch import nn
 
 from layers import QuantizedLayer
 from layers.bitpack import pack_flags, unpack_flags
-from layers.quantized import ACT_COMPRESSION_MODES, INT16_MAX, INTEGER_FORM_ATTR, integer_form, is_weight_side
+from layers.quantized import INT16_MAX, INTEGER_FORM_ATTR, integer_form, is_weight_side
 
 MODES = ("none", "exact", "int8", "int4", "int2")
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
@@ -419,5 +420,3 @@ def saving(model: nn.Module):
     installed = getattr(model, _ATTR, None)
     return installed.saving() if installed is not None else nullcontext()
 
-
-assert set(ACT_COMPRESSION_MODES) <= set(MODES)
