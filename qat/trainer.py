@@ -4,8 +4,10 @@ One run = build data -> float model -> `qat.quantize_model` -> optimizer (latent
 without weight decay, `qat.latent.param_groups`) -> per-step schedule -> epochs of
   set_progress(step / total_steps) -> forward (bf16 autocast on CUDA) -> backward -> step ->
   clip latent weights -> log
-with evaluation (loss, top-1, top-5) on validation and test after every epoch, `last.pt` / `best.pt`
-checkpoints, W&B / CSV logging, and `summary.json` at the end (also after max_steps or Ctrl-C).
+with `trainer.act_compression` (none | exact | int8 | int4 | int2, qat.act_compression) compressing
+what the forward saves for backward, evaluation (loss, top-1, top-5) on validation and test after
+every epoch, `last.pt` / `best.pt` checkpoints, W&B / CSV logging, and `summary.json` at the end
+(also after max_steps or Ctrl-C).
 
 Progress. Step s (0-based) trains at p = s / total_steps, total_steps = epochs x steps per epoch:
 max_steps only stops the run, it never changes p, the lr schedule or anything else of the first
