@@ -90,6 +90,16 @@ def linear_input_scale(x):
     return x.abs().mean(dim=-1, keepdim=True)
 
 
+def op_backward(layer, g, x, weight, need_x):
+    """``layer.op_backward``, also after an autocast forward (AMP): there the op ran in ``g``'s
+    dtype on autocast's lower-precision copies of x and W, so backward makes the same casts and
+    casts the gradients back to x's and W's dtypes, as autograd does through autocast's cast nodes."""
+    if g.dtype == x.dtype == weight.dtype:
+        return layer.op_backward(g, x, weight, need_x)
+    grad_x, grad_w = layer.op_backward(g, x.to(g.dtype), weight.to(g.dtype), need_x)
+    return (None if grad_x is None else grad_x.to(x.dtype)), grad_w.to(weight.dtype)
+
+
 class _ScaledAfterOp(torch.autograd.Function):
     """y = op(x, code) * s_c + b_c, with the gradients of op(x, W~) + b for W~ = s_c * code:
 
@@ -117,7 +127,7 @@ class _ScaledAfterOp(torch.autograd.Function):
         x, code, scale = ctx.saved_tensors
         layer = ctx.layer
         per_channel = scale.view(-1, *([1] * (code.dim() - 1)))
-        grad_x, grad_w = layer.op_backward(g, x, code * per_channel, ctx.needs_input_grad[0])
+        grad_x, grad_w = op_backward(layer, g, x, code * per_channel, ctx.needs_input_grad[0])
         grad_scale = (grad_w * code).flatten(1).sum(1) if ctx.needs_input_grad[2] else None
         grad_bias = layer.output_channel_sum(g) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return grad_x, grad_w * per_channel, grad_scale, grad_bias, None
@@ -163,7 +173,7 @@ class _PackedSignInputOp(torch.autograd.Function):
         code = sign(w_or_code) if ctx.code_is_sign else w_or_code
         per_channel = scale.view(-1, *([1] * (code.dim() - 1)))
         need_x = ctx.needs_input_grad[0]
-        grad_xq, grad_w = layer.op_backward(g, x_q, code * per_channel, need_x)
+        grad_xq, grad_w = op_backward(layer, g, x_q, code * per_channel, need_x)
         grad_scale = (grad_w * code).flatten(1).sum(1) if ctx.needs_input_grad[2] else None
         grad_bias = layer.output_channel_sum(g) if ctx.has_bias and ctx.needs_input_grad[3] else None
         grad_x = None

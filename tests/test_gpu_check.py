@@ -356,14 +356,7 @@ def test_a_section_runs_without_hydra_omegaconf_or_wandb(tmp_path):
     assert len(report["figures"]["epochs"]) == report["figures"]["planned_epochs"] == gpu_check.DRY.max_epochs
 
 
-@pytest.mark.parametrize("method", [
-    "fp", "ternary",
-    pytest.param("xnor", marks=pytest.mark.xfail(
-        raises=RuntimeError,
-        reason="layers/quantized.py's fast backward calls aten.convolution_backward with the bf16 grad of an "
-               "autocast forward and the float32 input it saved (RuntimeError: expected scalar type BFloat16 "
-               "but found Float); the trainer's AMP on CUDA takes the same path")),
-])
+@pytest.mark.parametrize("method", ["fp", "ternary", "xnor"])
 def test_training_step_under_bf16_autocast(method):
     """The GPU run trains under bf16 autocast; CPU autocast takes the same dtype path through the layers."""
     device = torch.device("cpu")

@@ -531,3 +531,26 @@ def test_binary_input_backward_matches_autograd(name, kwargs):
     ref.backward(g)
     for got, want in zip(fast, [x.grad] + [p.grad for p in layer.parameters()]):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: layers.XNORConv2d(8, 16, 3, padding=1, bias=True), (2, 8, 6, 6)),
+    (lambda: layers.XNORLinear(24, 10, bias=True), (5, 24)),
+    (lambda: layers.BWNConv2d(8, 16, 3, padding=1), (2, 8, 6, 6)),
+])
+def test_backward_after_an_autocast_forward(make, shape):
+    """AMP: the forward runs in bf16 on autocast's copies; the gradients come back in the
+    parameters' and input's float32, close to the float32 step's (bf16 rounding only)."""
+    torch.manual_seed(0)
+    layer, x = make(), torch.randn(*shape)
+    grads = []
+    for amp in (False, True):
+        layer.zero_grad()
+        inp = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = layer(inp)
+        (out.float() ** 2).sum().backward()
+        grads.append([inp.grad] + [p.grad for p in layer.parameters()])
+    for exact, mixed in zip(*grads):
+        assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
+        assert torch.allclose(mixed, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))
