@@ -170,12 +170,15 @@ def _transform(mode: int, mul, add, n: int):
 
 
 def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *,
-         zero_padding: bool = True, mode: int = native.OUT_INT32, mul=None, add=None) -> torch.Tensor:
+         zero_padding: bool = True, mode: int = native.OUT_INT32, mul=None, add=None, residual=None,
+         clamp=None) -> torch.Tensor:
     """The binary convolution of packed NHWC ``x_words`` with prepacked ``weights``.
 
     Returns ``[N, Ho, Wo, O]`` (int32 dot products, or float32 ``dot * mul + add`` for
     ``mode=OUT_FLOAT``) or int64 ``[N, Ho, Wo, ceil(O/64)]`` sign bits of ``dot * mul + add``
     (float64) for ``mode=OUT_SIGN`` (groups = 1 only).  ``zero_padding=False`` pads with +1.
+    With ``mode=OUT_FLOAT``, ``residual`` (float32 ``[N, Ho, Wo, O]``) is then added and
+    ``clamp=(lo, hi)`` applied, each rounded as the separate float32 ops would be.
     """
     n, h, w, pixel_words = x_words.shape
     if pixel_words != weights.groups * weights.group_words:
@@ -192,12 +195,21 @@ def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0
     out = _output(n * ho * wo, weights.out_features, mode)
     mul_t, add_t = _transform(mode, mul, add, weights.out_features)
     sums = weights.tap_sums if zero_padding and (ph or pw) else None
+    if (residual is not None or clamp is not None) and mode != native.OUT_FLOAT:
+        raise ValueError("residual and clamp go with mode=OUT_FLOAT")
+    if residual is not None:
+        if residual.shape != (n, ho, wo, weights.out_features):
+            raise ValueError(f"residual must be [N, Ho, Wo, O] = {(n, ho, wo, weights.out_features)}, "
+                             f"got {tuple(residual.shape)}")
+        residual = residual.to(torch.float32).contiguous()
+    lo, hi = clamp if clamp is not None else (0.0, 0.0)
     args = native.ConvArgs(
         _ptr(x_words), n, h, w, pixel_words, weights.group_words, weights.cin_per_group,
         _ptr(weights.panels), _ptr(sums), weights.groups, weights.out_per_group,
         kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mode, _ptr(out), out.shape[1],
         _ptr(mul_t) if mode == native.OUT_FLOAT else None, _ptr(add_t) if mode == native.OUT_FLOAT else None,
-        _ptr(mul_t) if mode == native.OUT_SIGN else None, _ptr(add_t) if mode == native.OUT_SIGN else None)
+        _ptr(mul_t) if mode == native.OUT_SIGN else None, _ptr(add_t) if mode == native.OUT_SIGN else None,
+        _ptr(residual), weights.out_features, int(clamp is not None), lo, hi)
     native.sync_threads()
     native.library().bq_conv(ctypes.byref(args))
     return out.reshape(n, ho, wo, -1)

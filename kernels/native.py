@@ -88,6 +88,8 @@ class ConvArgs(ctypes.Structure):
         ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64),
         ("mul_f", ctypes.c_void_p), ("add_f", ctypes.c_void_p),
         ("mul_d", ctypes.c_void_p), ("add_d", ctypes.c_void_p),
+        ("residual", ctypes.c_void_p), ("residual_stride", ctypes.c_int64),
+        ("clamp", ctypes.c_int32), ("clamp_lo", ctypes.c_float), ("clamp_hi", ctypes.c_float),
     ]
 
 

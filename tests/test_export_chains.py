@@ -120,3 +120,21 @@ def test_models_without_binary_chains_come_back_unchanged():
                                {"method": "bwn", "keep_fp": ["first"]}).eval()
     fused = fuse_binary_chains(pack_model(model))
     assert not any(isinstance(m, FusedBinaryLayer) for m in fused.modules())
+
+
+def test_residual_adds_fuse_bit_identically(monkeypatch):
+    """ResNet blocks: conv2 + identity + Hardtanh written by the kernel equals the separate ops."""
+    import operator
+
+    from qat.export import chains
+
+    torch.manual_seed(0)
+    fused, packed = fused_and_packed(models.build("resnet20", num_classes=10, activation="hardtanh",
+                                                  shortcut="B"))
+    adds = [n for n in fused.graph.nodes if n.op == "call_function" and n.target is operator.add]
+    assert not adds
+    monkeypatch.setattr(chains, "_residual_tails", lambda *args: [])
+    unfused_adds = fuse_binary_chains(packed)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert torch.equal(fused(x), unfused_adds(x))

@@ -34,6 +34,10 @@ typedef struct {
   const float* add_f;
   const double* mul_d;        // (BQ_OUT_SIGN)
   const double* add_d;
+  const float* residual;      // BQ_OUT_FLOAT: NULL, or [n*ho*wo][residual_stride] added after the transform
+  int64_t residual_stride;
+  int32_t clamp;              // BQ_OUT_FLOAT: nonzero = then clamp to [clamp_lo, clamp_hi] (Hardtanh)
+  float clamp_lo, clamp_hi;
 } BqConvArgs;
 
 #ifdef __cplusplus

@@ -280,8 +280,17 @@ void write_rows(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_first,
       float* dst = (float*)a.out + p * a.out_stride + oc0;
       const float* mul = a.mul_f + oc0;
       const float* add = a.add_f + oc0;
-      // Two roundings, as torch's acc.float() * mul + add: built with -ffp-contract=off (no FMA).
-      for (int j = 0; j < NR; ++j) dst[j] = (float)dot[j] * mul[j] + add[j];
+      // Two roundings, as torch's acc.float() * mul + add: built with -ffp-contract=off (no FMA);
+      // then, as the float model does next, + residual (one more rounding) and the clamp.
+      float v[NR];
+      for (int j = 0; j < NR; ++j) v[j] = (float)dot[j] * mul[j] + add[j];
+      if (a.residual) {
+        const float* r = a.residual + p * a.residual_stride + oc0;
+        for (int j = 0; j < NR; ++j) v[j] = v[j] + r[j];
+      }
+      if (a.clamp)
+        for (int j = 0; j < NR; ++j) v[j] = v[j] < a.clamp_lo ? a.clamp_lo : (v[j] > a.clamp_hi ? a.clamp_hi : v[j]);
+      for (int j = 0; j < NR; ++j) dst[j] = v[j];
       continue;
     }
     for (int64_t j = 0; j < width; ++j) {
@@ -289,7 +298,10 @@ void write_rows(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_first,
       if (Mode == BQ_OUT_INT32) {
         ((int32_t*)a.out)[p * a.out_stride + oc] = dot[j];
       } else if (Mode == BQ_OUT_FLOAT) {
-        ((float*)a.out)[p * a.out_stride + oc] = (float)dot[j] * a.mul_f[oc] + a.add_f[oc];
+        float v = (float)dot[j] * a.mul_f[oc] + a.add_f[oc];
+        if (a.residual) v = v + a.residual[p * a.residual_stride + oc];
+        if (a.clamp) v = v < a.clamp_lo ? a.clamp_lo : (v > a.clamp_hi ? a.clamp_hi : v);
+        ((float*)a.out)[p * a.out_stride + oc] = v;
       } else {
         const double y = (double)dot[j] * a.mul_d[oc] + a.add_d[oc];
         // An atomic OR of the bit's byte: with groups > 1 a byte can hold channels of panels of

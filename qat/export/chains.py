@@ -19,6 +19,10 @@ packing: no float tensor is written or read between them.  The ops allowed on th
 * ``Flatten`` before a binary ``Linear``: the linear over NCHW-flattened features is a
   convolution whose kernel covers the whole ``H x W`` map, so its weights are used as such.
 
+A binary conv whose float output only goes into a residual add (``y + identity``, then perhaps a
+``Hardtanh``), as in a ResNet block, adds the identity and clamps as it writes its output: the same
+float32 operations in the same order, so bit-identical, without the two passes over the tensor.
+
 Where a *float* layer's output reaches a binary conv through such a chain holding a BatchNorm or a
 max-pool, a ``SignPacker`` takes the chain's place: ``sign(y * M + A)`` packed, then the same bit
 pools (e.g. mnist_cnn's float first conv -> max-pool -> BatchNorm -> binary conv).
@@ -32,6 +36,7 @@ model ``pack_model`` returned and fuse after loading).
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -79,9 +84,10 @@ class FusedBinaryLayer(nn.Module):
         self.layer, self.takes_bits, self.flattened_input = layer, takes_bits, flattened_input
         self.emit = emit
         self.pools = nn.ModuleList(emit.pools if emit else [])
+        self.clamp = None  # (lo, hi): a Hardtanh after the residual add, applied as the output is written
         self._as_conv = {}  # flattened-input linear: spatial size -> prepacked conv weights
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         layer, spec = self.layer, self.layer.spec
         weights, mul, add = layer.native_weights()
         if self.emit is not None:
@@ -97,7 +103,9 @@ class FusedBinaryLayer(nn.Module):
         else:
             x_bits, padding = x, layer._explicit_padding() if isinstance(layer, PackedConv2d) else None
         if isinstance(layer, PackedConv2d):
-            y = cpu_native.conv(x_bits, weights, spec.stride, padding, spec.dilation, mode=mode, mul=mul, add=add)
+            extra = {} if residual is None else {"residual": residual.permute(0, 2, 3, 1), "clamp": self.clamp}
+            y = cpu_native.conv(x_bits, weights, spec.stride, padding, spec.dilation, mode=mode, mul=mul, add=add,
+                                **extra)
         elif self.flattened_input:  # bits [N, H, W, words] of the map the linear reads flattened
             conv_weights = self._conv_weights(x_bits.shape[1:3])
             y = cpu_native.conv(x_bits, conv_weights, mode=mode, mul=mul, add=add).reshape(x_bits.shape[0], -1)
@@ -275,6 +283,35 @@ def _float_feeds(graph_module, modules, fused_consumers):
     return found
 
 
+def _residual_tails(graph_module, modules):
+    """(layer node, chain, add node, other operand, Hardtanh node or None) where a fused conv's float
+    output goes, through sign-neutral modules, only into ``+ other`` (then maybe a Hardtanh): the
+    residual add and the clamp then happen as the conv writes its output, in the same float32 order."""
+    order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
+    found = []
+    for node in graph_module.graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(layer, FusedBinaryLayer) and layer.emit is None and isinstance(layer.layer, PackedConv2d)):
+            continue
+        chain, value = [], node
+        while len(value.users) == 1:
+            nxt = next(iter(value.users))
+            if nxt.op == "call_module" and isinstance(modules[nxt.target], (nn.Identity, FoldedBatchNorm, nn.Dropout)):
+                chain.append(nxt)
+                value = nxt
+                continue
+            if nxt.op == "call_function" and nxt.target in (operator.add, torch.add) and len(nxt.args) == 2 \
+                    and not nxt.kwargs and value in nxt.args and nxt.args[0] is not nxt.args[1]:
+                other = nxt.args[1] if nxt.args[0] is value else nxt.args[0]
+                if isinstance(other, torch.fx.Node) and order[other] < order[node]:
+                    user = next(iter(nxt.users)) if len(nxt.users) == 1 else None
+                    clamp = user if (user is not None and user.op == "call_module"
+                                     and isinstance(modules[user.target], nn.Hardtanh)) else None
+                    found.append((node, chain, nxt, other, clamp))
+            break
+    return found
+
+
 def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
     """A packed model (``pack_model``'s result, eval mode) in which binary layers pass packed bits to
     each other (see the module docstring).  Works on a copy unless ``inplace`` (then the returned
@@ -317,6 +354,16 @@ def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
         consumer.args = (packer,)
         for node in reversed(chain):
             graph_module.graph.erase_node(node)
+    modules = dict(graph_module.named_modules())
+    for node, chain, add_node, other, clamp_node in _residual_tails(graph_module, modules):
+        last = clamp_node or add_node
+        if clamp_node is not None:
+            hardtanh = modules[clamp_node.target]
+            modules[node.target].clamp = (float(hardtanh.min_val), float(hardtanh.max_val))
+        node.args = (node.args[0], other)
+        last.replace_all_uses_with(node)
+        for dead in ([clamp_node] if clamp_node is not None else []) + [add_node, *reversed(chain)]:
+            graph_module.graph.erase_node(dead)
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module
