@@ -72,10 +72,6 @@ class Prepacked:
     def out_features(self) -> int:
         return self.groups * self.out_per_group
 
-    @property
-    def nbytes(self) -> int:
-        return self.panels.numel() * 8 + (0 if self.tap_sums is None else self.tap_sums.numel() * 4)
-
 
 def _ptr(t: torch.Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
@@ -147,6 +143,13 @@ def pack_pixels(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return out
 
 
+def _output_size(size_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) by ``kernels.conv.conv_output_size`` (imported here: conv.py imports this module's users)."""
+    from .conv import conv_output_size
+
+    return tuple(conv_output_size(*dims) for dims in zip(size_hw, kernel, stride, padding, dilation))
+
+
 def _output(rows: int, out_features: int, mode: int) -> torch.Tensor:
     if mode == native.OUT_INT32:
         return torch.empty((rows, out_features), dtype=torch.int32)
@@ -187,8 +190,7 @@ def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0
     if mode == native.OUT_SIGN and weights.groups != 1:
         raise ValueError("a sign-packed output needs groups = 1")
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weights.kernel_size, stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _output_size((h, w), weights.kernel_size, stride, padding, dilation)
     if ho < 1 or wo < 1:
         raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
     x_words = x_words.contiguous()
@@ -230,8 +232,7 @@ def maxpool_bits(bits: torch.Tensor, and_mask: torch.Tensor, kernel_size, stride
     ``and_mask[words]``) or the OR of the window's bits; out-of-range taps are skipped."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     n, h, w, words = bits.shape
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _output_size((h, w), kernel_size, stride, padding, dilation)
     bits, and_mask = bits.contiguous(), and_mask.contiguous()
     out = torch.empty((n, ho, wo, words), dtype=torch.int64)
     native.library().bq_maxpool_bits(_ptr(bits), n, h, w, words, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu_matmul, cpu_native
+from . import cpu_matmul, cpu_native, native
 from .packing import _check_planes, check_packed
 
 __all__ = ["binary_matmul", "ternary_matmul", "prepack_binary", "prepack_ternary", "PrepackedBinary",
@@ -24,8 +24,6 @@ __all__ = ["binary_matmul", "ternary_matmul", "prepack_binary", "prepack_ternary
 
 
 def _native_ready(t: torch.Tensor) -> bool:
-    from . import native
-
     return t.device.type == "cpu" and native.available()
 
 

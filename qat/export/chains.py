@@ -88,29 +88,24 @@ class FusedBinaryLayer(nn.Module):
         self._as_conv = {}  # flattened-input linear: spatial size -> prepacked conv weights
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        layer, spec = self.layer, self.layer.spec
+        layer = self.layer
         weights, mul, add = layer.native_weights()
         if self.emit is not None:
             mode, mul, add = native.OUT_SIGN, self.emit.mul, self.emit.add
         else:
             mode = native.OUT_FLOAT
-        if not self.takes_bits:  # float input: the layer packs it itself
-            if isinstance(layer, PackedConv2d):
-                x_padded, padding = layer._pad_input(x)
-                x_bits = cpu_native.pack_pixels(x_padded, spec.groups)
-            else:
-                x_bits = cpu_native.pack_rows(x.reshape(-1, x.shape[-1]))
-        else:
+        if self.takes_bits:
             x_bits, padding = x, layer._explicit_padding() if isinstance(layer, PackedConv2d) else None
-        if isinstance(layer, PackedConv2d):
-            extra = {} if residual is None else {"residual": residual.permute(0, 2, 3, 1), "clamp": self.clamp}
-            y = cpu_native.conv(x_bits, weights, spec.stride, padding, spec.dilation, mode=mode, mul=mul, add=add,
-                                **extra)
-        elif self.flattened_input:  # bits [N, H, W, words] of the map the linear reads flattened
+        else:  # float input: the layer packs it itself
+            x_bits, padding = layer.native_input(x)
+        output = {"mode": mode, "mul": mul, "add": add}
+        if self.flattened_input:  # bits [N, H, W, words] of the map the linear reads flattened
             conv_weights = self._conv_weights(x_bits.shape[1:3])
-            y = cpu_native.conv(x_bits, conv_weights, mode=mode, mul=mul, add=add).reshape(x_bits.shape[0], -1)
+            y = cpu_native.conv(x_bits, conv_weights, **output).reshape(x_bits.shape[0], -1)
         else:
-            y = cpu_native.linear(x_bits, weights, mode=mode, mul=mul, add=add)
+            if residual is not None:
+                output.update(residual=residual.permute(0, 2, 3, 1), clamp=self.clamp)
+            y = layer.native_compute(x_bits, padding, weights, **output)
         if self.emit is not None:
             for pool in self.pools:
                 y = pool(y)

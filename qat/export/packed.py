@@ -253,12 +253,19 @@ class PackedConv2d(PackedLayer):
         s = self.spec
         return cpu_native.prepack_conv(self.group_tap_bits(torch.device("cpu")), s.kernel_size, s.in_features // s.groups)
 
+    def native_input(self, x):
+        """(packed NHWC signs of ``x``, per group; the padding the kernel still applies)."""
+        x, padding = self._pad_input(x)
+        return cpu_native.pack_pixels(x, self.spec.groups), padding
+
+    def native_compute(self, bits, padding, weights, **output):
+        """The native direct convolution of packed ``bits``, NHWC, in ``output``'s mode."""
+        s = self.spec
+        return cpu_native.conv(bits, weights, s.stride, padding, s.dilation, **output)
+
     def native_output(self, x, weights, mul, add):
         """NHWC float32 ``acc * mul + add`` from the native direct convolution of ``x``'s signs."""
-        s = self.spec
-        x, padding = self._pad_input(x)
-        return cpu_native.conv(cpu_native.pack_pixels(x, s.groups), weights, s.stride, padding, s.dilation,
-                               mode=native.OUT_FLOAT, mul=mul, add=add)
+        return self.native_compute(*self.native_input(x), weights, mode=native.OUT_FLOAT, mul=mul, add=add)
 
     def group_tap_bits(self, device) -> tuple[torch.Tensor, ...]:
         """The kernel's runtime weight layout (``kernels.pack_conv_weight``), one per group:
@@ -305,9 +312,15 @@ class PackedLinear(PackedLayer):
     def prepack_native(self):
         return cpu_native.prepack_linear(self.weight_bits, self.spec.k)
 
+    def native_input(self, x):
+        """(packed signs of ``x``'s rows, None: a matmul pads nothing)."""
+        return cpu_native.pack_rows(x.reshape(-1, x.shape[-1])), None
+
+    def native_compute(self, bits, padding, weights, **output):
+        return cpu_native.linear(bits, weights, **output)
+
     def native_output(self, x, weights, mul, add):
-        rows = cpu_native.pack_rows(x.reshape(-1, x.shape[-1]))
-        y = cpu_native.linear(rows, weights, mode=native.OUT_FLOAT, mul=mul, add=add)
+        y = self.native_compute(*self.native_input(x), weights, mode=native.OUT_FLOAT, mul=mul, add=add)
         return y.reshape(*x.shape[:-1], -1)
 
     def binary_accumulator(self, x):
