@@ -3,7 +3,7 @@
 Multirun: `python train.py -m +experiment=resnet18_ternary quant=bwn,xnor,ternary` (one run
 directory, summary.json and W&B run per job). DDP: `torchrun --nproc_per_node=N train.py ...`.
 Bad input prints one line and exits with status 2 (HYDRA_FULL_ERROR=1: with the traceback), Ctrl-C
-exits with 130; a launch that fails before writing anything leaves no run directory (`qat.cli`).
+exits with 130; a launch that fails before writing anything leaves no run directory (`qat.train.cli`).
 """
 import os
 import sys
@@ -11,8 +11,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import qat.config  # noqa: F401  (registers the config resolvers before Hydra composes)
-from qat import cli
+import qat.train.config  # noqa: F401  (registers the config resolvers before Hydra composes)
+from qat.train import cli
 
 if int(os.environ.get("RANK", "0")) > 0:
     # Under torchrun only rank 0 writes the run directory (Hydra's own files and log included).
@@ -22,7 +22,7 @@ if int(os.environ.get("RANK", "0")) > 0:
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     with cli.hydra_job() as run_dir:
-        from qat.trainer import train
+        from qat.train.trainer import train
 
         summary = train(cfg, run_dir)
     return summary.get("best_val_acc1")

@@ -25,9 +25,9 @@ short_run          xnor for as many epochs as the budget allows; validation accu
 =================  =================================================================================
 
 gpu_tests and sanitizer run side by side (neither is timed); everything else runs alone.
-The training steps use the library as ``qat/trainer.py`` does: ``qat.models.build``,
+The training steps use the library as ``qat/train/trainer.py`` does: ``qat.models.build``,
 ``qat.quantize_model``, ``qat.set_progress``, ``qat.latent.param_groups`` /
-``clip_latent_weights``, ``qat.optim.build_optimizer`` / ``build_scheduler``, with the recipe of
+``clip_latent_weights``, ``qat.train.optim.build_optimizer`` / ``build_scheduler``, with the recipe of
 ``configs/experiment/resnet18_<method>.yaml`` read by :func:`experiment_recipe` (Hydra and OmegaConf
 are not on the GPU image; tests/test_gpu_check.py checks the reading against Hydra's composition).
 
@@ -139,7 +139,7 @@ def stage_deadline(stage: list[Section], later: list[Section], now: float, end: 
 
 # =============================================================================== CLI
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, the project's convention (qat/cli.py)
+    def error(self, message):  # one line and status 2, the project's convention (qat/train/cli.py)
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
 
@@ -955,7 +955,7 @@ RECIPE_GROUPS = ("model", "data", "quant", "optim", "sched", "trainer")
 
 
 class ConfigGroup(dict):
-    """A config group as qat.optim reads it: keys as attributes, plus dict's ``get``."""
+    """A config group as qat.train.optim reads it: keys as attributes, plus dict's ``get``."""
 
     def __getattr__(self, key):
         try:
@@ -978,7 +978,7 @@ def experiment_recipe(method: str) -> dict:
     training step needs (model, data, quant, optim, sched, trainer), read with PyYAML: the GPU
     image has no Hydra or OmegaConf.  The one interpolation these groups use,
     ``${activation_for:${quant.method}}``, is hardtanh for binary-input methods (1-bit activations
-    in ``qat.method_bits``), else relu, as qat.config.activation_for."""
+    in ``qat.method_bits``), else relu, as qat.train.config.activation_for."""
     import yaml
 
     import qat
@@ -1178,13 +1178,13 @@ class TrainRun:
 
 
 def build_run(method: str, steps_per_epoch: int, epochs: int, device, seed: int = 0) -> TrainRun:
-    """The resnet18_<method> experiment's model, optimizer and schedule, as qat/trainer.py builds
+    """The resnet18_<method> experiment's model, optimizer and schedule, as qat/train/trainer.py builds
     them (weight-decay groups from qat.latent.param_groups, per-step LambdaLR), on ``device`` in
     channels_last; bf16 autocast on CUDA when the recipe's trainer.amp is bf16."""
     import torch
 
     import qat.latent
-    from qat.optim import build_optimizer, build_scheduler
+    from qat.train.optim import build_optimizer, build_scheduler
 
     recipe = experiment_recipe(method)
     torch.manual_seed(seed)

@@ -12,8 +12,8 @@ on a CPU machine:
 
 into ``.gpu_data/cifar10_subset.npz``: uint8 arrays ``[N, 3, 32, 32]`` (NCHW, ready for
 ``torch.from_numpy``), int64 labels, the official indices, the class names, the trainer's
-CIFAR-10 normalisation (``qat.data.NORMALIZATION``) and a validation split of the 20,000 drawn by
-the trainer's own ``qat.data.split_indices`` (2,000 images, seed 0).  Raw, the images are
+CIFAR-10 normalisation (``qat.train.data.NORMALIZATION``) and a validation split of the 20,000 drawn by
+the trainer's own ``qat.train.data.split_indices`` (2,000 images, seed 0).  Raw, the images are
 61.4 MiB, over the 60 MiB this file may take; the ``.npz`` is zip-deflated (``np.savez_compressed``)
 and ``np.load`` gives back plain uint8 arrays.  The script refuses to write a file over 60 MiB.
 
@@ -68,7 +68,7 @@ def first_per_class(samples: list[tuple[str, int]], per_class: int, num_classes:
 
 def decode(samples: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(uint8 images [N, 3, H, W], int64 labels, int64 official indices) of (path, label) samples."""
-    from qat.data import read_image
+    from qat.train.data import read_image
 
     images = np.stack([np.asarray(read_image(path), dtype=np.uint8).transpose(2, 0, 1) for path, _ in samples])
     labels = np.array([label for _, label in samples], dtype=np.int64)
@@ -78,7 +78,7 @@ def decode(samples: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def build_arrays(source: Path, per_class: int, val_images: int) -> dict[str, np.ndarray]:
     """Every array the subset file holds (see the module docstring)."""
-    from qat.data import NORMALIZATION, DatasetNotFoundError, load_imagefolder, split_indices
+    from qat.train.data import NORMALIZATION, DatasetNotFoundError, load_imagefolder, split_indices
 
     try:
         train = load_imagefolder(source, "train", required=True)
@@ -130,7 +130,7 @@ def describe(arrays: dict[str, np.ndarray], path: Path) -> dict:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, status 2 (the project's convention, see qat/cli.py)
+    def error(self, message):  # one line, status 2 (the project's convention, see qat/train/cli.py)
         print(f"{PROG}: error: {message}", file=sys.stderr)
         sys.exit(2)
 

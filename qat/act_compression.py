@@ -36,7 +36,7 @@ Modes (``MODES``):
 
 Installed with ``torch.autograd.graph.saved_tensors_hooks``: no model changes. Per-module-name glob
 overrides (``{"layers.0.*": "none"}``) set the mode for a module and everything inside it; the last
-matching glob wins. The same hooks count what is saved (``record()``), which ``python -m qat.memory``
+matching glob wins. The same hooks count what is saved (``record()``), which ``python -m qat.train.memory``
 reports.
 """
 from __future__ import annotations

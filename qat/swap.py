@@ -23,21 +23,13 @@ from torch import nn
 import estimators
 from layers import LAYER_CLASSES, METHOD_NAMES, get_method
 
+from .modules import replace_submodule
+from .plain import to_plain
+
 SWAPPABLE = (nn.Conv2d, nn.Linear)
 SPEC_KEYS = ("method", "estimator", "keep_fp", "overrides")
 KEYWORDS = ("first", "last", "downsample")
 DEFAULT_KEEP_FP = ("first", "last")
-
-
-def _plain(value):
-    """OmegaConf nodes -> plain Python containers (without importing omegaconf when absent)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return value
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
 
 
 def swappable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -71,7 +63,7 @@ def _check_spec(spec: dict, where: str) -> None:
 
 def resolve_layer_specs(model: nn.Module, spec) -> dict[str, dict]:
     """The effective per-layer spec (method, estimator, options) for every swappable layer."""
-    spec = dict(_plain(spec) or {})
+    spec = dict(to_plain(spec) or {})
     if "method" not in spec:
         raise ValueError(f"a quantization spec needs a 'method' (one of {', '.join(METHOD_NAMES)}), got keys {sorted(spec)}")
     _check_spec(spec, "quantization spec")
@@ -91,7 +83,7 @@ def resolve_layer_specs(model: nn.Module, spec) -> dict[str, dict]:
             raise ValueError(f"keep_fp entry {selector!r} matches no Conv2d/Linear layer; layer names: {[n for n, _ in layers_]}")
     resolved = {}
     for selector, partial in overrides.items():
-        partial = dict(_plain(partial) or {})
+        partial = dict(to_plain(partial) or {})
         if "keep_fp" in partial or "overrides" in partial:
             raise ValueError(f"override {selector!r} may not contain keep_fp/overrides")
         _check_spec(partial, f"override {selector!r}")
@@ -150,8 +142,5 @@ def quantize_model(model: nn.Module, spec) -> nn.Module:
         new = build_quantized_layer(float_layer, layer_spec, name)
         if new is float_layer:
             continue
-        if name == "":
-            return new
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, new)
+        model = replace_submodule(model, name, new)
     return model

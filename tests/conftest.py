@@ -28,7 +28,7 @@ SMOKE_OVERRIDES = [
 
 def compose_config(overrides: list[str]):
     """The config `python train.py <overrides>` would run, composed with Hydra's compose API."""
-    import qat.config  # noqa: F401  (registers resolvers)
+    import qat.train.config  # noqa: F401  (registers resolvers)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):

@@ -16,8 +16,8 @@ import layers
 import qat
 from layers.bitpack import pack_flags, unpack_flags
 from qat.act_compression import MODES, ActCompression, _pack_codes, _unpack_codes, quantize_groups
-from qat.config import ConfigError
-from qat.trainer import Trainer, act_compression_settings
+from qat.train.config import ConfigError
+from qat.train.trainer import Trainer, act_compression_settings
 
 METHODS = layers.METHOD_NAMES  # fp + every row of the method table
 ESTIMATORS = estimators.NAMES
@@ -223,7 +223,7 @@ def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_pat
 
 
 def test_memory_tool_prints_the_table(capsys):
-    from qat.memory import main
+    from qat.train.memory import main
 
     assert main(["+experiment=mnist_bnn", "--batch", "4", "--steps", "1", "--no-peak", "--modes", "none,exact,int2"]) == 0
     out = capsys.readouterr().out

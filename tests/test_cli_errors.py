@@ -1,7 +1,7 @@
 """Bad input on the command line: one line naming the bad value, status 2, no traceback, no run
 directory left behind; HYDRA_FULL_ERROR=1 gives the traceback; Ctrl-C exits with 130.
 
-Each case is a real `python train.py` / `python -m qat.export` / `python -m qat.report` process, run
+Each case is a real `python train.py` / `python -m qat.export` / `python -m qat.train.report` process, run
 without HYDRA_FULL_ERROR (conftest's `subprocess_env` sets it) and with QAT_RUNS in tmp_path.
 """
 import json
@@ -174,21 +174,21 @@ def test_export_of_a_corrupt_checkpoint(python, env, tmp_path):
 
 
 def test_report_of_a_missing_directory_and_of_a_broken_summary(python, env, tmp_path):
-    result = launch(python, env, [str(tmp_path / "nothing")], module="qat.report")
-    assert_one_line_error(result, "python -m qat.report", f"{tmp_path / 'nothing'} is not a directory of runs")
+    result = launch(python, env, [str(tmp_path / "nothing")], module="qat.train.report")
+    assert_one_line_error(result, "python -m qat.train.report", f"{tmp_path / 'nothing'} is not a directory of runs")
     (tmp_path / "runs" / "a").mkdir(parents=True)
     (tmp_path / "runs" / "a" / "summary.json").write_text('{"method": ')
-    result = launch(python, env, [str(tmp_path / "runs")], module="qat.report")
-    assert_one_line_error(result, "python -m qat.report", f"{tmp_path / 'runs' / 'a' / 'summary.json'} is not valid JSON")
+    result = launch(python, env, [str(tmp_path / "runs")], module="qat.train.report")
+    assert_one_line_error(result, "python -m qat.train.report", f"{tmp_path / 'runs' / 'a' / 'summary.json'} is not valid JSON")
 
 
 def test_report_of_a_summary_that_is_not_an_object(tmp_path, capsys):
-    from qat import cli, report
+    from qat.train import cli, report
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "summary.json").write_text(json.dumps([1, 2]))
-    assert cli.guard(lambda: report.main([str(tmp_path)]), "python -m qat.report", full_error=False) == 2
-    assert capsys.readouterr().err.strip() == (f"python -m qat.report: error: {tmp_path / 'a' / 'summary.json'} "
+    assert cli.guard(lambda: report.main([str(tmp_path)]), "python -m qat.train.report", full_error=False) == 2
+    assert capsys.readouterr().err.strip() == (f"python -m qat.train.report: error: {tmp_path / 'a' / 'summary.json'} "
                                                f"holds a list, not a run summary (a JSON object); delete it or "
                                                f"rerun that run")
 
@@ -197,8 +197,8 @@ def test_report_of_a_summary_that_is_not_an_object(tmp_path, capsys):
 def test_a_dataloader_workers_unreadable_image_is_one_line_naming_the_file(tmp_path):
     import torch
 
-    from qat import cli
-    from qat.data import UnreadableImageError, load_imagefolder
+    from qat.train import cli
+    from qat.train.data import UnreadableImageError, load_imagefolder
 
     broken = image_tree(tmp_path, broken=True)
     loader = torch.utils.data.DataLoader(load_imagefolder(tmp_path, "train", required=True), num_workers=1,
@@ -211,7 +211,7 @@ def test_a_dataloader_workers_unreadable_image_is_one_line_naming_the_file(tmp_p
 
 
 def test_hydra_style_messages_become_one_line():
-    from qat.cli import one_line
+    from qat.train.cli import one_line
 
     text = "In 'config': Could not find 'quant/xnorr'\n\nAvailable options in 'quant':\n\tbwn\n\tfda\nNext."
     assert one_line(text) == "In 'config': Could not find 'quant/xnorr'; Available options in 'quant': bwn, fda; Next."
@@ -221,13 +221,13 @@ def test_hydra_style_messages_become_one_line():
 def test_a_bug_keeps_its_traceback_and_exits_1(capsys):
     import torch
 
-    from qat import cli
+    from qat.train import cli
 
     def bug():  # a ValueError raised inside a library, not by the project's own checks
         torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
 
     def project_check():
-        from qat.data import split_indices
+        from qat.train.data import split_indices
 
         split_indices(10, 10, seed=0)
 
@@ -244,7 +244,7 @@ def test_a_bug_keeps_its_traceback_and_exits_1(capsys):
 
 
 def test_a_failed_launch_removes_only_what_hydra_wrote(tmp_path, monkeypatch):
-    from qat.cli import remove_failed_run_dir
+    from qat.train.cli import remove_failed_run_dir
 
     monkeypatch.setenv("QAT_RUNS", str(tmp_path / "runs"))
 
@@ -275,7 +275,7 @@ def test_a_failed_launch_removes_only_what_hydra_wrote(tmp_path, monkeypatch):
 
 
 def test_run_names_may_not_leave_the_output_root():
-    from qat.config import ConfigError, check_run_name
+    from qat.train.config import ConfigError, check_run_name
 
     for name in ("default", "mnist_bnn", "cifar/resnet20-try.2", "a+b"):
         assert check_run_name(name) == name
@@ -285,7 +285,7 @@ def test_run_names_may_not_leave_the_output_root():
 
 
 def test_resume_names_the_run_directory_it_continues(tmp_path, monkeypatch):
-    from qat.config import hydra_output_subdir, resume_run_dir
+    from qat.train.config import hydra_output_subdir, resume_run_dir
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "runs" / "exp" / "run1"

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import SHARED_DATA
-from qat.data import (CorruptDataError, DatasetNotFoundError, UnreadableImageError, build_data, md5sum,
+from qat.train.data import (CorruptDataError, DatasetNotFoundError, UnreadableImageError, build_data, md5sum,
                       split_indices)
 
 

@@ -18,7 +18,7 @@ from qat.export import PackedLayer, load_packed, pack_model, save_packed
 MNIST_RAW = SHARED_DATA / "MNIST" / "raw"
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
          "t10k-labels-idx1-ubyte.gz")
-MEAN, STD = 0.1307, 0.3081  # qat.data's MNIST normalization
+MEAN, STD = 0.1307, 0.3081  # qat.train.data's MNIST normalization
 STEPS, BATCH, TEST_IMAGES = 300, 32, 1000
 
 pytestmark = pytest.mark.skipif(not all((MNIST_RAW / f).is_file() for f in FILES),

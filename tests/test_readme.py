@@ -85,6 +85,6 @@ def test_the_readme_modules_exist():
     """`python -m <module>` in the README names modules that exist."""
     import importlib.util
     modules = {cmd[2] for block in blocks("bash") for cmd in commands(block) if cmd[:2] == ["python", "-m"]}
-    assert {"qat.report", "pytest"} <= modules
+    assert {"qat.train.report", "pytest"} <= modules
     for module in modules:
         assert importlib.util.find_spec(module) is not None, module

@@ -7,10 +7,10 @@ import torch
 
 from conftest import REPO, SMOKE_OVERRIDES, compose_config
 from qat import models, quantize_model
-from qat.checkpoint import load_checkpoint
-from qat.config import to_plain
-from qat.data import build_data
-from qat.metrics import MetricSums
+from qat.train.checkpoint import load_checkpoint
+from qat.train.config import to_plain
+from qat.train.data import build_data
+from qat.train.metrics import MetricSums
 
 
 def train_py(python, env, *args, timeout=240):

@@ -6,8 +6,8 @@ from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from conftest import CONFIGS
-from qat.config import ConfigError
-from qat.trainer import Trainer
+from qat.train.config import ConfigError
+from qat.train.trainer import Trainer
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 METHODS = ("fp", "bwn", "xnor", "ternary", "hq", "fda")

@@ -1,4 +1,4 @@
-"""Logging: W&B offline without a key, CSV files, per-layer diagnostics, summary.json, qat.report."""
+"""Logging: W&B offline without a key, CSV files, per-layer diagnostics, summary.json, qat.train.report."""
 import csv
 import json
 import subprocess
@@ -10,10 +10,10 @@ import torch
 from conftest import REPO, SMOKE_OVERRIDES
 from qat import models, quantize_model, set_progress
 from qat import summary as qat_summary
-from qat.diagnostics import LayerDiagnostics
-from qat.loggers import wandb_mode
-from qat.report import load_runs, write_report
-from qat.trainer import Trainer
+from qat.train.diagnostics import LayerDiagnostics
+from qat.train.loggers import wandb_mode
+from qat.train.report import load_runs, write_report
+from qat.train.trainer import Trainer
 
 SUMMARY_KEYS = {"method", "estimator", "w_bits", "a_bits", "model", "data", "epochs", "best_val_acc1",
                 "test_acc1", "seconds_per_epoch", "train_seconds", "params", "fp32_bytes", "quantized_bytes",

@@ -1,13 +1,13 @@
-"""Optimizers and schedules: the formulas of qat.optim, weight-decay groups, seed repeatability."""
+"""Optimizers and schedules: the formulas of qat.train.optim, weight-decay groups, seed repeatability."""
 import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qat.checkpoint import load_checkpoint
-from qat.optim import build_optimizer, lr_multiplier
-from qat.trainer import Trainer
+from qat.train.checkpoint import load_checkpoint
+from qat.train.optim import build_optimizer, lr_multiplier
+from qat.train.trainer import Trainer
 
 
 def sched(**values):

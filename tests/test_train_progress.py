@@ -2,8 +2,8 @@
 import io
 import logging
 
-from qat.run_progress import RunProgress, format_seconds
-from qat.trainer import Trainer
+from qat.train.run_progress import RunProgress, format_seconds
+from qat.train.trainer import Trainer
 from test_train_resume import RESUME_OVERRIDES
 
 
@@ -16,7 +16,7 @@ class FakeClock:
 
 
 def progress_lines(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "qat.run_progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "qat.train.run_progress"]
 
 
 def test_format_seconds():

@@ -10,10 +10,10 @@ import signal
 import pytest
 import torch
 
-import qat.checkpoint
+import qat.train.checkpoint
 import qat.latent
-from qat.checkpoint import CheckpointError, load_checkpoint
-from qat.trainer import Trainer
+from qat.train.checkpoint import CheckpointError, load_checkpoint
+from qat.train.trainer import Trainer
 
 # 32 train images in batches of 8: 4 steps per epoch.
 RESUME_OVERRIDES = ["data=synthetic", "data.num_train=32", "data.num_test=16", "data.batch_size=8",
@@ -149,14 +149,14 @@ def test_a_max_steps_cap_does_not_change_the_first_steps_evaluation_or_checkpoin
     # HQ with prune_end 0.75 reinitialises its latent weights at step 6 of 8. A run capped at step 4
     # must train, evaluate and save exactly what the uncapped run has at step 4: not a network
     # pushed to progress 1.0 (which would prune fully and reinitialise at step 4).
-    save = qat.checkpoint.save_checkpoint
+    save = qat.train.checkpoint.save_checkpoint
 
     def save_and_keep_step_4(path, payload):
         save(path, payload)
         if path.name == "last.pt" and payload["step"] == 4:
             shutil.copy(path, path.with_name("step4.pt"))
 
-    monkeypatch.setattr(qat.checkpoint, "save_checkpoint", save_and_keep_step_4)
+    monkeypatch.setattr(qat.train.checkpoint, "save_checkpoint", save_and_keep_step_4)
     quant = ["quant=hq", "quant.prune_end=0.75", "logger=csv"]
     _, straight_dir = run(compose, tmp_path, "straight", *quant)
     _, capped_dir = run(compose, tmp_path, "capped", *quant, "trainer.max_steps=4")
@@ -178,7 +178,7 @@ def test_ctrl_c_twice_reports_and_records_the_step_last_pt_really_holds(compose,
     aborted_dir = tmp_path / "aborted"
     last = aborted_dir / "checkpoints" / "last.pt"
     assert final_state(aborted_dir)["step"] == 4  # saved at the end of epoch 1; step 5 and the half-done step 6 are lost
-    messages = [r.getMessage() for r in caplog.records if r.name == "qat.trainer" and r.levelno == logging.WARNING]
+    messages = [r.getMessage() for r in caplog.records if r.name == "qat.train.trainer" and r.levelno == logging.WARNING]
     assert messages == [f"aborted after step 5 without saving it: {last} holds step 4 (step 5 will be trained again); "
                         f"continue with trainer.resume={last}"]
     summary = json.loads((aborted_dir / "summary.json").read_text())

@@ -7,7 +7,7 @@ the packed model against it on random inputs, writes the safetensors file and, w
 
 Exit status: 0, 1 when the packed model's top-1 differs from the float one, 2 for bad input (a
 missing or corrupt checkpoint, a model that cannot be packed, an unwritable output: one line, see
-`qat.cli`), 130 for Ctrl-C.
+`qat.train.cli`), 130 for Ctrl-C.
 """
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ import kernels.cpu_matmul
 import kernels.native
 
 import qat
-from qat import checkpoint, cli, models
-from qat.config import to_plain
+from qat import models
+from qat.train import checkpoint, cli
+from qat.train.config import to_plain
 
 from .chains import fuse_binary_chains
 from .packed import pack_model, save_packed

@@ -51,6 +51,8 @@ from kernels import cpu_native, native
 from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from layers.quantized import conv_input_scale, linear_input_scale
 
+from ..modules import replace_submodule
+
 FORMAT = "bitqat-packed/1"
 
 
@@ -347,14 +349,6 @@ class FoldedBatchNorm(nn.Identity):
 PACKED_CLASSES = {"conv": PackedConv2d, "linear": PackedLinear}
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    if name == "":
-        return new
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-    return model
-
-
 def pack_model(model: nn.Module, fold_batchnorm: bool = True) -> nn.Module:
     """A packed copy of ``model`` for inference (eval mode); ``model`` itself is left unchanged.
 
@@ -366,11 +360,11 @@ def pack_model(model: nn.Module, fold_batchnorm: bool = True) -> nn.Module:
     targets = [(n, m) for n, m in packed.named_modules() if isinstance(m, QuantizedLayer)]
     for name, layer in targets:
         cls = PackedConv2d if isinstance(layer, QuantizedConv2d) else PackedLinear
-        packed = _replace(packed, name, cls.from_quantized(layer))
+        packed = replace_submodule(packed, name, cls.from_quantized(layer))
     if fold_batchnorm:
         for layer_name, bn_name in _batchnorms_after_binary_layers(packed):
             packed.get_submodule(layer_name).fold_batchnorm(packed.get_submodule(bn_name))
-            packed = _replace(packed, bn_name, FoldedBatchNorm())
+            packed = replace_submodule(packed, bn_name, FoldedBatchNorm())
     return packed
 
 
@@ -548,9 +542,9 @@ def _assemble(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module | N
         except AttributeError:
             raise ValueError(f"{source} has a packed layer {name!r} that the model does not have") from None
         with torch.device("meta") if assign else contextlib.nullcontext():
-            model = _replace(model, name, PACKED_CLASSES[spec.kind](spec))
+            model = replace_submodule(model, name, PACKED_CLASSES[spec.kind](spec))
     for name in meta["folded_batchnorms"]:
-        model = _replace(model, name, FoldedBatchNorm())
+        model = replace_submodule(model, name, FoldedBatchNorm())
     try:
         model.load_state_dict(tensors, strict=True, assign=assign)
     except RuntimeError as error:

@@ -65,7 +65,7 @@ def architecture_of(model: nn.Module) -> dict | None:
 def architecture(model_cfg, num_classes: int, in_channels: int) -> dict:
     """The plain ``{"name": ..., "num_classes": ..., "in_channels": ..., **options}`` a model config
     describes: what ``build_architecture`` takes and what packed model files record."""
-    from qat.config import to_plain
+    from qat.plain import to_plain
 
     options = dict(to_plain(model_cfg))
     return {"name": options.pop("name"), "num_classes": int(num_classes), "in_channels": int(in_channels), **options}

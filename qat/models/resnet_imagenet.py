@@ -5,6 +5,7 @@ import torch.nn as nn
 import torchvision
 
 from qat.models.activations import make_activation
+from qat.modules import replace_submodule
 
 
 def resnet18_imagenet(num_classes=1000, in_channels=3, activation="relu") -> nn.Module:
@@ -19,6 +20,5 @@ def resnet18_imagenet(num_classes=1000, in_channels=3, activation="relu") -> nn.
     if activation != "relu":
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.ReLU):
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, make_activation(activation))
+                replace_submodule(model, name, make_activation(activation))
     return model

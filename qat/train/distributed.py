@@ -70,7 +70,3 @@ def barrier(context: DistributedContext) -> None:
     if context.enabled:
         dist.barrier()
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from qat.distributed import DistributedContext
+from qat.train.distributed import DistributedContext
 
 
 class ResumableSampler(Sampler[int]):

@@ -1,4 +1,4 @@
-"""``python -m qat.memory +experiment=<name> [overrides] [--modes none,exact,int2] [--batch 128]``
+"""``python -m qat.train.memory +experiment=<name> [overrides] [--modes none,exact,int2] [--batch 128]``
 
 What one training step (forward + backward on a random batch of the experiment's data shape) keeps
 for backward under each ``trainer.act_compression`` mode, and what it costs:
@@ -16,7 +16,7 @@ for backward under each ``trainer.act_compression`` mode, and what it costs:
 
 Hydra overrides (``+experiment=...``, ``quant=...``, ``model=...``) compose the config exactly as
 ``train.py`` does; ``trainer.act_compression_overrides`` applies to every mode but ``none``. Bad
-input prints one line and exits with status 2 (``qat.cli``).
+input prints one line and exits with status 2 (``qat.train.cli``).
 """
 from __future__ import annotations
 
@@ -32,15 +32,16 @@ import torch
 import torch.nn.functional as F
 
 import qat
-from qat import cli, models
+from qat import models
+from qat.train import cli
 from qat.act_compression import MODES, SavedBytes, set_act_compression
-from qat.config import ConfigError, to_plain
+from qat.train.config import ConfigError, to_plain
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose(overrides: list[str]):
-    import qat.config  # noqa: F401  (resolvers)
+    import qat.train.config  # noqa: F401  (resolvers)
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
@@ -194,7 +195,7 @@ def _ratio(a, b, inverse=False) -> str:
 
 
 def run_child(argv: list[str], mode: str, size: int) -> dict:
-    command = [sys.executable, "-m", "qat.memory", *argv, "--batch", str(size), "--child", mode]
+    command = [sys.executable, "-m", "qat.train.memory", *argv, "--batch", str(size), "--child", mode]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"peak-memory child for mode {mode} failed:\n{done.stderr[-2000:]}")
@@ -203,7 +204,7 @@ def run_child(argv: list[str], mode: str, size: int) -> dict:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m qat.memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qat.train.memory", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +experiment=resnet18_xnor")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: data.batch_size)")
@@ -245,4 +246,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.guard(main, "python -m qat.memory"))
+    sys.exit(cli.guard(main, "python -m qat.train.memory"))

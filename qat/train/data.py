@@ -37,7 +37,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
-from qat.config import as_path
+from qat.train.config import as_path
 
 NORMALIZATION = {
     "mnist": ((0.1307,), (0.3081,)),

@@ -22,7 +22,7 @@ summary.json describes the checkpoint a run can be continued from (last.pt; afte
 Ctrl-C, the one saved before it) and the trained network's size (qat.summary at the end; HQ's
 sparsity grows while training). On resume, settings that differ from the checkpoint's config are
 warned about and recorded (`resume_config_changes`). Text lines go to the `qat` logger
-(qat.loggers.console_logging), progress to qat.run_progress.RunProgress.
+(qat.train.loggers.console_logging), progress to qat.train.run_progress.RunProgress.
 """
 from __future__ import annotations
 
@@ -44,17 +44,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 import qat.latent
-from qat import checkpoint as ckpt
-from qat import distributed, models
-from qat.config import ConfigError, as_path, to_plain, validate
-from qat.data import build_data
-from qat.diagnostics import LayerDiagnostics
-from qat.interrupt import DeferredInterrupt, StopRequested
-from qat.loaders import TrainLoader, eval_loader
-from qat.loggers import build_logger, console_logging
-from qat.metrics import MetricSums
-from qat.optim import build_optimizer, build_scheduler
-from qat.run_progress import RunProgress
+from qat.train import checkpoint as ckpt
+from qat import models
+from qat.train import distributed
+from qat.train.config import ConfigError, as_path, to_plain, validate
+from qat.train.data import build_data
+from qat.train.diagnostics import LayerDiagnostics
+from qat.train.interrupt import DeferredInterrupt, StopRequested
+from qat.train.loaders import TrainLoader, eval_loader
+from qat.train.loggers import build_logger, console_logging
+from qat.train.metrics import MetricSums
+from qat.train.optim import build_optimizer, build_scheduler
+from qat.train.run_progress import RunProgress
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """What the command-line entry points do with errors: one line for a user error, a traceback for a bug.
 
-Used by `train.py`, `python -m qat.export` and `python -m qat.report`:
+Used by `train.py`, `python -m qat.export` and `python -m qat.train.report`:
 
   - a user error prints one line, `<prog>: error: <message>`, on stderr and exits with status 2;
   - Ctrl-C exits with status 130 (`<prog>: interrupted`);
@@ -32,12 +32,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from qat.config import RESUME_SUBDIR_PREFIX
+from qat.train.config import RESUME_SUBDIR_PREFIX
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The files Hydra writes into every run directory before the job starts (under hydra.output_subdir).
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
@@ -90,8 +90,8 @@ def is_user_error(error: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from qat.checkpoint import CheckpointError
-    from qat.config import ConfigError
+    from qat.train.checkpoint import CheckpointError
+    from qat.train.config import ConfigError
 
     if isinstance(error, (ConfigError, CheckpointError, OSError, HydraException, OmegaConfBaseException)):
         return True
@@ -250,7 +250,7 @@ def remove_failed_run_dir(run_dir: Path, output_subdir: str | None, job_name: st
 def _remove_empty_parents(path: Path) -> None:
     """Remove the now empty folders between `path` and the output root (`runs/<experiment>/`), never
     the root itself nor anything outside it."""
-    from qat.config import as_path, runs_root
+    from qat.train.config import as_path, runs_root
 
     root = as_path(runs_root()).resolve()
     parent = Path(path).resolve().parent

@@ -1,11 +1,11 @@
-"""Offline comparison of finished runs: `python -m qat.report <dir of runs> [--out DIR]`.
+"""Offline comparison of finished runs: `python -m qat.train.report <dir of runs> [--out DIR]`.
 
 Finds every summary.json below the directory and writes
   report.md   one row per run (method, estimator, W/A bits, accuracy, size, compression, speed)
   report.png  accuracy against quantized model size (log x), one marker per W/A bit-width
 The accuracy plotted is test_acc1 when the run has a test split, else best_val_acc1.
 A missing directory, no summary.json or an unreadable one print one line and exit with status 2
-(`qat.cli`).
+(`qat.train.cli`).
 """
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def write_report(directory: Path, out: Path | None = None) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qat.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m qat.train.report", description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path, help="a folder holding run directories with summary.json")
     parser.add_argument("--out", type=Path, default=None, help="where report.md / report.png go (default: directory)")
     args = parser.parse_args(argv)
@@ -120,6 +120,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from qat import cli
+    from qat.train import cli
 
-    sys.exit(cli.guard(main, "python -m qat.report"))
+    sys.exit(cli.guard(main, "python -m qat.train.report"))

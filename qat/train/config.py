@@ -25,6 +25,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qat.plain import to_plain  # noqa: F401  (re-exported: the trainer's modules take it from here)
+
 WEIGHTS_ONLY_METHOD = {"xnor": "bwn", "fda": "bwn"}
 
 
@@ -118,13 +120,6 @@ def as_path(value: str | os.PathLike) -> Path:
         return Path(get_original_cwd()) / path
     except (ValueError, ImportError):  # Hydra not initialised (tests, library use)
         return Path.cwd() / path
-
-
-def to_plain(cfg: Any) -> Any:
-    """A resolved plain dict/list copy of an OmegaConf node (plain values pass through)."""
-    if isinstance(cfg, DictConfig) or OmegaConf.is_list(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
 
 
 def _is_number(value: Any) -> bool:
