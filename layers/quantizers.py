@@ -95,11 +95,6 @@ class ScaledSignWeight(Quantizer):
         return code * scale
 
 
-def ternarize(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """T_i = sign(W_i) * 1[|W_i| > delta], values in {-1, 0, +1}."""
-    return sign(w) * (w.abs() > delta).to(w.dtype)
-
-
 class TernaryWeight(Quantizer):
     """TWN (Li, Zhang, Liu 2016): W ~ alpha * T with
 
