@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .base import Estimator, check_progress, sign
+import importlib
+import pkgutil
+
+from .base import REGISTRY, Estimator, check_progress, register, sign
 from .surrogates import ApproxSign, ClippedSTE, ErrorDecay, Fourier, Identity, SwishSign
 
-REGISTRY: dict[str, type[Estimator]] = {
-    cls.name: cls for cls in (Identity, ClippedSTE, ApproxSign, SwishSign, ErrorDecay, Fourier)
-}
+# Every module of this package registers its estimators on import: a new estimator is a new (or
+# existing) module with an ``@register`` class, found here without being listed.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+#: Every registered estimator's name.
 NAMES = tuple(REGISTRY)
 
 
@@ -44,5 +50,5 @@ def get(name, **hyperparameters) -> Estimator:
         raise ValueError(f"estimator {name!r} got invalid hyperparameters {hyperparameters}: {error}") from None
 
 
-__all__ = ["Estimator", "REGISTRY", "NAMES", "get", "sign", "check_progress",
+__all__ = ["Estimator", "REGISTRY", "NAMES", "get", "register", "sign", "check_progress",
            "Identity", "ClippedSTE", "ApproxSign", "SwishSign", "ErrorDecay", "Fourier"]

@@ -45,6 +45,20 @@ class _SurrogateQuantize(torch.autograd.Function):
         return ctx.estimator.backward(x, grad_output), None, None
 
 
+#: name -> estimator class, filled by ``@register`` as the estimator modules are imported.
+REGISTRY: dict[str, type["Estimator"]] = {}
+
+
+def register(cls: type["Estimator"]) -> type["Estimator"]:
+    """Class decorator: make ``cls`` selectable as ``estimators.get(cls.name)`` and from configs
+    (``quant.estimator=<name>``). Adding an estimator is this decorator on its class plus
+    ``configs/estimator/<name>.yaml``; nothing else lists estimators."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"estimator {cls.__name__}: name {cls.name!r} is empty or already registered")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
 class Estimator(nn.Module):
     """Base class: ``forward(x)`` is sign(x) with ``grad(x)`` as its backward.
 

@@ -1,12 +1,12 @@
-"""The six surrogate derivatives of sign(x). Each class: hyperparameters, a pure ``grad(x)``,
-its formula and reference in the docstring."""
+"""Surrogate derivatives of sign(x). Each class: hyperparameters, a pure ``grad(x)``, its formula
+and reference in the docstring, and ``@register`` to make it selectable by name."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from .base import Estimator, check_progress, require
+from .base import Estimator, check_progress, register, require
 
 
 def sech_squared(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -22,6 +22,7 @@ def sech_squared(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     return s.mul_(torch.rsub(s, 1.0)).mul_(4.0)
 
 
+@register
 class Identity(Estimator):
     """Plain straight-through estimator (BinaryConnect): d sign/dx := 1."""
 
@@ -32,6 +33,7 @@ class Identity(Estimator):
         return torch.ones_like(x)
 
 
+@register
 class ClippedSTE(Estimator):
     """Hubara et al. 2016 / XNOR-Net: d sign/dx := 1[|x| <= clip] (the derivative of hardtanh).
 
@@ -66,6 +68,7 @@ class ClippedSTE(Estimator):
         return {"clip": self.clip}
 
 
+@register
 class ApproxSign(Estimator):
     """Bi-Real Net (Liu et al. 2018) ApproxSign: d sign/dx := (2 - 2|x|) for |x| < 1, else 0.
 
@@ -78,6 +81,7 @@ class ApproxSign(Estimator):
         return torch.relu(2.0 - 2.0 * x.abs())
 
 
+@register
 class SwishSign(Estimator):
     """BNN+ (Darabi et al. 2018) SwishSign, as in Larq:
 
@@ -110,6 +114,7 @@ class SwishSign(Estimator):
         return {"beta": self.beta}
 
 
+@register
 class ErrorDecay(Estimator):
     """IR-Net's Error Decay Estimator (Qin et al. 2020): sign(x) ~ k*tanh(t*x), so
 
@@ -145,6 +150,7 @@ class ErrorDecay(Estimator):
         return {"t_min": self.t_min, "t_max": self.t_max, "t": self.t, "k": self.k}
 
 
+@register
 class Fourier(Estimator):
     """FDA-BNN (Xu et al. NeurIPS 2021): the derivative of the truncated Fourier series of sign,
 
