@@ -1,92 +1,39 @@
-"""The ten drop-in classes: a method (``layers.methods``) crossed with a layer type
-(``layers.quantized``). HQ and FDA layers add read-only diagnostics for logging."""
+"""The drop-in classes: every row of the method table (``layers.methods``) crossed with the two layer
+types (``layers.quantized``), generated, never written out by hand:
+
+    XNORConv2d, XNORLinear, BWNConv2d, ..., <class_prefix><Conv2d|Linear> for each method.
+
+Each takes its float base class's constructor arguments plus the method's options; its docstring
+(``help(XNORConv2d)``) lists them with their types, defaults and rules.
+"""
 from __future__ import annotations
 
-from . import methods
-from .quantized import QuantizedConv2d, QuantizedLinear
+from torch import nn
+
+from .methods import ESTIMATOR_OPTIONS, METHODS, Method
+from .quantized import QuantizedConv2d, QuantizedLayer, QuantizedLinear
+
+LAYER_TYPES = (QuantizedConv2d, QuantizedLinear)
 
 
-class HypersphericalDiagnostics:
-    """HQ: the current zero fraction of the ternary weight and cos(w^, t^) (mean over filters)."""
-
-    @property
-    def sparsity(self) -> float:
-        return self.weight_quantizer.stats(self.weight)["sparsity"]
-
-    @property
-    def cosine_similarity(self) -> float:
-        return self.weight_quantizer.stats(self.weight)["cosine_similarity"]
-
-    @property
-    def target_sparsity(self) -> float:
-        return self.weight_quantizer.target_sparsity
-
-
-class FourierDiagnostics:
-    """FDA: the current number of Fourier terms n and the noise-adaptation weight alpha."""
-
-    @property
-    def terms(self) -> int:
-        return self.weight_quantizer.estimator.terms
-
-    @property
-    def noise_weight(self) -> float:
-        return self.weight_quantizer.noise_weight
-
-
-class BWNConv2d(QuantizedConv2d):
-    """Binary-weight conv (BWN): alpha_c sign(W), float inputs."""
-    method_spec = methods.BWN
-
-
-class BWNLinear(QuantizedLinear):
-    """Binary-weight linear (BWN): alpha_c sign(W), float inputs."""
-    method_spec = methods.BWN
-
-
-class XNORConv2d(QuantizedConv2d):
-    """XNOR-Net conv: alpha_c sign(W) and sign(x); ``activation_scale=True`` adds the K map."""
-    method_spec = methods.XNOR
-
-
-class XNORLinear(QuantizedLinear):
-    """XNOR-Net linear: alpha_c sign(W) and sign(x); ``activation_scale=True`` adds beta = mean|x|."""
-    method_spec = methods.XNOR
-
-
-class TernaryConv2d(QuantizedConv2d):
-    """TWN ternary-weight conv: alpha T, float inputs."""
-    method_spec = methods.TERNARY
-
-
-class TernaryLinear(QuantizedLinear):
-    """TWN ternary-weight linear: alpha T, float inputs."""
-    method_spec = methods.TERNARY
-
-
-class HQConv2d(HypersphericalDiagnostics, QuantizedConv2d):
-    """Hyperspherical ternary conv (HQ reconstruction), float inputs."""
-    method_spec = methods.HQ
-
-
-class HQLinear(HypersphericalDiagnostics, QuantizedLinear):
-    """Hyperspherical ternary linear (HQ reconstruction), float inputs."""
-    method_spec = methods.HQ
-
-
-class FDAConv2d(FourierDiagnostics, QuantizedConv2d):
-    """FDA-BNN conv: Fourier estimator and noise adaptation on weights and inputs."""
-    method_spec = methods.FDA
-
-
-class FDALinear(FourierDiagnostics, QuantizedLinear):
-    """FDA-BNN linear: Fourier estimator and noise adaptation on weights and inputs."""
-    method_spec = methods.FDA
+def dropin_class(method: Method, layer_type: type[QuantizedLayer]) -> type[QuantizedLayer]:
+    float_name = layer_type.float_type.__name__
+    name = f"{method.class_prefix}{float_name}"
+    estimators = (f"default {method.default_estimator}" if method.default_input_estimator is None else
+                  f"default {method.default_estimator} for weights, {method.default_input_estimator} for inputs")
+    doc = (f"{method.summary}\n\nA drop-in nn.{float_name} (same arguments; a float layer's state_dict loads as is) "
+           f"of method {method.name!r}: {method.weight_bits}-bit weights, "
+           f"{method.input_bits}-bit inputs.\n\nKeyword options:\n"
+           f"    {', '.join(ESTIMATOR_OPTIONS)}: an estimator name, mapping or object ({estimators})\n"
+           f"{method.describe_options()}\n")
+    return type(name, (layer_type,), {"method_spec": method, "__doc__": doc, "__module__": __name__,
+                                      "__qualname__": name})
 
 
 #: (method name, float layer type) -> drop-in class, the map ``qat.quantize_model`` swaps with.
-LAYER_CLASSES = {
-    (cls.method_spec.name, cls.float_type): cls
-    for cls in (BWNConv2d, BWNLinear, XNORConv2d, XNORLinear, TernaryConv2d, TernaryLinear,
-                HQConv2d, HQLinear, FDAConv2d, FDALinear)
+LAYER_CLASSES: dict[tuple[str, type[nn.Module]], type[QuantizedLayer]] = {
+    (method.name, layer_type.float_type): dropin_class(method, layer_type)
+    for method in METHODS.values() for layer_type in LAYER_TYPES
 }
+globals().update({cls.__name__: cls for cls in LAYER_CLASSES.values()})
+__all__ = ["LAYER_CLASSES", "dropin_class", *(cls.__name__ for cls in LAYER_CLASSES.values())]

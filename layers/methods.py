@@ -1,65 +1,134 @@
-"""The method table: what each quantization method builds for a layer, and how its latent weights
-are treated by the optimizer. The drop-in layers and ``qat.quantize_model`` both read it.
+"""The method table: the one place that knows what a quantization method is.
 
-| method  | weights               | activations     | default estimator | latent weights           |
-|---------|-----------------------|-----------------|-------------------|--------------------------|
-| bwn     | alpha_c sign(W)       | float           | clipped_ste       | clip [-1, 1], no wd      |
-| xnor    | alpha_c sign(W)       | sign(x) [* K]   | clipped_ste       | clip [-1, 1], no wd      |
-| ternary | TWN alpha T           | float           | identity          | wd (TWN trains with wd)  |
-| hq      | unit ternary t^_c     | float           | identity          | wd                       |
-| fda     | sign(W)+NAM, mean|W_c|| sign(x)+NAM    | fourier           | wd (paper: SGD, wd 1e-4) |
+A row names the method's weight and input quantizers (their ``bits`` give the method's bit widths,
+an input quantizer means binary inputs), its default estimators, the method a layer with float
+inputs falls back to (the first layer of ``mnist_bnn``), how the optimizer treats its latent
+weights, and options of the layer itself. Everything else derives from it: the drop-in classes
+(``layers.dropin``), ``qat.quantize_model``, the config resolvers, the training diagnostics and
+labels, and the tests' method lists. Adding a method is its quantizer, one row here and
+``configs/quant/<name>.yaml``.
+
+| method          | weights                        | inputs          | default estimator    | latent weights           |
+|-----------------|--------------------------------|-----------------|----------------------|--------------------------|
+| bwn             | alpha_c sign(W)                | float           | clipped_ste          | clip [-1, 1], no wd      |
+| xnor            | alpha_c sign(W)                | sign(x) [* K]   | clipped_ste          | clip [-1, 1], no wd      |
+| ternary         | TWN alpha T                    | float           | identity             | wd (TWN trains with wd)  |
+| hq              | unit ternary t^_c              | float           | identity             | wd                       |
+| fda             | sign(W)+NAM, mean|W_c|         | sign(x)+NAM     | fourier              | wd (paper: SGD, wd 1e-4) |
+| irnet           | Libra-PB 2^s_c sign(W^_c)      | sign(x)         | ede                  | wd (standardised)        |
+| irnet_w         | Libra-PB 2^s_c sign(W^_c)      | float           | ede                  | wd                       |
+| reactnet        | mean|W_c| sign(W), detached    | sign(x - a_c)   | clipped_ste / approx_sign | no wd (stage 2)     |
+| reactnet_stage1 | float                          | sign(x - a_c)   | - / approx_sign      | wd (stage 1: 1e-5)       |
 """
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-from typing import Callable
-
+from dataclasses import dataclass, field, replace
 
 from . import quantizers as q
+from .irnet import LibraWeight
+from .options import Option, validate_options
+from .reactnet import RSign
 
-#: Options every quantized layer accepts besides the method's own.
-COMMON_OPTIONS = ("estimator", "weight_estimator", "input_estimator")
+#: Options every quantized layer accepts besides the method's own: estimator choices, which are a
+#: registry name, a mapping {name: ..., **hyperparameters} or an Estimator object.
+ESTIMATOR_OPTIONS = ("estimator", "weight_estimator", "input_estimator")
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    weight_bits: int
-    input_bits: int
-    default_estimator: str
+    #: one line for docs: what the method computes
+    summary: str
+    #: the drop-in class names: <prefix>Conv2d, <prefix>Linear
+    class_prefix: str
     weight_quantizer: type[q.Quantizer]
     input_quantizer: type[q.Quantizer] | None
+    default_estimator: str
+    #: the method of a layer whose inputs must stay float (first layer): a row name, or "fp";
+    #: None means this method itself (it has float inputs already)
+    weights_only: str | None
     clip_latent: float | None
     latent_weight_decay: bool
-    #: method options consumed by the layer itself rather than a quantizer
-    layer_options: tuple[str, ...] = ()
+    #: the input quantizer's default estimator when it differs from ``default_estimator``
+    default_input_estimator: str | None = None
+    #: options consumed by the layer itself rather than by a quantizer
+    layer_options: tuple[Option, ...] = ()
+    #: this method's defaults for its quantizers' options, where they differ from the quantizer's
+    defaults: dict = field(default_factory=dict)
+
+    @property
+    def weight_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def input_bits(self) -> int:
+        return 32 if self.input_quantizer is None else self.input_quantizer.bits
+
+    @property
+    def binary_inputs(self) -> bool:
+        """Whether the layer's inputs are binarized: a ReLU before it would make every input +1."""
+        return self.input_quantizer is not None
+
+    @property
+    def options(self) -> dict[str, Option]:
+        """Every option of the method (layer and quantizer options), with this method's defaults."""
+        declared: dict[str, Option] = {}
+        quantizers = (self.weight_quantizer, self.input_quantizer)
+        for option in (*self.layer_options, *(o for cls in quantizers if cls is not None for o in cls.options)):
+            if declared.setdefault(option.name, option) != option:
+                raise TypeError(f"method {self.name}: two different options are called {option.name!r}")
+        return {name: replace(o, default=self.defaults[name]) if name in self.defaults else o
+                for name, o in declared.items()}
 
     def option_names(self) -> set[str]:
-        names = set(self.layer_options) | set(COMMON_OPTIONS)
-        for quantizer in (self.weight_quantizer, self.input_quantizer):
-            if quantizer is not None:
-                names |= set(inspect.signature(quantizer.__init__).parameters) - {"self", "estimator", "features", "device", "dtype"}
-        return names
+        return set(self.options) | set(ESTIMATOR_OPTIONS)
+
+    def validate_options(self, given: dict) -> dict:
+        """Every option's value (given or default), checked once; ValueError names a bad one."""
+        return validate_options(self.options.values(), given, f"method {self.name}")
+
+    def describe_options(self) -> str:
+        lines = [f"    {o.describe()}" for o in self.options.values()]
+        return "\n".join(lines) if lines else "    (none)"
 
 
-BWN = Method("bwn", 1, 32, "clipped_ste", q.ScaledSignWeight, None, clip_latent=1.0, latent_weight_decay=False)
-XNOR = Method("xnor", 1, 1, "clipped_ste", q.ScaledSignWeight, q.SignActivation, clip_latent=1.0,
-              latent_weight_decay=False, layer_options=("activation_scale",))
-TERNARY = Method("ternary", 2, 32, "identity", q.TernaryWeight, None, clip_latent=None, latent_weight_decay=True)
-HQ = Method("hq", 2, 32, "identity", q.HypersphericalTernaryWeight, None, clip_latent=None, latent_weight_decay=True)
-FDA = Method("fda", 1, 1, "fourier", q.FourierWeight, q.FourierActivation, clip_latent=None, latent_weight_decay=True)
+def quantizer_kwargs(quantizer: type[q.Quantizer], values: dict) -> dict:
+    """The validated option values that ``quantizer`` declares."""
+    return {o.name: values[o.name] for o in quantizer.options}
 
-METHODS: dict[str, Method] = {m.name: m for m in (BWN, XNOR, TERNARY, HQ, FDA)}
+
+ROWS = (
+    Method("bwn", "Binary-weight network (BWN): alpha_c sign(W), float inputs.", "BWN",
+           q.ScaledSignWeight, None, "clipped_ste", weights_only=None, clip_latent=1.0,
+           latent_weight_decay=False),
+    Method("xnor", "XNOR-Net: alpha_c sign(W) and sign(x); activation_scale=True adds the K map.", "XNOR",
+           q.ScaledSignWeight, q.SignActivation, "clipped_ste", weights_only="bwn", clip_latent=1.0,
+           latent_weight_decay=False,
+           layer_options=(Option("activation_scale", bool, False, "multiply by XNOR-Net's K = mean|x| map"),)),
+    Method("ternary", "TWN ternary weights alpha T, float inputs.", "Ternary",
+           q.TernaryWeight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
+    Method("hq", "Hyperspherical ternary weights (HQ reconstruction), float inputs.", "HQ",
+           q.HypersphericalTernaryWeight, None, "identity", weights_only=None, clip_latent=None,
+           latent_weight_decay=True),
+    Method("fda", "FDA-BNN: Fourier estimator and noise adaptation on weights and inputs.", "FDA",
+           q.FourierWeight, q.FourierActivation, "fourier", weights_only="bwn", clip_latent=None,
+           latent_weight_decay=True),
+    Method("irnet", "IR-Net: Libra-PB weights 2^s_c sign(W^_c) and sign(x), EDE backward.", "IRNet",
+           LibraWeight, q.SignActivation, "ede", weights_only="irnet_w", clip_latent=None,
+           latent_weight_decay=True),
+    Method("irnet_w", "IR-Net 1/32: Libra-PB weights, float inputs, EDE backward.", "IRNetW",
+           LibraWeight, None, "ede", weights_only=None, clip_latent=None, latent_weight_decay=True),
+    Method("reactnet", "ReActNet: mean|W_c| sign(W) (scale detached) and RSign sign(x - alpha_c).", "ReActNet",
+           q.ScaledSignWeight, RSign, "clipped_ste", weights_only="bwn", clip_latent=None,
+           latent_weight_decay=False, default_input_estimator="approx_sign", defaults={"detach_scale": True}),
+    Method("reactnet_stage1", "ReActNet stage 1: float weights, RSign sign(x - alpha_c) inputs.",
+           "ReActNetStage1", q.FloatWeight, RSign, "identity", weights_only="fp", clip_latent=None,
+           latent_weight_decay=True, default_input_estimator="approx_sign"),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in ROWS}
 #: ``fp`` means "leave the layer float"; it has no Method entry.
 METHOD_NAMES = ("fp", *METHODS)
-
-
-def method_bits(name: str) -> tuple[int, int]:
-    """(weight bits, activation bits) of a method name, e.g. xnor -> (1, 1), fp -> (32, 32)."""
-    if name == "fp":
-        return 32, 32
-    return get_method(name).weight_bits, get_method(name).input_bits
 
 
 def get_method(name: str) -> Method:
@@ -68,7 +137,22 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def split_options(quantizer: Callable, options: dict) -> dict:
-    """The subset of ``options`` that ``quantizer``'s constructor takes."""
-    accepted = inspect.signature(quantizer.__init__).parameters
-    return {k: v for k, v in options.items() if k in accepted}
+def method_bits(name: str) -> tuple[int, int]:
+    """(weight bits, activation bits) of a method name, e.g. xnor -> (1, 1), fp -> (32, 32)."""
+    if name == "fp":
+        return 32, 32
+    method = get_method(name)
+    return method.weight_bits, method.input_bits
+
+
+def binary_inputs(name: str) -> bool:
+    """Whether ``name``'s layers binarize their inputs (fp: no)."""
+    return name != "fp" and get_method(name).binary_inputs
+
+
+def weights_only_method(name: str) -> str:
+    """The method for a layer of a ``name`` network whose inputs stay float: xnor -> bwn, irnet ->
+    irnet_w, a method with float inputs -> itself."""
+    if name == "fp":
+        return name
+    return get_method(name).weights_only or name

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fresh_state import KeepsFreshState
 
-class NoiseAdaptation(nn.Module):
+
+class NoiseAdaptation(KeepsFreshState):
     def __init__(self, features: int, reduction: int = 64, shortcut: float = 0.1, device=None, dtype=None):
         super().__init__()
         if features < 1:
@@ -43,13 +45,6 @@ class NoiseAdaptation(nn.Module):
         rows = t.movedim(dim, -1)
         e = torch.add(F.linear(F.relu(F.linear(rows, self.w1)), self.w2), torch.sin(rows), alpha=self.shortcut)
         return e.movedim(-1, dim)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # A float layer's state_dict has no NAM entries: keep the fresh initialisation (the drop-in
-        # contract), but a state_dict that has some of them must have all of them.
-        if not any(key.startswith(prefix) for key in state_dict):
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
         return f"features={self.features}, hidden={self.hidden}, shortcut={self.shortcut:g}"

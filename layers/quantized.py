@@ -33,7 +33,7 @@ from torch import nn
 import estimators
 from estimators.base import sign
 from .bitpack import pack_flags, unpack_flags, unpack_signs
-from .methods import COMMON_OPTIONS, Method, split_options
+from .methods import ESTIMATOR_OPTIONS, Method, quantizer_kwargs
 
 ACT_COMPRESSION_MODES = ("none", "exact")
 #: Attribute on tensors computed from the weights alone (quantized weights, codes).
@@ -195,6 +195,8 @@ class QuantizedLayer:
     #: What binary-input layers save for backward: "none" (float tensors) or "exact" (packed
     #: bits, ``_PackedSignInputOp``). Set through ``qat.set_act_compression``.
     act_compression: str = "none"
+    #: XNOR-Net's K map (a layer option of xnor; False for every other method)
+    activation_scale: bool = False
 
     def __init__(self, *args, **kwargs):
         base_parameters = inspect.signature(self.float_type.__init__).parameters
@@ -209,30 +211,34 @@ class QuantizedLayer:
 
     def _build_quantizers(self, options: dict, factory: dict) -> None:
         spec = self.method_spec
-        unknown = set(options) - spec.option_names()
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}; "
-                             f"valid options: {sorted(spec.option_names())}")
-        default = options.get("estimator") or spec.default_estimator
-        method_options = {k: v for k, v in options.items() if k not in COMMON_OPTIONS}
-        self.activation_scale = bool(method_options.pop("activation_scale", False))
-        self.weight_quantizer = spec.weight_quantizer(
-            estimators.get(options.get("weight_estimator") or default),
-            **split_options(spec.weight_quantizer, method_options),
-            **self._features_for(spec.weight_quantizer, self.weight[0].numel(), factory))
+        choice = {name: options.pop(name) for name in ESTIMATOR_OPTIONS if name in options}
+        values = spec.validate_options(options)
+        for option in spec.layer_options:
+            setattr(self, option.name, values[option.name])
+        default = choice.get("estimator") or spec.default_estimator
+        input_default = choice.get("estimator") or spec.default_input_estimator or spec.default_estimator
+        self.weight_quantizer = self._quantizer(spec.weight_quantizer, choice.get("weight_estimator") or default,
+                                                values, self.weight[0].numel(), factory)
         self.input_quantizer = None
         if spec.input_quantizer is not None:
-            self.input_quantizer = spec.input_quantizer(
-                estimators.get(options.get("input_estimator") or default),
-                **split_options(spec.input_quantizer, method_options),
-                **self._features_for(spec.input_quantizer, self.input_features, factory))
+            self.input_quantizer = self._quantizer(spec.input_quantizer, choice.get("input_estimator") or input_default,
+                                                   values, self.input_features, factory)
 
     @staticmethod
-    def _features_for(quantizer, features: int, factory: dict) -> dict:
-        """Quantizers with a learned module (FDA's NAM) need their feature width and factory kwargs."""
-        if "features" in inspect.signature(quantizer.__init__).parameters:
-            return {"features": features, **factory}
-        return {}
+    def _quantizer(cls, estimator, values: dict, features: int, factory: dict):
+        """``cls`` with its options; quantizers with a learned module (FDA's NAM, RSign's thresholds)
+        also get their feature width and the factory kwargs."""
+        sized = {"features": features, **factory} if cls.needs_features else {}
+        return cls(estimators.get(estimator), **sized, **quantizer_kwargs(cls, values))
+
+    def diagnostics(self) -> dict[str, float]:
+        """The quantizers' own figures for the training logs (HQ: sparsity, cosine_similarity;
+        FDA: terms, noise_weight; RSign: threshold_mean_abs); the weight quantizer's win a tie."""
+        found = {}
+        for quantizer in (self.input_quantizer, self.weight_quantizer):
+            if quantizer is not None:
+                found.update(quantizer.diagnostics(self.weight))
+        return found
 
     @property
     def weight_bits(self) -> int:

@@ -16,7 +16,9 @@ from torch import nn
 from estimators import Estimator, check_progress
 from estimators.base import sign
 
+from .fresh_state import KeepsFreshState
 from .noise_adaptation import NoiseAdaptation
+from .options import Option, validate_options
 
 
 def per_channel(reduce, w: torch.Tensor) -> torch.Tensor:
@@ -29,14 +31,30 @@ def cosine_schedule(start: float, progress: float) -> float:
     return 0.5 * start * (1.0 + math.cos(math.pi * progress))
 
 
-class Quantizer(nn.Module):
-    """Base: holds ``estimator``; ``bits`` is the stored precision of the output."""
+class Quantizer(KeepsFreshState):
+    """Base: holds ``estimator``; ``bits`` is the stored precision of the output.
+
+    A subclass declares its hyperparameters in ``options`` (``layers.options.Option``): the
+    constructor takes them as keywords, validates them and sets each as an attribute, so
+    ``TernaryWeight(est, threshold_factor=0.5).threshold_factor == 0.5``. A quantizer holding a
+    learned module sized by the layer's feature width sets ``needs_features`` and takes
+    ``features`` (and the factory ``device``/``dtype``) before its options. A float layer's
+    state_dict leaves a quantizer's own state fresh (``KeepsFreshState``).
+    """
 
     bits: int = 32
+    options: tuple[Option, ...] = ()
+    needs_features: bool = False
 
-    def __init__(self, estimator: Estimator):
+    def __init__(self, estimator: Estimator, **options):
         super().__init__()
         self.estimator = estimator
+        for name, value in validate_options(self.options, options, type(self).__name__).items():
+            setattr(self, name, value)
+
+    def diagnostics(self, weight: torch.Tensor) -> dict[str, float]:
+        """Method-specific figures for the training logs (``qat.train.diagnostics``): none by default."""
+        return {}
 
     def set_progress(self, progress: float) -> None:
         self.estimator.set_progress(progress)
@@ -66,6 +84,17 @@ class SignActivation(Quantizer):
         return self.estimator(x)
 
 
+class FloatWeight(Quantizer):
+    """Weights left float: code = W, scale = 1 (a method that binarizes only the inputs, such as
+    ReActNet's first stage). No estimator is applied: the gradient reaches W unchanged."""
+
+    def factors(self, w):
+        return w, w.new_ones(w.shape[0], *([1] * (w.dim() - 1)))
+
+    def forward(self, w):
+        return w
+
+
 class ScaledSignWeight(Quantizer):
     """BWN / XNOR-Net weights (Rastegari et al. 2016): W_c ~ alpha_c * sign(W_c),
 
@@ -80,10 +109,7 @@ class ScaledSignWeight(Quantizer):
 
     bits = 1
     is_plain_sign = True
-
-    def __init__(self, estimator: Estimator, detach_scale: bool = False):
-        super().__init__(estimator)
-        self.detach_scale = bool(detach_scale)
+    options = (Option("detach_scale", bool, False, "treat alpha_c as a constant in backward"),)
 
     def factors(self, w):
         """(code, scale): sign(W) with the estimator's backward, and alpha_c shaped [C_out, 1, ...]."""
@@ -106,12 +132,9 @@ class TernaryWeight(Quantizer):
     """
 
     bits = 2
-
-    def __init__(self, estimator: Estimator, threshold_factor: float = 0.7, per_channel: bool = False):
-        super().__init__(estimator)
-        if not threshold_factor >= 0:
-            raise ValueError(f"ternary: threshold_factor must be >= 0, got {threshold_factor!r}")
-        self.threshold_factor, self.per_channel = float(threshold_factor), bool(per_channel)
+    options = (Option("threshold_factor", float, 0.7, "delta = threshold_factor * E|W|",
+                      check=lambda v: v >= 0, rule=">= 0"),
+               Option("per_channel", bool, False, "delta and alpha per output channel instead of per layer"))
 
     def _reduce(self, t):
         return per_channel(torch.sum, t) if self.per_channel else t.sum()
@@ -157,16 +180,18 @@ class HypersphericalTernaryWeight(Quantizer):
     """
 
     bits = 2
+    options = (Option("target_sparsity", float, 0.7, "final zero fraction s_f", check=lambda v: 0 <= v < 1,
+                      rule="in [0, 1)"),
+               Option("prune_start", float, 0.0, "progress p_0 where pruning starts", check=lambda v: 0 <= v <= 1,
+                      rule="in [0, 1]"),
+               Option("prune_end", float, 0.5, "progress p_1 where s reaches s_f", check=lambda v: 0 <= v <= 1,
+                      rule="in [0, 1]"),
+               Option("reinitialize", bool, True, "reset latent weights to the ternary point at p_1"))
 
-    def __init__(self, estimator: Estimator, target_sparsity: float = 0.7, prune_start: float = 0.0,
-                 prune_end: float = 0.5, reinitialize: bool = True):
-        super().__init__(estimator)
-        if not 0.0 <= target_sparsity < 1.0:
-            raise ValueError(f"hq: target_sparsity must be in [0, 1), got {target_sparsity!r}")
-        if not 0.0 <= prune_start < prune_end <= 1.0:
-            raise ValueError(f"hq: need 0 <= prune_start < prune_end <= 1, got {prune_start!r}, {prune_end!r}")
-        self.target_sparsity, self.prune_start, self.prune_end = float(target_sparsity), float(prune_start), float(prune_end)
-        self.reinitialize = bool(reinitialize)
+    def __init__(self, estimator: Estimator, **options):
+        super().__init__(estimator, **options)
+        if not self.prune_start < self.prune_end:
+            raise ValueError(f"hq: need prune_start < prune_end, got {self.prune_start!r}, {self.prune_end!r}")
         # persistent, so a resumed run does not reinitialise a second time
         self.register_buffer("reinitialized", torch.tensor(False))
         self._reinitialized = False
@@ -200,7 +225,8 @@ class HypersphericalTernaryWeight(Quantizer):
         return self.estimator.quantize(self.normalize(w), self.project)
 
     @torch.no_grad()
-    def stats(self, w) -> dict:
+    def diagnostics(self, w) -> dict:
+        """The zero fraction of t^ and cos(w^_c, t^_c) averaged over filters."""
         unit = self.normalize(w)
         t_hat = self.project(unit)
         cosine = per_channel(torch.sum, unit * t_hat)
@@ -217,8 +243,6 @@ class HypersphericalTernaryWeight(Quantizer):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if prefix + "reinitialized" in missing_keys:  # a float layer's state_dict: a fresh start
-            missing_keys.remove(prefix + "reinitialized")
         # mirror the buffer in a Python flag: set_progress runs every step and must not sync
         self._reinitialized = bool(self.reinitialized)
         self._reinit_due = self._reinit_due and not self._reinitialized
@@ -247,14 +271,17 @@ class _FourierWithNoise(Quantizer):
     """
 
     bits = 1
+    needs_features = True
+    options = (Option("noise_weight", float, 0.1, "alpha_0, the noise term's weight at p = 0",
+                      check=lambda v: v >= 0, rule=">= 0"),
+               Option("nam_reduction", int, 64, "the NAM's hidden width is features // nam_reduction",
+                      check=lambda v: v >= 1, rule=">= 1"),
+               Option("nam_shortcut", float, 0.1, "the NAM's sin(t) shortcut weight a"))
 
-    def __init__(self, estimator: Estimator, features: int, noise_weight: float = 0.1,
-                 nam_reduction: int = 64, nam_shortcut: float = 0.1, device=None, dtype=None):
-        super().__init__(estimator)
-        if not noise_weight >= 0:
-            raise ValueError(f"fda: noise_weight must be >= 0, got {noise_weight!r}")
-        self.initial_noise_weight = float(noise_weight)
-        self.nam = NoiseAdaptation(features, nam_reduction, nam_shortcut, device=device, dtype=dtype)
+    def __init__(self, estimator: Estimator, features: int, device=None, dtype=None, **options):
+        super().__init__(estimator, **options)
+        self.initial_noise_weight = self.noise_weight
+        self.nam = NoiseAdaptation(features, self.nam_reduction, self.nam_shortcut, device=device, dtype=dtype)
         self.set_progress(0.0)
 
     def set_progress(self, progress):
@@ -275,6 +302,10 @@ class _FourierWithNoise(Quantizer):
         if not self.noise_active:
             return z
         return torch.add(z, self.nam(t, feature_dim), alpha=self.noise_weight)
+
+    def diagnostics(self, weight) -> dict:
+        """The current number of Fourier terms n and the noise weight alpha."""
+        return {"terms": float(self.estimator.terms), "noise_weight": self.noise_weight}
 
     def extra_repr(self):
         return f"noise_weight={self.noise_weight:.4g}"

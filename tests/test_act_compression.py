@@ -94,6 +94,8 @@ def test_packed_layer_gradients_are_bit_identical_at_the_boundaries(float_type, 
     layer = cls(6, 5, 3, padding=1, bias=True, estimator=estimator) if float_type is nn.Conv2d \
         else cls(6, 5, estimator=estimator)
     qat.set_progress(layer, 1.0)
+    if not layer.input_quantizer.is_plain_sign:
+        pytest.skip(f"{method}'s inputs are not sign(x) (RSign: sign(x - alpha)): exact mode has no bits to save")
     shape = (3, 6, 4, 4) if float_type is nn.Conv2d else (3, 6)
     x = torch.randn(shape) * 1.5
     x.view(-1)[:6] = torch.tensor([0.0, -0.0, 1.0, -1.0, 3e38, -1e-30])

@@ -167,18 +167,18 @@ def test_ternary_backward_is_straight_through():
 
 def test_hq_unit_ternary_filters_and_schedule():
     conv = layers.HQConv2d(16, 8, 3, target_sparsity=0.8, prune_end=0.5)
-    assert conv.sparsity == 0.0  # p = 0: no pruning yet, t = sign(w^)
+    assert conv.diagnostics()["sparsity"] == 0.0  # p = 0: no pruning yet, t = sign(w^)
     conv.set_progress(0.25)
     expected = 0.8 * (1 - 0.5 ** 3)
     assert conv.weight_quantizer.sparsity == pytest.approx(expected)
-    assert conv.sparsity == pytest.approx(expected, abs=1 / conv.weight.numel())
+    assert conv.diagnostics()["sparsity"] == pytest.approx(expected, abs=1 / conv.weight.numel())
     q = conv.quantized_weight().detach()
     for c in range(8):
         k = (q[c] != 0).sum().item()
         nonzero = q[c][q[c] != 0].abs()
         torch.testing.assert_close(nonzero, torch.full_like(nonzero, 1 / math.sqrt(k)))
         assert torch.linalg.vector_norm(q[c]).item() == pytest.approx(1.0)
-    cos_before = conv.cosine_similarity
+    cos_before = conv.diagnostics()["cosine_similarity"]
     assert 0 < cos_before < 1
     assert cos_before == pytest.approx(hq_cosine(conv.weight.detach(), expected), rel=1e-6)
     torch.testing.assert_close(q, hq_unit_ternary(conv.weight.detach(), expected)[1])
@@ -188,9 +188,9 @@ def test_hq_reaches_target_sparsity_and_reinitialises():
     conv = layers.HQConv2d(16, 8, 3, target_sparsity=0.9)
     w_norm = torch.linalg.vector_norm(conv.weight.detach().flatten(1), dim=1)
     conv.set_progress(0.6)  # past prune_end = 0.5
-    assert conv.sparsity == pytest.approx(0.9, abs=1 / conv.weight.numel())
+    assert conv.diagnostics()["sparsity"] == pytest.approx(0.9, abs=1 / conv.weight.numel())
     # reinitialisation: latent weights moved to the ternary point, same norms, cosine 1
-    assert conv.cosine_similarity == pytest.approx(1.0)
+    assert conv.diagnostics()["cosine_similarity"] == pytest.approx(1.0)
     torch.testing.assert_close(torch.linalg.vector_norm(conv.weight.detach().flatten(1), dim=1), w_norm)
     assert (conv.weight == 0).float().mean().item() == pytest.approx(0.9, abs=1 / conv.weight.numel())
     snapshot = conv.weight.detach().clone()
@@ -209,9 +209,9 @@ def test_hq_keeps_target_sparsity_while_training():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert model[0].sparsity == pytest.approx(0.7, abs=1 / 512)
-    assert 0.5 < model[0].cosine_similarity <= 1.0
-    assert model[0].cosine_similarity == pytest.approx(hq_cosine(model[0].weight.detach(), 0.7), rel=1e-6)
+    assert model[0].diagnostics()["sparsity"] == pytest.approx(0.7, abs=1 / 512)
+    assert 0.5 < model[0].diagnostics()["cosine_similarity"] <= 1.0
+    assert model[0].diagnostics()["cosine_similarity"] == pytest.approx(hq_cosine(model[0].weight.detach(), 0.7), rel=1e-6)
 
 
 def test_fda_builds_noise_modules_eagerly_with_nonzero_width():
@@ -227,11 +227,11 @@ def test_fda_builds_noise_modules_eagerly_with_nonzero_width():
 
 def test_fda_schedule_ends_purely_binary():
     conv = layers.FDAConv2d(8, 4, 3, padding=1)
-    assert conv.noise_weight == pytest.approx(0.1) and conv.terms == 9
+    assert conv.diagnostics()["noise_weight"] == pytest.approx(0.1) and conv.diagnostics()["terms"] == 9
     conv.set_progress(0.5)
-    assert conv.noise_weight == pytest.approx(0.05)
+    assert conv.diagnostics()["noise_weight"] == pytest.approx(0.05)
     conv.set_progress(1.0)
-    assert conv.noise_weight == 0.0 and conv.terms == 18
+    assert conv.diagnostics()["noise_weight"] == 0.0 and conv.diagnostics()["terms"] == 18
     binary = layers.XNORConv2d(8, 4, 3, padding=1)
     binary.load_state_dict({k: v for k, v in conv.state_dict().items() if "nam" not in k})
     x = torch.randn(2, 8, 7, 7)

@@ -69,7 +69,7 @@ def test_each_layer_gets_its_own_estimator(resnet):
 
 def test_method_hyperparameters_reach_the_layers(resnet):
     model = qat.quantize_model(resnet, {"method": "hq", "target_sparsity": 0.9})
-    assert model.layer1[0].conv1.target_sparsity == 0.9
+    assert model.layer1[0].conv1.weight_quantizer.target_sparsity == 0.9
 
 
 def test_fp_method_changes_nothing(resnet, float_resnet):
@@ -95,7 +95,7 @@ def test_set_progress_reaches_every_scheduled_part(resnet):
     model = qat.quantize_model(resnet, {"method": "fda"})
     qat.set_progress(model, 1.0)
     fda = [m for m in model.modules() if isinstance(m, layers.FDAConv2d)]
-    assert fda and all(m.noise_weight == 0.0 and m.terms == 18 for m in fda)
+    assert fda and all(m.diagnostics()["noise_weight"] == 0.0 and m.diagnostics()["terms"] == 18 for m in fda)
     assert all(m.input_quantizer.noise_weight == 0.0 and m.input_quantizer.estimator.terms == 18 for m in fda)
     model = qat.quantize_model(torchvision.models.resnet18(), {"method": "xnor", "estimator": "ede"})
     qat.set_progress(model, 1.0)
@@ -107,7 +107,7 @@ def test_set_progress_reaches_every_scheduled_part(resnet):
 def test_set_progress_on_a_bare_layer():
     conv = layers.FDAConv2d(4, 4, 3)
     qat.set_progress(conv, 1.0)
-    assert conv.noise_weight == 0.0
+    assert conv.diagnostics()["noise_weight"] == 0.0
 
 
 def test_latent_param_groups_and_clipping():

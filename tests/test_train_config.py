@@ -2,19 +2,20 @@
 import json
 
 import pytest
+import torch
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
+import layers
 from conftest import CONFIGS
 from qat.train.config import ConfigError
 from qat.train.trainer import Trainer
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
-METHODS = ("fp", "bwn", "xnor", "ternary", "hq", "fda")
 
 
 def test_the_issue_lists_every_required_experiment():
-    required = {f"resnet18_{m}" for m in METHODS} | {"mnist_bnn"}
+    required = {f"resnet18_{m}" for m in ("fp", "bwn", "xnor", "ternary", "hq", "fda")} | {"mnist_bnn"}
     required |= {f"{arch}_{m}" for arch in ("resnet20", "vgg_small") for m in ("fp", "bwn", "xnor", "ternary", "fda")}
     assert required <= set(EXPERIMENTS)
 
@@ -22,16 +23,17 @@ def test_the_issue_lists_every_required_experiment():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_trains_one_step(experiment, compose, smoke_overrides, tmp_path):
     cfg = compose([f"+experiment={experiment}", *smoke_overrides])
-    method = experiment.rsplit("_", 1)[1] if experiment != "mnist_bnn" else "xnor"
-    assert cfg.quant.method == method and cfg.experiment_name == experiment
+    method = cfg.quant.method
+    assert method in layers.METHOD_NAMES and cfg.experiment_name == experiment
     if experiment == "mnist_bnn":
         cfg.data.channels = 1
         cfg.data.image_size = 28
     summary = Trainer(cfg, tmp_path).fit()
     assert summary["steps"] == 1 and summary["method"] == method
-    default_estimator = {"fp": "none", "bwn": "clipped_ste", "xnor": "clipped_ste", "ternary": "identity",
-                         "hq": "identity", "fda": "fourier"}[method]
-    assert summary["estimator"] == default_estimator
+    chosen = OmegaConf.to_container(cfg.quant).get("estimator")
+    expected = (chosen if isinstance(chosen, str) else chosen["name"]) if chosen else (
+        "none" if method == "fp" else layers.METHODS[method].default_estimator)
+    assert summary["estimator"] == expected
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == cfg.model.name
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
 
@@ -106,3 +108,15 @@ def test_unknown_estimator_name_is_reported(compose, smoke_overrides, tmp_path):
     cfg = compose([*smoke_overrides, "quant=xnor", "quant.estimator=fourrier"])
     with pytest.raises(ValueError, match="unknown estimator 'fourrier'"):
         Trainer(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("method", layers.METHOD_NAMES)
+def test_every_method_swaps_into_mnist_bnn_and_trains_a_step(method, compose, smoke_overrides, tmp_path):
+    """quant=<method> for every row of the method table: the resolvers give binary-input methods a
+    sign-keeping activation and the first layer its weights-only counterpart."""
+    cfg = compose(["+experiment=mnist_bnn", f"quant={method}", *smoke_overrides])
+    cfg.data.channels, cfg.data.image_size = 1, 28
+    trainer = Trainer(cfg, tmp_path)
+    first = next(m for m in trainer.model.modules() if isinstance(m, (layers.QuantizedLayer, torch.nn.Conv2d)))
+    assert getattr(first, "method", "fp") == layers.weights_only_method(method)
+    assert trainer.fit()["steps"] == 1

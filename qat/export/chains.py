@@ -130,7 +130,9 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _binary(module) -> bool:
-    return isinstance(module, PackedLayer) and module.spec.binary_input and not module.spec.activation_scale
+    """A binary-input packed layer whose inputs are plain signs (no K map, no RSign threshold)."""
+    return (isinstance(module, PackedLayer) and module.spec.binary_input and not module.spec.activation_scale
+            and not module.spec.input_threshold)
 
 
 def _can_emit(module) -> bool:

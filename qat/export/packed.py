@@ -76,6 +76,8 @@ class PackedSpec:
     groups: int = 1
     padding_mode: str = "zeros"
     folded_batchnorm: bool = False
+    #: binary inputs are sign(x - threshold_c) (ReActNet's RSign), not sign(x)
+    input_threshold: bool = False
 
     @property
     def k(self) -> int:
@@ -103,6 +105,7 @@ class PackedLayer(nn.Module):
             self.register_buffer(plane, torch.zeros(spec.out_features, words, dtype=torch.int64))
         self.register_buffer("scale", torch.zeros(1 if spec.shared_scale else spec.out_features))
         self.register_buffer("bias", torch.zeros(spec.out_features) if spec.bias else None)
+        self.register_buffer("input_threshold", torch.zeros(spec.in_features) if spec.input_threshold else None)
         self._native = None  # native_weights() cache
 
     @classmethod
@@ -131,13 +134,16 @@ class PackedLayer(nn.Module):
         packed.scale.copy_(scale)
         if spec.bias:
             packed.bias.copy_(layer.bias.detach())
+        if spec.input_threshold:
+            packed.input_threshold.copy_(layer.input_quantizer.threshold.detach())
         return packed.to(layer.weight.device)
 
     @staticmethod
     def common_spec(layer: QuantizedLayer) -> dict:
         return {"code": "binary" if layer.weight_bits == 1 else "ternary", "bias": layer.bias is not None,
                 "binary_input": layer.input_bits == 1, "activation_scale": layer.activation_scale,
-                "shared_scale": layer.weight_quantizer.scale_count(layer.weight) == 1, "method": layer.method}
+                "shared_scale": layer.weight_quantizer.scale_count(layer.weight) == 1, "method": layer.method,
+                "input_threshold": hasattr(layer.input_quantizer, "threshold")}
 
     def codes(self, dtype=torch.float32) -> torch.Tensor:
         """The weight codes [C_out, K] in {-1, +1} or {-1, 0, +1}."""
@@ -152,6 +158,8 @@ class PackedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.spec.binary_input:
             return self.float_op(x, self.float_weight(x.dtype))
+        if self.spec.input_threshold:  # sign(x - threshold_c): the same float subtraction as RSign's
+            x = x - self.input_threshold.to(x.dtype).view((1, -1, 1, 1) if x.dim() == 4 else (-1,))
         if x.device.type == "cpu" and x.dtype == torch.float32 and native.available():
             y = self.native_output(x, *self.native_weights())
         else:

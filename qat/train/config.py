@@ -2,9 +2,11 @@
 
 Resolvers (registered on import, used by `configs/`):
   ${weights_only_method:<method>}  the method whose weights match <method> but whose inputs stay
-      float: xnor -> bwn, fda -> bwn, any other method -> itself. `mnist_bnn` uses it for the first
-      layer, so `quant=<m>` swaps keep "binary weights everywhere, float input to the first layer".
-  ${activation_for:<method>}  hardtanh for methods with binary inputs (xnor, fda), relu otherwise.
+      float, from the method table (`layers.methods`): xnor -> bwn, irnet -> irnet_w, a method with
+      float inputs -> itself. `mnist_bnn` uses it for the first layer, so `quant=<m>` swaps keep
+      "binary weights everywhere, float input to the first layer".
+  ${activation_for:<method>}  hardtanh for methods with binary inputs (the table's
+      `binary_inputs`: xnor, fda, irnet, reactnet, ...), relu otherwise.
       After a ReLU every input of a binary conv is >= 0 and sign() would be +1 everywhere; hardtanh
       keeps the sign (IR-Net's choice). The CIFAR model configs use it so quant= swaps stay sound.
   ${runs_root:}  the output root of run directories: env QAT_RUNS, else `runs`.
@@ -25,20 +27,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from layers import binary_inputs, weights_only_method
+
 from qat.plain import to_plain  # noqa: F401  (re-exported: the trainer's modules take it from here)
 
-WEIGHTS_ONLY_METHOD = {"xnor": "bwn", "fda": "bwn"}
-
-
-def weights_only_method(method: str) -> str:
-    return WEIGHTS_ONLY_METHOD.get(method, method)
-
-
-BINARY_INPUT_METHODS = ("xnor", "fda")
-
-
 def activation_for(method: str) -> str:
-    return "hardtanh" if method in BINARY_INPUT_METHODS else "relu"
+    return "hardtanh" if binary_inputs(method) else "relu"
 
 
 class ConfigError(ValueError):

@@ -1,29 +1,24 @@
 """Per-layer diagnostics of binary / ternary training, for the loggers.
 
-For every quantized layer (`layers.QuantizedLayer`), depending on its method:
-  flip_ratio     (bwn, xnor, fda)  share of weights whose sign changed since the previous call:
+For every quantized layer (`layers.QuantizedLayer`), by its weights' bit width:
+  flip_ratio     (1-bit weights)  share of weights whose sign changed since the previous call:
                  mean(sign(Q_t) != sign(Q_prev)), sign(0) = +1; absent at the first call
-  zero_fraction  (ternary, hq)     mean(Q == 0) of the ternary weights
-  clip_fraction  (all)             share of latent weights at the clip boundary, mean(|W| >= 1)
-  cosine_similarity, sparsity (hq) and terms, noise_weight (fda): the layer's own properties
-Snapshots are kept as int8 on the weights' device.
+  zero_fraction  (2-bit weights)  mean(Q == 0) of the ternary weights
+  clip_fraction  (all)            share of latent weights at the clip boundary, mean(|W| >= 1)
+and whatever the layer's quantizers report themselves (`QuantizedLayer.diagnostics()`: HQ's
+cosine_similarity and sparsity, FDA's terms and noise_weight, ...). Snapshots are kept as int8 on
+the weights' device.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-BINARY_METHODS = ("bwn", "xnor", "fda")
-TERNARY_METHODS = ("ternary", "hq")
-LAYER_PROPERTIES = {"hq": ("cosine_similarity", "sparsity"), "fda": ("terms", "noise_weight")}
+from layers import QuantizedLayer
 
 
 def quantized_layers(model: nn.Module):
-    """(name, module) for every quantized layer of `model` (empty when layers is not installed)."""
-    try:
-        from layers import QuantizedLayer
-    except ImportError:
-        return []
+    """(name, module) for every quantized layer of `model`."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantizedLayer)]
 
 
@@ -41,19 +36,17 @@ class LayerDiagnostics:
         """{'diag/<layer>/<metric>': value} for every quantized layer."""
         metrics: dict[str, float] = {}
         for name, layer in self.layers:
-            method = getattr(layer, "method", "")
             prefix = f"diag/{name}"
             quantized = layer.quantized_weight()
-            if method in BINARY_METHODS:
+            if layer.weight_bits == 1:
                 signs = torch.where(quantized >= 0, 1, -1).to(torch.int8)
                 if name in self.previous_signs:
                     metrics[f"{prefix}/flip_ratio"] = _as_float(
                         (signs != self.previous_signs[name]).float().mean())
                 self.previous_signs[name] = signs
-            if method in TERNARY_METHODS:
+            if layer.weight_bits == 2:
                 metrics[f"{prefix}/zero_fraction"] = _as_float((quantized == 0).float().mean())
             metrics[f"{prefix}/clip_fraction"] = _as_float((layer.weight.abs() >= 1).float().mean())
-            for attribute in LAYER_PROPERTIES.get(method, ()):
-                if hasattr(layer, attribute):
-                    metrics[f"{prefix}/{attribute}"] = _as_float(getattr(layer, attribute))
+            for key, value in layer.diagnostics().items():
+                metrics[f"{prefix}/{key}"] = _as_float(value)
         return metrics
