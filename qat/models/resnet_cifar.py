@@ -36,10 +36,10 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.act1 = make_activation(activation)
+        self.act1 = make_activation(activation, out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.act2 = make_activation(activation)
+        self.act2 = make_activation(activation, out_channels)
         self.bireal = bireal
         if stride == 1 and in_channels == out_channels:
             self.downsample = nn.Identity()
@@ -70,7 +70,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.act1 = make_activation(activation)
+        self.act1 = make_activation(activation, widths[0])
         stages, channels = [], widths[0]
         for index, (width, blocks) in enumerate(zip(widths, blocks_per_stage)):
             layer = []
