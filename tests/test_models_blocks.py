@@ -38,7 +38,7 @@ def randomize(model: nn.Module, seed: int = 1) -> nn.Module:
                 module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 module.bias.copy_(torch.rand(n, generator=gen) - 0.5)
             if isinstance(module, RPReLU):
-                for p in (module.shift, module.bias, module.prelu.weight):
+                for p in (module.shift, module.bias, module.slope):
                     p.copy_(torch.rand(p.shape, generator=gen) - 0.5)
     return model
 
@@ -165,18 +165,21 @@ def test_rprelu_is_the_shifted_prelu(shape):
     with torch.no_grad():
         for p in (act.shift, act.bias):
             p.copy_(torch.randn(5, generator=gen))
-        act.prelu.weight.copy_(torch.rand(5, generator=gen))
-    gamma, beta, zeta = act.shift.detach(), act.prelu.weight.detach(), act.bias.detach()
+        act.slope.copy_(torch.rand(5, generator=gen))
+    gamma, beta, zeta = act.shift.detach(), act.slope.detach(), act.bias.detach()
     out = act(x)
     torch.testing.assert_close(out, rprelu_by_hand(x, gamma, beta, zeta))
     assert not torch.allclose(out, nn.functional.prelu(x, beta))  # the shifts do something
-    # gradients of sum f: d/dzeta_c = #elements of channel c, d/dgamma_c = -sum(1 or beta_c)
+    # gradients of sum f: d/dzeta_c = #elements of channel c, d/dgamma_c = -sum(1 or beta_c),
+    # d/dbeta_c = sum of (x - gamma_c) where x <= gamma_c
     out.sum().backward()
     per_channel = x.numel() // 5
     assert torch.equal(act.bias.grad, torch.full((5,), float(per_channel)))
     dims = [d for d in range(x.dim()) if d != 1]
-    slope = torch.where(x.movedim(1, -1) > gamma, 1.0, beta).movedim(-1, 1)
-    torch.testing.assert_close(act.shift.grad, -slope.sum(dims))
+    t = (x.movedim(1, -1) - gamma).movedim(-1, 1)
+    beta_c = beta.view(-1, *[1] * (x.dim() - 2))
+    torch.testing.assert_close(act.shift.grad, -torch.where(t > 0, 1.0, beta_c).sum(dims))
+    torch.testing.assert_close(act.slope.grad, torch.where(t > 0, 0.0, t).sum(dims))
 
 
 def test_make_activation_passes_the_channels():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class RPReLU(nn.Module):
@@ -23,8 +24,9 @@ class RPReLU(nn.Module):
                beta_c (x - gamma_c) + zeta_c    otherwise
 
     gamma (``shift``) moves the point where the slope changes, zeta (``bias``) moves the output,
-    beta (``prelu.weight``) is the negative slope. Init as the official code (`LearnableBias`,
-    zeros, around `nn.PReLU(C)`, 0.25): gamma = zeta = 0, beta = 0.25, so it starts as a PReLU.
+    beta (``slope``) is the negative slope. Init as the official code (`LearnableBias`, zeros,
+    around `nn.PReLU(C)`, 0.25): gamma = zeta = 0, beta = 0.25, so it starts as a PReLU. The three
+    are parameters of this one module (not a child nn.PReLU), so the summary shows one row.
 
     Works on (N, C) and (N, C, *spatial) inputs: the channel axis is moved last so that the
     per-channel vectors broadcast whatever the rank, without reading ``x.dim()`` (that keeps the
@@ -35,16 +37,16 @@ class RPReLU(nn.Module):
         super().__init__()
         if not isinstance(channels, int) or channels < 1:
             raise ValueError(f"RPReLU needs a positive channel count, got {channels!r}")
-        self.shift = nn.Parameter(torch.zeros(channels))  # gamma
-        self.prelu = nn.PReLU(channels, init=0.25)        # beta
-        self.bias = nn.Parameter(torch.zeros(channels))   # zeta
+        self.shift = nn.Parameter(torch.zeros(channels))         # gamma
+        self.slope = nn.Parameter(torch.full((channels,), 0.25))  # beta
+        self.bias = nn.Parameter(torch.zeros(channels))          # zeta
 
     @staticmethod
     def _add_per_channel(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return (x.movedim(1, -1) + v).movedim(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_per_channel(self.prelu(self._add_per_channel(x, -self.shift)), self.bias)
+        return self._add_per_channel(F.prelu(self._add_per_channel(x, -self.shift), self.slope), self.bias)
 
     def extra_repr(self) -> str:
         return f"channels={self.shift.numel()}"
