@@ -26,21 +26,21 @@ def batch_norm_without_scale(features: int, dims: int) -> nn.Module:
 class MnistCNN(nn.Module):
     def __init__(self, num_classes=10, in_channels=1, activation="none", image_size=28):
         super().__init__()
-        act = lambda: make_activation(activation)  # noqa: E731
+        act = lambda channels: make_activation(activation, channels)  # noqa: E731
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, bias=False), nn.MaxPool2d(2),
-            batch_norm_without_scale(32, 2), act(),
+            batch_norm_without_scale(32, 2), act(32),
             nn.Conv2d(32, 64, 3, bias=False), nn.MaxPool2d(2),
-            batch_norm_without_scale(64, 2), act(),
+            batch_norm_without_scale(64, 2), act(64),
             nn.Conv2d(64, 64, 3, bias=False),
-            batch_norm_without_scale(64, 2), act(),
+            batch_norm_without_scale(64, 2), act(64),
         )
         side = ((image_size - 2) // 2 - 2) // 2 - 2
         if side < 1:
             raise ValueError(f"mnist_cnn needs image_size >= 18, got {image_size}")
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(64 * side * side, 64, bias=False), batch_norm_without_scale(64, 1), act(),
+            nn.Linear(64 * side * side, 64, bias=False), batch_norm_without_scale(64, 1), act(64),
             nn.Linear(64, num_classes, bias=False), batch_norm_without_scale(num_classes, 1),
         )
 

@@ -22,7 +22,7 @@ class VGGSmall(nn.Module):
             layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=False))
             if pool:
                 layers.append(nn.MaxPool2d(2))
-            layers += [nn.BatchNorm2d(width), make_activation(activation)]
+            layers += [nn.BatchNorm2d(width), make_activation(activation, width)]
             channels = width
         self.features = nn.Sequential(*layers)
         side = image_size // 8
