@@ -10,7 +10,9 @@ import yaml
 
 import estimators
 from estimators.dte import DistributionSensitiveTwoStage
-from layers.dirnet import IMBWeight, balance_and_standardize, power_of_two_scale
+import layers
+from layers.dirnet import IMBWeight
+from layers.irnet import LibraWeight
 from qat.rbd import rbd_loss
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -168,7 +170,7 @@ def weights(shape=(6, 3, 3, 3), seed=0):
 
 @pytest.mark.parametrize("shape", [(6, 3, 3, 3), (6, 20)])
 def test_imb_balanced_weights_have_zero_mean_and_unit_std(shape):
-    b = balance_and_standardize(weights(shape))
+    b = IMBWeight.standardize(weights(shape))
     rows = b.flatten(1)
     torch.testing.assert_close(rows.mean(dim=1), torch.zeros(shape[0], dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(rows.std(dim=1), torch.ones(shape[0], dtype=torch.float64), rtol=1e-12, atol=0)
@@ -238,10 +240,35 @@ def test_imb_zero_variance_filters_stay_finite():
     assert out[0].tolist() == [0.0] * 5 and out[3].tolist() == [0.0] * 5  # w^ = 0, 2^{log2 0} = 0
     out.sum().backward()
     assert torch.isfinite(w.grad).all()
-    assert power_of_two_scale(balance_and_standardize(w.detach()))[0].item() == 0.0
-    single = torch.tensor([[0.3], [-0.2]], dtype=torch.float64, requires_grad=True)  # one weight per filter
-    q(single).sum().backward()
-    assert torch.isfinite(single.grad).all()
+
+
+def test_imb_is_libra_pb():
+    """IMB = IR-Net's Libra-PB (the inferred reading): the same values and gradients."""
+    w = weights().requires_grad_(True)
+    w_libra = weights().requires_grad_(True)
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    IMBWeight(estimators.get("dte"))(w).backward(upstream)
+    LibraWeight(estimators.get("dte"))(w_libra).backward(upstream)
+    assert isinstance(IMBWeight(estimators.get("dte")), LibraWeight)
+    assert torch.equal(w.grad, w_libra.grad)
+
+
+@pytest.mark.parametrize("float_type", [torch.nn.Conv2d, torch.nn.Linear])
+def test_dirnet_row_builds_imb_weights_sign_inputs_and_dte(float_type):
+    spec = layers.METHODS["dirnet"]
+    assert (spec.weight_bits, spec.input_bits, spec.default_estimator) == (1, 1, "dte")
+    assert spec.clip_latent is None and spec.latent_weight_decay and layers.weights_only_method("dirnet") == "irnet_w"
+    cls = layers.LAYER_CLASSES[("dirnet", float_type)]
+    torch.manual_seed(0)
+    layer = cls(6, 5, 3, padding=1, bias=False) if float_type is torch.nn.Conv2d else cls(6, 5, bias=False)
+    assert isinstance(layer.weight_quantizer, IMBWeight)
+    assert isinstance(layer.input_quantizer, layers.quantizers.SignActivation)
+    assert layer.weight_quantizer.estimator.name == layer.input_quantizer.estimator.name == "dte"
+    x = torch.randn((2, 6, 4, 4) if float_type is torch.nn.Conv2d else (2, 6))
+    expected = layer.float_op(torch.where(x >= 0, 1.0, -1.0), layer.weight_quantizer(layer.weight).detach(), None)
+    torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-6, atol=1e-6)
+    config = yaml.safe_load((CONFIGS / "quant" / "dirnet.yaml").read_text())
+    assert config["method"] == "dirnet" and config["estimator"] is None
 
 
 # ---------------------------------------------------------------------------------------------
