@@ -19,12 +19,14 @@ labels, and the tests' method lists. Adding a method is its quantizer, one row h
 | irnet_w         | Libra-PB 2^s_c sign(W^_c)      | float           | ede                  | wd                       |
 | reactnet        | mean|W_c| sign(W), detached    | sign(x - a_c)   | clipped_ste / approx_sign | no wd (stage 2)     |
 | reactnet_stage1 | float                          | sign(x - a_c)   | - / approx_sign      | wd (stage 1: 1e-5)       |
+| dirnet          | IMB (Libra-PB) 2^s_c sign(W^_c)| sign(x)         | dte                  | wd (standardised)        |
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from . import quantizers as q
+from .dirnet import IMBWeight
 from .irnet import LibraWeight
 from .options import Option, validate_options
 from .reactnet import RSign
@@ -124,6 +126,9 @@ ROWS = (
     Method("reactnet_stage1", "ReActNet stage 1: float weights, RSign sign(x - alpha_c) inputs.",
            "ReActNetStage1", q.FloatWeight, RSign, "identity", weights_only="fp", clip_latent=None,
            latent_weight_decay=True, default_input_estimator="approx_sign"),
+    Method("dirnet", "DIR-Net: IMB weights 2^s_c sign(W^_c) and sign(x), DTE backward (RBD: qat.rbd).", "DIRNet",
+           IMBWeight, q.SignActivation, "dte", weights_only="irnet_w", clip_latent=None,
+           latent_weight_decay=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in ROWS}
