@@ -20,7 +20,7 @@ class LibraWeight(Quantizer):
     code, which does not detach it); 2^{s_c} is detached; sign(W^) has the estimator's backward.
     At inference 2^{s_c} is a bit shift. A filter whose weights are all equal has std 0: the
     denominator is clamped at 1e-12 so W^ = 0 and sign gives +1 (the official code would divide
-    by zero).
+    by zero); a one-weight filter takes the biased std (the unbiased one divides by n - 1 = 0).
     """
 
     bits = 1
@@ -28,7 +28,9 @@ class LibraWeight(Quantizer):
     @staticmethod
     def standardize(w: torch.Tensor) -> torch.Tensor:
         centred = w - per_channel(torch.mean, w)
-        std = centred.flatten(1).std(dim=1).view(-1, *([1] * (w.dim() - 1)))
+        rows = centred.flatten(1)
+        # unbiased as the official code; a one-weight filter (n = 1) has no unbiased std: use n
+        std = rows.std(dim=1, correction=1 if rows.shape[1] > 1 else 0).view(-1, *([1] * (w.dim() - 1)))
         return centred / std.clamp(min=1e-12)
 
     def factors(self, w):

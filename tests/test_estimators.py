@@ -53,6 +53,10 @@ def reference_grad(name, progress, x):
     if name == "ede":
         t_, k = ede_t_k(progress)
         return autograd_derivative(lambda t: k * torch.tanh(t_ * t), x)
+    if name == "dte":  # DIR-Net (inferred form): k tanh(t x / s), s = unbiased std of the whole tensor
+        t_, k = ede_t_k(progress)
+        s = x.std().item()
+        return autograd_derivative(lambda t: k * torch.tanh(t_ * t / s), x)
     if name == "fourier":
         # derivative of the truncated series (4/pi) sum_{i<=n} sin((2i+1) w t)/(2i+1), clipped at |t| <= 1
         n = fourier_terms(progress)

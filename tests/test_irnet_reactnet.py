@@ -68,10 +68,13 @@ def test_libra_pb_codes_are_balanced_signs_times_powers_of_two():
     torch.testing.assert_close(standardized.std(dim=1), torch.ones(8))
 
 
-def test_libra_pb_survives_a_constant_filter():
-    w = torch.ones(2, 9)
+@pytest.mark.parametrize("w", [torch.ones(2, 9), torch.randn(3, 1)], ids=["constant", "one-weight"])
+def test_libra_pb_survives_degenerate_filters(w):
+    w = w.clone().requires_grad_()
     code, scale = LibraWeight(estimators.get("ede")).factors(w)
     assert torch.isfinite(code).all() and torch.isfinite(scale).all()
+    (code * scale).sum().backward()
+    assert torch.isfinite(w.grad).all()
 
 
 def approx_sign_grad(u):

@@ -84,7 +84,7 @@ def test_misspelled_group_choice_lists_the_valid_ones(compose):
     with pytest.raises(MissingConfigException) as error:
         compose(["quant=xnorr"])
     message = str(error.value)
-    assert "xnorr" in message and all(m in message for m in METHODS)
+    assert "xnorr" in message and all(m in message for m in layers.METHOD_NAMES)
 
 
 @pytest.mark.parametrize("override, message", [
