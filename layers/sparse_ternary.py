@@ -30,7 +30,7 @@ optimal delta; on Laplace weights 0.292 against 0.312 (dense) and 0.292 (optimal
 ``mask``: ``dynamic`` recomputes M from the current W at every forward and passes the gradient
 straight through to every latent weight (the STE of Zhou et al. 2021), so pruned weights can grow
 back; ``fixed`` freezes M at the first ``set_progress`` with progress >= prune_at (ASP) and keeps it
-in the ``frozen_mask`` buffer (saved with the model, so a resumed run keeps it); then the forward
+in ``frozen_mask`` (saved with the model, so a resumed run keeps it); then the forward
 uses W * M, so pruned weights get no gradient and stay out of the layer (the latent weights are
 not rewritten: nothing reads the pruned values). Until it is frozen a fixed mask acts as a dynamic
 one. Backward: straight through, times the estimator's derivative, as TWN; M, delta and alpha
@@ -82,8 +82,10 @@ class SparseTernary24Weight(TernaryWeight):
         if not 0.0 <= prune_at <= 1.0:
             raise ValueError(f"ternary24: prune_at must be a training progress in [0, 1], got {prune_at!r}")
         self.mask_mode, self.prune_at = mask, float(prune_at)
-        # empty until frozen (the weight's shape is not known here); persistent, for resuming
-        self.register_buffer("frozen_mask", torch.zeros(0, dtype=torch.bool))
+        # Empty until frozen: the weight's shape is not known here. Saved as the module's extra state,
+        # not as a buffer, so that a fresh model's state_dict has the same keys and tensor shapes as
+        # one saved after the freeze (checkpoint loaders compare them before loading).
+        self.register_buffer("frozen_mask", torch.zeros(0, dtype=torch.bool), persistent=False)
         self._frozen = False  # mirrors frozen_mask.numel() > 0 without a host sync in forward
         self.set_progress(0.0)
 
@@ -125,16 +127,20 @@ class SparseTernary24Weight(TernaryWeight):
         """Zero fraction of the ternary weight, and whether the 2:4 mask is on / frozen."""
         return {"sparsity": float((self(w) == 0).float().mean()), "pruned": self.pruned, "mask_frozen": self._frozen}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "frozen_mask"
-        if key in state_dict:  # take the saved mask's shape (empty when it was not frozen yet)
-            self.frozen_mask = torch.zeros_like(state_dict[key], dtype=torch.bool, device=self.frozen_mask.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key in missing_keys:  # a float or dense ternary layer's state_dict: nothing frozen yet
-            missing_keys.remove(key)
-            self.frozen_mask = torch.zeros(0, dtype=torch.bool, device=self.frozen_mask.device)
+    def get_extra_state(self) -> dict:
+        return {"frozen_mask": self.frozen_mask.cpu()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.frozen_mask = state["frozen_mask"].to(device=self.frozen_mask.device, dtype=torch.bool)
         self._frozen = self.frozen_mask.numel() > 0
         self._freeze_due = self.mask_mode == "fixed" and self.pruned and not self._frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+        if key in missing_keys:  # a float or dense ternary layer's state_dict: nothing frozen yet
+            missing_keys.remove(key)
+            self.set_extra_state({"frozen_mask": torch.zeros(0, dtype=torch.bool)})
 
     def extra_repr(self):
         return f"{super().extra_repr()}, mask={self.mask_mode}, prune_at={self.prune_at:g}"

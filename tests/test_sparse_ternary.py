@@ -132,13 +132,16 @@ def test_fixed_mask_freezes_at_prune_at_and_dynamic_follows_the_weights(mode):
 
 
 def test_frozen_mask_survives_a_state_dict_round_trip_and_float_weights_load():
+    from qat.train.checkpoint import load_model_state
+
     torch.manual_seed(4)
     conv = Ternary24Conv2d(8, 4, 3, bias=False, mask="fixed", prune_at=0.0)
     conv.set_progress(0.1)
     frozen = conv.weight_quantizer.frozen_mask.clone()
     assert frozen.shape == conv.weight.shape
     fresh = Ternary24Conv2d(8, 4, 3, bias=False, mask="fixed", prune_at=0.0)
-    fresh.load_state_dict(conv.state_dict())
+    # what a resumed run does: the checkpoint's keys and tensor shapes are the fresh model's
+    load_model_state(fresh, conv.state_dict(), "a checkpoint saved after the freeze")
     with torch.no_grad():
         fresh.weight.mul_(torch.rand_like(fresh.weight))  # new magnitudes: a recomputed mask differs
     assert not torch.equal(mask24(fresh.weight), frozen)
