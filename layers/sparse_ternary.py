@@ -42,12 +42,15 @@ is dense ternary).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from estimators import Estimator, check_progress
 from estimators.base import sign
 from kernels.sparse24 import GROUP, from_tap_major, tap_major
 
+from .options import Option
 from .quantizers import TernaryWeight
 
 MASK_MODES = ("dynamic", "fixed")
@@ -73,15 +76,16 @@ class SparseTernary24Weight(TernaryWeight):
     bits = 2
     #: the ``kernels`` format the exported weight and the model summary use
     packed_format = "ternary24"
+    options = (replace(TernaryWeight.options[0], doc="delta = threshold_factor * the mean |W| of the weights the "
+                       "2:4 mask keeps (of all weights before prune_at)"),
+               *TernaryWeight.options[1:],
+               Option("mask", str, "dynamic", "the 2:4 mask: recomputed at every forward (dynamic) or frozen at "
+                      "prune_at (fixed, as ASP)", choices=MASK_MODES),
+               Option("prune_at", float, 0.0, "training progress from which the layer is 2:4 (dense TWN before)",
+                      check=lambda v: 0 <= v <= 1, rule="in [0, 1]"))
 
-    def __init__(self, estimator: Estimator, threshold_factor: float = 0.7, per_channel: bool = False,
-                 mask: str = "dynamic", prune_at: float = 0.0):
-        super().__init__(estimator, threshold_factor, per_channel)
-        if mask not in MASK_MODES:
-            raise ValueError(f"ternary24: mask must be one of {', '.join(MASK_MODES)}, got {mask!r}")
-        if not 0.0 <= prune_at <= 1.0:
-            raise ValueError(f"ternary24: prune_at must be a training progress in [0, 1], got {prune_at!r}")
-        self.mask_mode, self.prune_at = mask, float(prune_at)
+    def __init__(self, estimator: Estimator, **options):
+        super().__init__(estimator, **options)
         # Empty until frozen: the weight's shape is not known here. Saved as the module's extra state,
         # not as a buffer, so that a fresh model's state_dict has the same keys and tensor shapes as
         # one saved after the freeze (checkpoint loaders compare them before loading).
@@ -92,7 +96,7 @@ class SparseTernary24Weight(TernaryWeight):
     def set_progress(self, progress):
         super().set_progress(progress)
         self.pruned = check_progress(progress) >= self.prune_at
-        self._freeze_due = self.mask_mode == "fixed" and self.pruned and not self._frozen
+        self._freeze_due = self.mask == "fixed" and self.pruned and not self._frozen
 
     @torch.no_grad()
     def update_latent_(self, weight):
@@ -101,7 +105,7 @@ class SparseTernary24Weight(TernaryWeight):
             self.frozen_mask = mask24(weight)
             self._frozen, self._freeze_due = True, False
 
-    def mask(self, w: torch.Tensor) -> torch.Tensor:
+    def current_mask(self, w: torch.Tensor) -> torch.Tensor:
         """The 2:4 mask M the forward uses now: the frozen one, else ``mask24(w)``."""
         return self.frozen_mask if self._frozen else mask24(w)
 
@@ -123,9 +127,14 @@ class SparseTernary24Weight(TernaryWeight):
         return self.estimator.quantize(w, lambda v: self.project_masked(v, mask24(v)))
 
     @torch.no_grad()
-    def stats(self, w) -> dict:
-        """Zero fraction of the ternary weight, and whether the 2:4 mask is on / frozen."""
-        return {"sparsity": float((self(w) == 0).float().mean()), "pruned": self.pruned, "mask_frozen": self._frozen}
+    def diagnostics(self, w) -> dict:
+        """pruned: 1 once the 2:4 mask is on; mask_agreement: the share of the mask's kept positions
+        that the current magnitudes would also keep (below 1 only for a frozen mask, as the weights
+        move away from the ones it was chosen on)."""
+        if not self.pruned:
+            return {"pruned": 0.0}
+        used = self.current_mask(w)
+        return {"pruned": 1.0, "mask_agreement": (used & mask24(w)).sum() / used.sum().clamp(min=1)}
 
     def get_extra_state(self) -> dict:
         return {"frozen_mask": self.frozen_mask.cpu()}
@@ -133,14 +142,7 @@ class SparseTernary24Weight(TernaryWeight):
     def set_extra_state(self, state: dict) -> None:
         self.frozen_mask = state["frozen_mask"].to(device=self.frozen_mask.device, dtype=torch.bool)
         self._frozen = self.frozen_mask.numel() > 0
-        self._freeze_due = self.mask_mode == "fixed" and self.pruned and not self._frozen
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        key = prefix + torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
-        if key in missing_keys:  # a float or dense ternary layer's state_dict: nothing frozen yet
-            missing_keys.remove(key)
-            self.set_extra_state({"frozen_mask": torch.zeros(0, dtype=torch.bool)})
+        self._freeze_due = self.mask == "fixed" and self.pruned and not self._frozen
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, mask={self.mask_mode}, prune_at={self.prune_at:g}"
+        return f"{super().extra_repr()}, mask={self.mask}, prune_at={self.prune_at:g}"

@@ -6,23 +6,9 @@ import torch
 
 import estimators
 from kernels.sparse24 import tap_major
-from layers.methods import Method
-from layers.quantized import QuantizedConv2d, QuantizedLinear
+from layers import Ternary24Conv2d, Ternary24Linear
 from layers.quantizers import TernaryWeight
 from layers.sparse_ternary import SparseTernary24Weight, mask24
-
-# The method row is added to layers/methods.py with the lead's new method table; until then the
-# layers are built from a local row.
-TERNARY24 = Method("ternary24", 2, 32, "identity", SparseTernary24Weight, None, clip_latent=None,
-                   latent_weight_decay=True)
-
-
-class Ternary24Conv2d(QuantizedConv2d):
-    method_spec = TERNARY24
-
-
-class Ternary24Linear(QuantizedLinear):
-    method_spec = TERNARY24
 
 
 def quantizer(**options):
@@ -114,7 +100,7 @@ def test_fixed_mask_freezes_at_prune_at_and_dynamic_follows_the_weights(mode):
     assert q.frozen_mask.numel() == 0 and not q.pruned
     layer.set_progress(0.5)
     mask_at_prune = mask24(layer.weight)
-    assert torch.equal(q.mask(layer.weight), mask_at_prune)
+    assert torch.equal(q.current_mask(layer.weight), mask_at_prune)
     assert (q.frozen_mask.numel() > 0) == (mode == "fixed")
     with torch.no_grad():  # training moves the weights: reversed rows reorder the magnitudes
         layer.weight.copy_(-layer.weight.flip(-1))
@@ -122,7 +108,10 @@ def test_fixed_mask_freezes_at_prune_at_and_dynamic_follows_the_weights(mode):
     moved = mask24(layer.weight)
     assert not torch.equal(moved, mask_at_prune)
     expected = mask_at_prune if mode == "fixed" else moved
-    assert torch.equal(q.mask(layer.weight), expected)
+    assert torch.equal(q.current_mask(layer.weight), expected)
+    agreement = float(layer.diagnostics()["mask_agreement"])
+    assert agreement == (1.0 if mode == "dynamic" else pytest.approx(float((expected & moved).sum() / expected.sum())))
+    assert agreement < 1.0 or mode == "dynamic"
     assert bool(((layer.quantized_weight() != 0) <= expected).all())
     # gradient: fixed masks the pruned weights out, dynamic passes it straight through to all
     layer.weight.grad = None
@@ -146,13 +135,14 @@ def test_frozen_mask_survives_a_state_dict_round_trip_and_float_weights_load():
         fresh.weight.mul_(torch.rand_like(fresh.weight))  # new magnitudes: a recomputed mask differs
     assert not torch.equal(mask24(fresh.weight), frozen)
     fresh.set_progress(0.9)  # a resumed run does not freeze again
-    assert torch.equal(fresh.weight_quantizer.mask(fresh.weight), frozen)
+    assert torch.equal(fresh.weight_quantizer.current_mask(fresh.weight), frozen)
     # a float conv's state_dict (what quantize_model copies, or a dense run's weights) loads and
     # leaves the mask to be frozen at the next set_progress
-    fresh.load_state_dict(torch.nn.Conv2d(8, 4, 3, bias=False).state_dict())
-    assert fresh.weight_quantizer.frozen_mask.numel() == 0
-    fresh.set_progress(0.9)
-    assert torch.equal(fresh.weight_quantizer.frozen_mask, mask24(fresh.weight))
+    dense = Ternary24Conv2d(8, 4, 3, bias=False, mask="fixed", prune_at=0.0)
+    dense.load_state_dict(torch.nn.Conv2d(8, 4, 3, bias=False).state_dict())
+    assert dense.weight_quantizer.frozen_mask.numel() == 0
+    dense.set_progress(0.9)
+    assert torch.equal(dense.weight_quantizer.frozen_mask, mask24(dense.weight))
 
 
 def test_layer_forward_uses_the_quantized_weight():
@@ -166,9 +156,9 @@ def test_layer_forward_uses_the_quantized_weight():
 
 
 def test_errors_name_the_valid_values():
-    with pytest.raises(ValueError, match="mask must be one of dynamic, fixed, got 'static'"):
+    with pytest.raises(ValueError, match="option mask must be one of dynamic, fixed, got 'static'"):
         quantizer(mask="static")
-    with pytest.raises(ValueError, match=r"prune_at must be a training progress in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"option prune_at must be in \[0, 1\], got 1.5"):
         quantizer(prune_at=1.5)
     with pytest.raises(ValueError, match="unknown option"):
         Ternary24Linear(4, 4, sparsity=0.5)

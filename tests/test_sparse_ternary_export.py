@@ -9,28 +9,16 @@ from torch import nn
 
 import kernels
 import qat
+from layers import Ternary24Conv2d, Ternary24Linear
 from qat import models
 from qat.export import PackedLayer, load_packed, pack_model, read_packed, save_packed
-from qat.modules import replace_submodule
-from test_sparse_ternary import Ternary24Conv2d, Ternary24Linear
 
 MNIST = {"name": "mnist_cnn", "num_classes": 10, "in_channels": 1}
 
 
 def sparsify(model, **options):
-    """Every Conv2d / Linear of ``model`` as a 2:4 ternary layer with its weights (what
-    ``quantize_model(model, {"method": "ternary24", "keep_fp": []})`` does once the method row exists)."""
-    for name, layer in list(model.named_modules()):
-        if type(layer) is nn.Conv2d:
-            new = Ternary24Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                                  padding=layer.padding, groups=layer.groups, bias=layer.bias is not None, **options)
-        elif type(layer) is nn.Linear:
-            new = Ternary24Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, **options)
-        else:
-            continue
-        new.load_state_dict(layer.state_dict())
-        model = replace_submodule(model, name, new)
-    return model
+    """Every Conv2d / Linear of ``model`` as a 2:4 ternary layer with its weights."""
+    return qat.quantize_model(model, {"method": "ternary24", "keep_fp": [], **options})
 
 
 def trained_like(model, input_shape):
