@@ -53,6 +53,7 @@ __all__ = [
     "GROUP_VALUES",
     "ternary24_row_bytes",
     "ternary24_nbytes",
+    "group_codes",
     "pack_ternary24",
     "unpack_ternary24",
     "unpack_ternary24_planes",
@@ -110,29 +111,37 @@ def ternary24_nbytes(rows: int, k: int) -> int:
     return rows * ternary24_row_bytes(k)
 
 
-def pack_ternary24(t: torch.Tensor) -> torch.Tensor:
-    """Pack a 2:4 ternary tensor ``t[..., K]`` into uint8 ``[..., 2 ceil(ceil(K/4)/3)]``.
+def group_codes(t: torch.Tensor) -> torch.Tensor:
+    """The code (module docstring) of every group of 4 along the last dim of a 2:4 ternary tensor
+    ``t[..., K]``: int64 ``[..., ceil(K/4)]``, the tail group zero-padded.
 
     ``t`` holds values exactly in {-1, 0, +1} (``-0.0`` counts as 0) with at most 2 nonzeros in
-    every group of 4 along the last dim (tail zero-padded); anything else raises ValueError naming
-    the first bad group.  Layout: the module docstring.
+    every group; anything else raises ValueError naming the first bad group.
     """
     _check_float(t, "t")
     valid = (t == 0) | (t == 1) | (t == -1)
     if not bool(valid.all()):
         bad = t[~valid].flatten()[:3].tolist()
-        raise ValueError(f"pack_ternary24 expects values in {{-1, 0, +1}}, found e.g. {bad}")
+        raise ValueError(f"a 2:4 ternary tensor holds values in {{-1, 0, +1}}, found e.g. {bad}")
     k = t.shape[-1]
-    units = _units(k)
-    padded = torch.nn.functional.pad(t.to(torch.int8), (0, units * GROUPS_PER_UNIT * GROUP - k))
-    groups = padded.reshape(*t.shape[:-1], units * GROUPS_PER_UNIT, GROUP)
+    padded = torch.nn.functional.pad(t.to(torch.int8), (0, -k % GROUP))
+    groups = padded.reshape(*t.shape[:-1], -1, GROUP)
     base3 = ((groups + 1) * _BASE3.to(device=t.device, dtype=torch.int8)).sum(-1, dtype=torch.int64)
     codes = _CODE_OF.to(t.device)[base3]
     if bool((codes < 0).any()):
         where = (codes < 0).nonzero()[0].tolist()
         values = groups[tuple(where)].tolist()
-        raise ValueError(f"pack_ternary24: group {where[-1]} (elements {4 * where[-1]}..{4 * where[-1] + 3}) of row "
+        raise ValueError(f"group {where[-1]} (elements {4 * where[-1]}..{4 * where[-1] + 3}) of row "
                          f"{tuple(where[:-1])} holds {values}: more than 2 of 4 nonzero, not 2:4 sparse")
+    return codes
+
+
+def pack_ternary24(t: torch.Tensor) -> torch.Tensor:
+    """Pack a 2:4 ternary tensor ``t[..., K]`` into uint8 ``[..., 2 ceil(ceil(K/4)/3)]``: the
+    :func:`group_codes` three per 16-bit unit (layout: the module docstring)."""
+    codes = group_codes(t)
+    units = _units(t.shape[-1])
+    codes = torch.nn.functional.pad(codes, (0, units * GROUPS_PER_UNIT - codes.shape[-1]))  # code 0: all zero
     codes = codes.reshape(*t.shape[:-1], units, GROUPS_PER_UNIT)
     unit = codes[..., 0] + CODES * codes[..., 1] + CODES * CODES * codes[..., 2]
     out = torch.stack([unit & 0xFF, unit >> 8], dim=-1).to(torch.uint8)

@@ -15,7 +15,10 @@ Size conventions (state them with any ratio):
   use them.
 - entropy_coded_bytes: as quantized_bytes, but ternary layers at their zeroth-order entropy
   -sum_s p_s log2 p_s bits per weight over the symbols {-1, 0, +1} (the size a sparse ternary code
-  reaches with an ideal entropy coder).
+  reaches with an ideal entropy coder); 2:4 ternary layers, once their weight is 2:4, over the
+  symbols their format codes, the 33 group codes of 4 weights (``kernels.sparse24.group_codes``):
+  -sum_c p_c log2 p_c per group, at most log2(33) / 4 = 1.26 bits per weight, never above the
+  format's fixed 4/3.
 MACs come from one forward pass of a single sample (batch 1) and are split by precision:
 binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float inputs) and float.
 """
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 import kernels
+from kernels.sparse24 import group_codes, tap_major
 from layers import QuantizedLayer
 
 
@@ -89,6 +93,15 @@ def ternary_entropy_bits(quantized_weight: torch.Tensor) -> float:
     return float(-(p * p.log2()).sum())
 
 
+def sparse24_entropy_bits(quantized_weight: torch.Tensor) -> float:
+    """Zeroth-order entropy of the 2:4 group codes of sign(q) along its tap-major rows, in bits
+    per weight: -sum_c p_c log2 p_c times groups / weights."""
+    codes = group_codes(tap_major(torch.sign(quantized_weight.detach())))
+    p = torch.bincount(codes.flatten().cpu()).double()
+    p = p[p > 0] / codes.numel()
+    return float(-(p * p.log2()).sum()) * codes.numel() / quantized_weight.numel()
+
+
 def profile_layer(name: str, module: nn.Module) -> LayerProfile:
     own = [p for p in module.parameters(recurse=False)]
     params = sum(p.numel() for p in own)
@@ -98,11 +111,15 @@ def profile_layer(name: str, module: nn.Module) -> LayerProfile:
     profile = LayerProfile(name, type(module).__name__, module.weight_bits, module.input_bits, params,
                            quantized_weights=weight.numel(),
                            float_values=params - weight.numel() + module.weight_quantizer.scale_count(weight))
-    if getattr(module.weight_quantizer, "packed_format", None) == "ternary24":
+    sparse24 = getattr(module.weight_quantizer, "packed_format", None) == "ternary24"
+    if sparse24:
         profile.weight_bytes = kernels.ternary24_nbytes(weight.shape[0], weight[0].numel())
     if module.weight_bits == 2:
         with torch.no_grad():
-            profile.entropy_bits_per_weight = ternary_entropy_bits(module.quantized_weight())
+            quantized = module.quantized_weight()
+        # before its prune_at a 2:4 layer is dense ternary: then its weights' own entropy
+        entropy = sparse24_entropy_bits if sparse24 and module.weight_quantizer.pruned else ternary_entropy_bits
+        profile.entropy_bits_per_weight = entropy(quantized)
     return profile
 
 

@@ -113,6 +113,8 @@ def test_tap_major_is_the_native_conv_order():
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"group 1 \(elements 4..7\) of row \(1,\) holds \[1, -1, 1, 0\]"):
         kernels.pack_ternary24(torch.tensor([[0.0] * 8, [1, 0, 0, 0, 1, -1, 1, 0]]))
+    with pytest.raises(ValueError, match=r"group 0 .* holds \[1, 1, 1, 0\]"):
+        kernels.sparse24.group_codes(torch.tensor([1.0, 1.0, 1.0]))  # a tail of 3 is a group too
     with pytest.raises(ValueError, match=r"values in \{-1, 0, \+1\}"):
         kernels.pack_ternary24(torch.tensor([0.5, 0.0]))
     with pytest.raises(ValueError, match="33\\^3"):

@@ -1,6 +1,7 @@
 """2:4 ternary layers in the packed export and the model summary: the file holds kernels.sparse24's
 format (4/3 bits per weight, measured), loads back to what the quantized model computes bit for bit,
 and the summary counts the same bytes."""
+import math
 import os
 
 import pytest
@@ -9,6 +10,7 @@ from torch import nn
 
 import kernels
 import qat
+from kernels.sparse24 import tap_major
 from layers import Ternary24Conv2d, Ternary24Linear
 from qat import models
 from qat.export import PackedLayer, load_packed, pack_model, read_packed, save_packed
@@ -107,6 +109,13 @@ def test_summary_counts_the_format_bytes():
     # K = 256 is not a multiple of 12: 22 units (264 weights) per row
     assert linear.packed_weight_bytes == 10 * 44 and linear.packed_bytes == 440 + 4 * (10 + 1)
     assert s.quantized_bytes == 196 + 484
+    # entropy over the 33 group codes, per weight: a weight-level entropy would ignore the 2:4 structure
+    codes = kernels.sparse24.group_codes(tap_major(torch.sign(model[0].quantized_weight().detach())))
+    p = torch.bincount(codes.flatten()).double() / codes.numel()
+    p = p[p > 0]
+    assert conv.entropy_bits_per_weight == pytest.approx(float(-(p * p.log2()).sum()) / 4)
+    assert conv.entropy_bits_per_weight <= math.log2(33) / 4 < conv.bits_per_weight
+    assert s.entropy_coded_bytes < s.quantized_bytes
     assert "1.33" in str(s) and s.to_dict()["layers"][0]["bits_per_weight"] == pytest.approx(4 / 3)
 
 
