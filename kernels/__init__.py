@@ -4,6 +4,8 @@ Public API (all exact integer arithmetic; see each module's docstring for formul
 
 * packing: :func:`pack_bits`, :func:`unpack_bits`, :func:`pack_ternary`, :func:`unpack_ternary`,
   :func:`packed_words`, :func:`packed_nbytes`
+* 2:4 sparse ternary (1.33 bits per weight): :func:`pack_ternary24`, :func:`unpack_ternary24`,
+  :func:`unpack_ternary24_planes` (to the ternary matmul's planes), :func:`ternary24_nbytes`
 * matmul:  :func:`binary_matmul`, :func:`ternary_matmul` (weights prepacked once for the native
   engine with :func:`prepack_binary` / :func:`prepack_ternary`)
 * conv:    :func:`pack_activations`, :func:`pack_conv_weight`, :func:`binary_conv2d`
@@ -24,6 +26,7 @@ from .packing import (
     unpack_bits,
     unpack_ternary,
 )
+from .sparse24 import pack_ternary24, ternary24_nbytes, unpack_ternary24, unpack_ternary24_planes
 from .matmul import binary_matmul, prepack_binary, prepack_ternary, ternary_matmul
 from .conv import binary_conv2d, pack_activations, pack_conv_weight, repack_conv_weight
 from .epilogue import epilogue, fold_bn
@@ -35,6 +38,10 @@ __all__ = [
     "unpack_ternary",
     "packed_words",
     "packed_nbytes",
+    "pack_ternary24",
+    "unpack_ternary24",
+    "unpack_ternary24_planes",
+    "ternary24_nbytes",
     "binary_matmul",
     "ternary_matmul",
     "prepack_binary",

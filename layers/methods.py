@@ -13,6 +13,7 @@ labels, and the tests' method lists. Adding a method is its quantizer, one row h
 | bwn             | alpha_c sign(W)                | float           | clipped_ste          | clip [-1, 1], no wd      |
 | xnor            | alpha_c sign(W)                | sign(x) [* K]   | clipped_ste          | clip [-1, 1], no wd      |
 | ternary         | TWN alpha T                    | float           | identity             | wd (TWN trains with wd)  |
+| ternary24       | TWN alpha T, 2 of every 4 kept | float           | identity             | wd                       |
 | hq              | unit ternary t^_c              | float           | identity             | wd                       |
 | fda             | sign(W)+NAM, mean|W_c|         | sign(x)+NAM     | fourier              | wd (paper: SGD, wd 1e-4) |
 | irnet           | Libra-PB 2^s_c sign(W^_c)      | sign(x)         | ede                  | wd (standardised)        |
@@ -30,6 +31,7 @@ from .dirnet import IMBWeight
 from .irnet import LibraWeight
 from .options import Option, validate_options
 from .reactnet import RSign
+from .sparse_ternary import SparseTernary24Weight
 
 #: Options every quantized layer accepts besides the method's own: estimator choices, which are a
 #: registry name, a mapping {name: ..., **hyperparameters} or an Estimator object.
@@ -109,6 +111,9 @@ ROWS = (
            layer_options=(Option("activation_scale", bool, False, "multiply by XNOR-Net's K = mean|x| map"),)),
     Method("ternary", "TWN ternary weights alpha T, float inputs.", "Ternary",
            q.TernaryWeight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
+    Method("ternary24", "2:4-sparse ternary weights: TWN with the 2 largest |W| of every 4 kept (ASP), float inputs.",
+           "Ternary24", SparseTernary24Weight, None, "identity", weights_only=None, clip_latent=None,
+           latent_weight_decay=True),
     Method("hq", "Hyperspherical ternary weights (HQ reconstruction), float inputs.", "HQ",
            q.HypersphericalTernaryWeight, None, "identity", weights_only=None, clip_latent=None,
            latent_weight_decay=True),

@@ -6,13 +6,19 @@ layer, ``ModelSummary`` adds them up, ``str(summary)`` renders the table.
 Size conventions (state them with any ratio):
 - fp32_bytes: every parameter at 32 bits (the float model of the same architecture).
 - quantized_bytes: binary weights at 1 bit, ternary at 2 bits (dense packing, rounded up to whole
-  bytes per layer), their scales (one per output channel, one per layer for per-layer TWN) and
-  every float parameter (biases, float layers, BatchNorm affine) at 32 bits. BatchNorm running
-  statistics are buffers and are not counted; training-only modules (FDA's noise adaptation)
-  are not counted either, since the trained network does not use them.
+  bytes per layer), 2:4-sparse ternary (a quantizer with ``packed_format = "ternary24"``) at the
+  bytes of its packed format (``kernels.ternary24_nbytes``: 4/3 bits per weight, each output
+  channel rounded up to whole 16-bit units of 12 weights), their scales (one per output channel,
+  one per layer for per-layer TWN) and every float parameter (biases, float layers, BatchNorm
+  affine) at 32 bits. BatchNorm running statistics are buffers and are not counted; training-only
+  modules (FDA's noise adaptation) are not counted either, since the trained network does not
+  use them.
 - entropy_coded_bytes: as quantized_bytes, but ternary layers at their zeroth-order entropy
   -sum_s p_s log2 p_s bits per weight over the symbols {-1, 0, +1} (the size a sparse ternary code
-  reaches with an ideal entropy coder).
+  reaches with an ideal entropy coder); 2:4 ternary layers, once their weight is 2:4, over the
+  symbols their format codes, the 33 group codes of 4 weights (``kernels.sparse24.group_codes``):
+  -sum_c p_c log2 p_c per group, at most log2(33) / 4 = 1.26 bits per weight, never above the
+  format's fixed 4/3.
 MACs come from one forward pass of a single sample (batch 1) and are split by precision:
 binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float inputs) and float.
 """
@@ -24,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+import kernels
+from kernels.sparse24 import group_codes, tap_major
 from layers import QuantizedLayer
 
 
@@ -38,10 +46,22 @@ class LayerProfile:
     float_values: int = 0  # parameters and scales stored at 32 bits
     macs: int = 0
     entropy_bits_per_weight: float | None = None  # ternary layers only
+    weight_bytes: int | None = None  # the packed format's bytes, where it is not weight_bits per weight
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        if self.weight_bytes is not None:
+            return self.weight_bytes
+        return math.ceil(self.quantized_weights * self.weight_bits / 8)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight: 8 * packed_weight_bytes / quantized_weights."""
+        return 8 * self.packed_weight_bytes / self.quantized_weights if self.quantized_weights else float(self.weight_bits)
 
     @property
     def packed_bytes(self) -> int:
-        return math.ceil(self.quantized_weights * self.weight_bits / 8) + 4 * self.float_values
+        return self.packed_weight_bytes + 4 * self.float_values
 
     @property
     def entropy_coded_bytes(self) -> float:
@@ -61,7 +81,7 @@ class LayerProfile:
         return out
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "packed_bytes": self.packed_bytes,
+        return {**asdict(self), "packed_bytes": self.packed_bytes, "bits_per_weight": self.bits_per_weight,
                 "entropy_coded_bytes": self.entropy_coded_bytes, "macs_by_precision": self.macs_by_precision()}
 
 
@@ -73,6 +93,15 @@ def ternary_entropy_bits(quantized_weight: torch.Tensor) -> float:
     return float(-(p * p.log2()).sum())
 
 
+def sparse24_entropy_bits(quantized_weight: torch.Tensor) -> float:
+    """Zeroth-order entropy of the 2:4 group codes of sign(q) along its tap-major rows, in bits
+    per weight: -sum_c p_c log2 p_c times groups / weights."""
+    codes = group_codes(tap_major(torch.sign(quantized_weight.detach())))
+    p = torch.bincount(codes.flatten().cpu()).double()
+    p = p[p > 0] / codes.numel()
+    return float(-(p * p.log2()).sum()) * codes.numel() / quantized_weight.numel()
+
+
 def profile_layer(name: str, module: nn.Module) -> LayerProfile:
     own = [p for p in module.parameters(recurse=False)]
     params = sum(p.numel() for p in own)
@@ -82,9 +111,15 @@ def profile_layer(name: str, module: nn.Module) -> LayerProfile:
     profile = LayerProfile(name, type(module).__name__, module.weight_bits, module.input_bits, params,
                            quantized_weights=weight.numel(),
                            float_values=params - weight.numel() + module.weight_quantizer.scale_count(weight))
+    sparse24 = getattr(module.weight_quantizer, "packed_format", None) == "ternary24"
+    if sparse24:
+        profile.weight_bytes = kernels.ternary24_nbytes(weight.shape[0], weight[0].numel())
     if module.weight_bits == 2:
         with torch.no_grad():
-            profile.entropy_bits_per_weight = ternary_entropy_bits(module.quantized_weight())
+            quantized = module.quantized_weight()
+        # before its prune_at a 2:4 layer is dense ternary: then its weights' own entropy
+        entropy = sparse24_entropy_bits if sparse24 and module.weight_quantizer.pruned else ternary_entropy_bits
+        profile.entropy_bits_per_weight = entropy(quantized)
     return profile
 
 
@@ -180,7 +215,8 @@ class ModelSummary:
 
     def __str__(self) -> str:
         header = ("layer", "kind", "W bits", "A bits", "params", "packed bytes", "MACs binary", "MACs lowbit-W", "MACs float")
-        rows = [(l.name or "(model)", l.kind, str(l.weight_bits), str(l.input_bits), f"{l.params:,}", f"{l.packed_bytes:,}",
+        bits = lambda l: str(l.weight_bits) if l.weight_bytes is None else f"{l.bits_per_weight:.3g}"
+        rows = [(l.name or "(model)", l.kind, bits(l), str(l.input_bits), f"{l.params:,}", f"{l.packed_bytes:,}",
                  *(f"{v:,}" for v in l.macs_by_precision().values())) for l in self.layers]
         macs = self.macs
         rows.append(("total", "", "", "", f"{self.params:,}", f"{self.quantized_bytes:,}", *(f"{v:,}" for v in macs.values())))

@@ -2,8 +2,10 @@
 
 ``pack_model(model)`` turns a trained quantized model into an inference model in which every
 binary and ternary layer holds its weight as bits (``kernels.pack_bits`` / ``pack_ternary``, 64-bit
-words along K = C_in/groups * kh * kw, bit 1 = -1) plus one float32 scale per output channel (one
-per layer for per-layer TWN), and nothing else of the latent weight. Every quantized weight has
+words along K = C_in/groups * kh * kw, bit 1 = -1; 2:4-sparse ternary layers, whose quantizer names
+``packed_format = "ternary24"``, in ``kernels.sparse24``'s 4/3-bit format along the tap-major K)
+plus one float32 scale per output channel (one per layer for per-layer TWN), and nothing else of
+the latent weight. Every quantized weight has
 the form ``W_q[c] = scale[c] * code[c]`` with code in {-1, +1} (BWN, XNOR, FDA) or {-1, 0, +1}
 (TWN, HQ); ``pack_model`` checks that the codes and scales rebuild ``quantized_weight()`` exactly.
 
@@ -48,6 +50,7 @@ from torch import nn
 import kernels
 from estimators import sign
 from kernels import cpu_native, native
+from kernels.sparse24 import from_tap_major, tap_major, ternary24_row_bytes
 from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
 from layers.quantized import conv_input_scale, linear_input_scale
 
@@ -61,7 +64,7 @@ class PackedSpec:
     """Everything needed to rebuild one packed layer (stored as JSON in the file's metadata)."""
 
     kind: str  # "conv" | "linear"
-    code: str  # "binary" | "ternary"
+    code: str  # "binary" | "ternary" | "ternary24"
     in_features: int
     out_features: int
     bias: bool
@@ -99,10 +102,13 @@ class PackedLayer(nn.Module):
     def __init__(self, spec: PackedSpec):
         super().__init__()
         self.spec = spec
-        words = kernels.packed_words(spec.k)
-        planes = ("weight_bits",) if spec.code == "binary" else ("weight_sign", "weight_nonzero")
-        for plane in planes:
-            self.register_buffer(plane, torch.zeros(spec.out_features, words, dtype=torch.int64))
+        if spec.code == "ternary24":
+            self.register_buffer("weight_codes", torch.zeros(spec.out_features, ternary24_row_bytes(spec.k), dtype=torch.uint8))
+        else:
+            words = kernels.packed_words(spec.k)
+            planes = ("weight_bits",) if spec.code == "binary" else ("weight_sign", "weight_nonzero")
+            for plane in planes:
+                self.register_buffer(plane, torch.zeros(spec.out_features, words, dtype=torch.int64))
         self.register_buffer("scale", torch.zeros(1 if spec.shared_scale else spec.out_features))
         self.register_buffer("bias", torch.zeros(spec.out_features) if spec.bias else None)
         self.register_buffer("input_threshold", torch.zeros(spec.in_features) if spec.input_threshold else None)
@@ -114,9 +120,12 @@ class PackedLayer(nn.Module):
             if getattr(quantizer, "noise_weight", 0.0) != 0.0:
                 raise ValueError(f"{type(layer).__name__} still has a noise-adaptation weight of "
                                  f"{quantizer.noise_weight:g}; call qat.set_progress(model, 1.0) before packing")
+        spec = cls.spec_of(layer)
+        if spec.code == "ternary24" and not layer.weight_quantizer.pruned:
+            raise ValueError(f"{type(layer).__name__} has not reached its prune_at={layer.weight_quantizer.prune_at:g}, so "
+                             f"its weight is dense ternary, not 2:4; call qat.set_progress(model, 1.0) before packing")
         with torch.no_grad():
             quantized = layer.quantized_weight().detach().float().flatten(1)
-        spec = cls.spec_of(layer)
         code = torch.sign(quantized) if layer.weight_bits == 2 else sign(quantized)
         scale = quantized.abs().amax(dim=1)
         if spec.shared_scale:
@@ -127,6 +136,8 @@ class PackedLayer(nn.Module):
         packed = cls(spec)
         if spec.code == "binary":
             packed.weight_bits.copy_(kernels.pack_bits(code))
+        elif spec.code == "ternary24":
+            packed.weight_codes.copy_(kernels.pack_ternary24(tap_major(code.view(spec.weight_shape))))
         else:
             sign_plane, nonzero_plane = kernels.pack_ternary(code)
             packed.weight_sign.copy_(sign_plane)
@@ -140,7 +151,8 @@ class PackedLayer(nn.Module):
 
     @staticmethod
     def common_spec(layer: QuantizedLayer) -> dict:
-        return {"code": "binary" if layer.weight_bits == 1 else "ternary", "bias": layer.bias is not None,
+        code = getattr(layer.weight_quantizer, "packed_format", "binary" if layer.weight_bits == 1 else "ternary")
+        return {"code": code, "bias": layer.bias is not None,
                 "binary_input": layer.input_bits == 1, "activation_scale": layer.activation_scale,
                 "shared_scale": layer.weight_quantizer.scale_count(layer.weight) == 1, "method": layer.method,
                 "input_threshold": hasattr(layer.input_quantizer, "threshold")}
@@ -149,6 +161,9 @@ class PackedLayer(nn.Module):
         """The weight codes [C_out, K] in {-1, +1} or {-1, 0, +1}."""
         if self.spec.code == "binary":
             return kernels.unpack_bits(self.weight_bits, self.spec.k, dtype=dtype)
+        if self.spec.code == "ternary24":
+            rows = kernels.unpack_ternary24(self.weight_codes, self.spec.k, dtype=dtype)
+            return from_tap_major(rows, self.spec.weight_shape).reshape(self.spec.out_features, -1)
         return kernels.unpack_ternary((self.weight_sign, self.weight_nonzero), self.spec.k, dtype=dtype)
 
     def float_weight(self, dtype=torch.float32) -> torch.Tensor:
