@@ -9,8 +9,17 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import CONFIGS, SHARED_DATA
-from qat.train.data import (DATASETS, CorruptDataError, DatasetNotFoundError, UnreadableImageError, build_data,
-                            dataset_names, md5sum, normalization_stats, split_indices)
+from qat.train.data import (
+    DATASETS,
+    CorruptDataError,
+    DatasetNotFoundError,
+    UnreadableImageError,
+    build_data,
+    dataset_names,
+    md5sum,
+    normalization_stats,
+    split_indices,
+)
 
 
 # ------------------------------------------------------------------ the registry and configs/data/
