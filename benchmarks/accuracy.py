@@ -105,7 +105,8 @@ def table(runs: list[dict]) -> str:
             goal_text = f"≥ {goal} over 3 seeds: {'met' if met else 'not met' if len(accuracies) >= 3 else 'open'}"
         validation = [r["best_val_acc1"] for r in group if r.get("val_source") == "val"]
         lines.append(f"| {model} | {data} | {method} | {group[0]['w_bits']}/{group[0]['a_bits']} | "
-                     f"{group[0]['epochs']:g} | {','.join(str(r['seed']) for r in group)} | {mean_spread(accuracies)} | "
+                     f"{group[0]['epochs']:g} | {','.join(str(r['seed']) for r in group)} | "
+                     f"{mean_spread(accuracies)} | "
                      f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {mean_spread(validation)} | {seconds:.1f} | "
                      f"{ratio} | {goal_text} |")
     return "\n".join(lines)
@@ -135,10 +136,12 @@ def act_compression_table(runs: list[dict], none_reference: dict[str, list[float
         accuracies = [by_seed[s] for s in seeds]
         diff = statistics.mean(by_seed[s] - base[s] for s in paired) if paired and mode != "none" else None
         reference = statistics.mean(base[s] for s in paired) if paired else None
-        lines.append(f"| {model} | {data} | {method} | {mode} | {','.join(map(str, seeds))} | {mean_spread(accuracies)} | "
-                     f"{' / '.join(f'{a:.2f}' for a in accuracies)} | {'-' if reference is None else f'{reference:.2f}'} | "
-                     f"{'-' if diff is None else f'{diff:+.2f}'} | "
-                     f"{'' if diff is None else ('yes' if abs(diff) <= 0.3 else 'no') + (' (3 seeds)' if len(paired) >= 3 else f' ({len(paired)} seed)')} |")
+        seeds_note = " (3 seeds)" if len(paired) >= 3 else f" ({len(paired)} seed)"
+        within = "" if diff is None else ("yes" if abs(diff) <= 0.3 else "no") + seeds_note
+        lines.append(f"| {model} | {data} | {method} | {mode} | {','.join(map(str, seeds))} | "
+                     f"{mean_spread(accuracies)} | {' / '.join(f'{a:.2f}' for a in accuracies)} | "
+                     f"{'-' if reference is None else f'{reference:.2f}'} | "
+                     f"{'-' if diff is None else f'{diff:+.2f}'} | {within} |")
     return "\n".join(lines)
 
 
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     runs = [run for directory in args.directories for run in load(directory)]
     if args.by_act_compression:
-        reference = {d: [float(v) for v in values.split(",")] for d, values in (item.split("=", 1) for item in args.none)}
+        reference = {d: [float(v) for v in values.split(",")]
+                     for d, values in (item.split("=", 1) for item in args.none)}
         text = act_compression_table(runs, reference)
     else:
         text = table(runs)

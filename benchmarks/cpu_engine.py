@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages above win their names
 
 import kernels  # noqa: E402
-from kernels import cpu_matmul, cpu_native, native  # noqa: E402
 from interleaved import interleaved_min  # noqa: E402
+from kernels import cpu_matmul, cpu_native, native  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -93,7 +93,8 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
         numpy_ms = f"{t['numpy'] * 1e3:.2f}" if "numpy" in t else "-"
         lines.append(f"| binary | {m} | {t['float'] * 1e3:.3f} | {t['native'] * 1e3:.3f} | "
                      f"**{t['float'] / t['native']:.1f}x** | {t['native+pack'] * 1e3:.3f} | "
-                     f"{t['float'] / t['native+pack']:.1f}x | {100 * m * N * K / t['native'] / peak:.0f}% | {numpy_ms} |")
+                     f"{t['float'] / t['native+pack']:.1f}x | {100 * m * N * K / t['native'] / peak:.0f}% | "
+                     f"{numpy_ms} |")
     for m in (1, 64):
         a = torch.randint(-1, 2, (m, K), generator=gen).float()
         a_planes = kernels.pack_ternary(a)
@@ -106,7 +107,8 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
                      f"{t['float'] / t['native+pack']:.1f}x | {100 * 2 * m * N * K / t['native'] / peak:.0f}% "
                      "(2 planes) | - |")
     lines += ["", "Each instruction set forced (binary, prepacked weights, packed A):", "",
-              "| instruction set | M = 1 (ms) | ratio to F.linear | M = 64 (ms) | ratio to F.linear |", "|---|---|---|---|---|"]
+              "| instruction set | M = 1 (ms) | ratio to F.linear | M = 64 (ms) | ratio to F.linear |",
+              "|---|---|---|---|---|"]
     rows = {}
     for m in (1, 64):
         x = torch.randn(m, K, generator=gen)

@@ -167,7 +167,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.only if name not in SECTION_NAMES]
     if unknown or not args.only:
-        parser.error(f"--only: unknown section {', '.join(unknown) or '(none given)'}; valid: {', '.join(SECTION_NAMES)}")
+        parser.error(f"--only: unknown section {', '.join(unknown) or '(none given)'}; "
+                     f"valid: {', '.join(SECTION_NAMES)}")
     if args.section is not None and args.section not in SECTION_FUNCTIONS:
         parser.error(f"unknown section {args.section!r}")
     if args.no_data and args.data is not None:
@@ -346,7 +347,8 @@ def collect(name: str, returncode: int, timed_out: bool, result_path: Path, seco
 
 def progress_line(name: str, result: dict, elapsed: float) -> str:
     reason = result.get("reason") or result.get("error") or ""
-    return f"[{elapsed:5.0f} s] {name}: {result['status']} ({result['seconds']:.1f} s){' - ' + reason if reason else ''}"
+    return (f"[{elapsed:5.0f} s] {name}: {result['status']} ({result['seconds']:.1f} s)"
+            f"{' - ' + reason if reason else ''}")
 
 
 def nvidia_smi() -> str | None:
@@ -435,7 +437,8 @@ def _judge_gemm(kernel: str, baseline: str, target: float) -> Callable[[dict], t
     def judge(figures: dict) -> tuple[bool, str]:
         gemm = figures["gemm"]
         ratio = gemm[f"{baseline}_ms"] / gemm[f"{kernel}_ms"]
-        return ratio >= target, f"{ratio:.2f}x {baseline} ({gemm[f'{kernel}_ms']:.3f} ms vs {gemm[f'{baseline}_ms']:.3f} ms)"
+        return ratio >= target, (f"{ratio:.2f}x {baseline} "
+                                 f"({gemm[f'{kernel}_ms']:.3f} ms vs {gemm[f'{baseline}_ms']:.3f} ms)")
     return judge
 
 
@@ -537,7 +540,8 @@ def run_section(args: argparse.Namespace) -> int:
         print(f"skipped: {reason}", flush=True)
     except Exception as error:  # recorded, so that the other sections still run
         traceback.print_exc()
-        ctx.result.update(status="failed", error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        ctx.result.update(status="failed", error=f"{type(error).__name__}: {first_line}")
     ctx.save()
     return 0
 
@@ -712,7 +716,8 @@ def kernel_cases(device) -> list[tuple[str, Callable[[], Any], Any]]:
             cases.append(matmul(f"packed_gemv<2, {rows}, {vec}>", kernels.ternary_matmul,
                                 ternary(rows, k), ternary(67, k), k, "gemv"))
     m, n, k = 130, 131, 300
-    a_bits, b_bits = kernels.pack_bits(torch.randn(m, k, generator=gen)), kernels.pack_bits(torch.randn(n, k, generator=gen))
+    a_bits = kernels.pack_bits(torch.randn(m, k, generator=gen))
+    b_bits = kernels.pack_bits(torch.randn(n, k, generator=gen))
     cases.append(matmul("packed_gemm<1>", kernels.binary_matmul, a_bits, b_bits, k, "gemm"))
     cases.append(matmul("row_popcount + packed_gemm_tc", kernels.binary_matmul, a_bits, b_bits, k, "tc"))
     cases.append(matmul("packed_gemm<2>", kernels.ternary_matmul, ternary(m, k), ternary(n, k), k, "gemm"))
@@ -721,7 +726,8 @@ def kernel_cases(device) -> list[tuple[str, Callable[[], Any], Any]]:
     for name, sign_pack in (("epilogue_affine", False), ("epilogue_sign_pack", True)):
         cases.append((name, lambda s=sign_pack: kernels.epilogue(acc.to(device), mul_add=(mul, add), sign_pack=s),
                       kernels.epilogue(acc, mul_add=(mul, add), sign_pack=sign_pack)))
-    x, w_bits = torch.randn(2, 70, 9, 9, generator=gen), kernels.pack_conv_weight(torch.randn(5, 70, 3, 3, generator=gen))
+    x = torch.randn(2, 70, 9, 9, generator=gen)
+    w_bits = kernels.pack_conv_weight(torch.randn(5, 70, 3, 3, generator=gen))
     cases.append(("binary_conv2d (zero padding)", lambda: kernels.binary_conv2d(x.to(device), w_bits.to(device), 3,
                                                                                 stride=2, padding=1),
                   kernels.binary_conv2d(x, w_bits, 3, stride=2, padding=1)))
@@ -812,7 +818,8 @@ def parse_sanitizer_output(text: str) -> dict:
 
     errors = re.findall(r"ERROR SUMMARY:\s*(\d+)\s+error", text)
     hazards = re.findall(r"RACECHECK SUMMARY:\s*([^\n]*)", text)
-    return {"errors": int(errors[-1]) if errors else None, "racecheck_summary": hazards[-1].strip() if hazards else None}
+    return {"errors": int(errors[-1]) if errors else None,
+            "racecheck_summary": hazards[-1].strip() if hazards else None}
 
 
 def section_sanitizer(ctx: Context) -> None:
@@ -854,7 +861,8 @@ def section_sanitizer(ctx: Context) -> None:
         ctx.line(text)
     failed = [t for t in SANITIZER_TOOLS if ctx.figures[t]["errors"] != 0 or ctx.figures[t]["target"] != "ok"]
     if failed:
-        raise RuntimeError(f"compute-sanitizer reported errors or could not run: {', '.join(failed)} (see gpu_check.log)")
+        raise RuntimeError(f"compute-sanitizer reported errors or could not run: {', '.join(failed)} "
+                           f"(see gpu_check.log)")
 
 
 def section_gpu_tests(ctx: Context) -> None:
@@ -881,7 +889,8 @@ def section_gpu_tests(ctx: Context) -> None:
     if counts["skipped"] == counts["tests"]:
         ctx.skip("GPU test bodies", "needs a CUDA device and CuPy (pytest skipped every test)")
     if done.returncode not in (0, 5) or counts["failed"] or counts["errors"]:
-        raise RuntimeError(f"pytest exit status {done.returncode}: {counts['failed']} failed, {counts['errors']} errors")
+        raise RuntimeError(f"pytest exit status {done.returncode}: {counts['failed']} failed, "
+                           f"{counts['errors']} errors")
 
 
 def junit_counts(path: Path) -> dict:
@@ -919,7 +928,8 @@ def section_kernel_bench(ctx: Context) -> None:
     for text in ["```", *lines, "```", ""]:
         ctx.line(text)
     figures["fractions"] = kernel_fractions(figures)
-    for text in table(["kernel", "time (ms)", "speedup", "bytes/s as share of copy", "binary ops/s as share of bf16 rate"],
+    for text in table(["kernel", "time (ms)", "speedup", "bytes/s as share of copy",
+                       "binary ops/s as share of bf16 rate"],
                       [[f["kernel"], f"{f['ms']:.4f}", f["speedup"], f"{f['copy_share']:.0%}", f"{f['bf16_share']:.2f}"]
                        for f in figures["fractions"]]):
         ctx.line(text)
@@ -992,7 +1002,8 @@ def experiment_recipe(method: str) -> dict:
         for key, choice in (entry.items() if isinstance(entry, dict) else ()):
             group = key.removeprefix("override ").lstrip("/")
             if group not in RECIPE_GROUPS:
-                raise ValueError(f"experiment resnet18_{method} overrides {group!r}, which experiment_recipe cannot read")
+                raise ValueError(f"experiment resnet18_{method} overrides {group!r}, "
+                                 f"which experiment_recipe cannot read")
             choices[group] = choice
     recipe = {group: load(group, f"{choices[group]}.yaml") for group in RECIPE_GROUPS}
     _merge(recipe, {k: v for k, v in experiment.items() if k in RECIPE_GROUPS})
@@ -1061,7 +1072,8 @@ def section_e2e(ctx: Context) -> None:
     for text in table(["batch", "packed (ms)", "fp16 NCHW (ms)", "fp16 channels_last (ms)", "packed vs best fp16",
                        "top-1 = training model"],
                       [[r["batch"], f"{r['packed_ms']:.3f}", f"{r['fp16_ms']:.3f}", f"{r['fp16_channels_last_ms']:.3f}",
-                        f"{r['speedup_vs_fp16']:.2f}x", f"{r['top1_agreement_with_training_model']:.0%}"] for r in rows]):
+                        f"{r['speedup_vs_fp16']:.2f}x", f"{r['top1_agreement_with_training_model']:.0%}"]
+                       for r in rows]):
         ctx.line(text)
     if device.type != "cuda":
         ctx.skip("packed inference on the GPU kernels", "needs CUDA (timed the CPU path on tiny batches)")
@@ -1141,7 +1153,8 @@ def crop_flip(padded, index, top, left, flip, size: int):
     rows = top[:, None] + offsets
     cols = left[:, None] + torch.where(flip[:, None], offsets.flip(0), offsets)
     channels = torch.arange(padded.shape[1], device=padded.device)
-    return padded[index[:, None, None, None], channels[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+    return padded[index[:, None, None, None], channels[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def augmented_batch(data: GpuData, index, generator):

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages above win their names
 
 import kernels  # noqa: E402
-from kernels import cpu_matmul  # noqa: E402
 from interleaved import interleaved_min  # noqa: E402
+from kernels import cpu_matmul  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -85,7 +85,8 @@ def cpu_section(quick: bool) -> list[str]:
         f"CPU: N = K = {k}, float32 F.linear vs kernels.binary_matmul (exact int32), "
         f"min of {rounds} interleaved rounds, torch threads = {torch.get_num_threads()}",
         "",
-        "| M | F.linear fp32 (ms) | binary_matmul, packed A (ms) | speedup | incl. packing A (ms) | speedup | CPU path |",
+        "| M | F.linear fp32 (ms) | binary_matmul, packed A (ms) | speedup | incl. packing A (ms) | speedup "
+        "| CPU path |",
         "|---|---|---|---|---|---|---|",
     ]
     for m in (1, 16, 64, 256):
@@ -121,7 +122,8 @@ def forced_paths_table(weight, w_bits, gen, rounds: int) -> list[str]:
     paths = ["popcount"] + (["int_mm"] if cpu_matmul.int_mm_available() else []) + (
         ["native"] if kernels.native.available() else [])
     lines = [
-        f"Both exact CPU paths forced (path=...), min of {rounds} interleaved rounds; ratio = F.linear time / path time",
+        f"Both exact CPU paths forced (path=...), min of {rounds} interleaved rounds; "
+        "ratio = F.linear time / path time",
         "",
         "| M | F.linear fp32 (ms) | " + " | ".join(f"{p} (ms) | {p} ratio" for p in paths) + " | auto picks |",
         "|---|---|" + "---|---|" * len(paths) + "---|",
@@ -189,7 +191,7 @@ def gpu_section(quick: bool, figures: dict | None = None) -> list[str]:
     copy_bw = 2 * buf.numel() * 4 / (ms * 1e-3)
     figures["copy_bandwidth_bytes_per_s"] = copy_bw
     lines.append(f"copy bandwidth (1 GiB D2D, read + write): {copy_bw / 1e12:.2f} TB/s")
-    del buf, dst
+    buf = dst = None  # frees the 2 GiB (a `del` would leave the lambda above naming unbound variables)
 
     n = k = 16384
     sets = 4

@@ -17,12 +17,12 @@ from pathlib import Path
 # This file is named like the `layers` package; run as a script, its own folder would shadow it.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torch
-from torch import nn
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 import layers  # noqa: E402
-from kernels.cpu_matmul import cpu_info  # noqa: E402
 import qat  # noqa: E402
+from kernels.cpu_matmul import cpu_info  # noqa: E402
 
 #: (row label, method, training progress): FDA twice, with its noise module active (mid-training)
 #: and at the end of training, where only the Fourier estimator remains.
@@ -80,8 +80,8 @@ def main():
     args = parser.parse_args()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU: {cpu_info().describe()}")
-    print(f"Conv2d {args.channels}->{args.channels}, 3x3, {args.size}x{args.size}, batch {args.batch}, forward+backward, "
-          f"min of {args.repeats} interleaved rounds")
+    print(f"Conv2d {args.channels}->{args.channels}, 3x3, {args.size}x{args.size}, batch {args.batch}, "
+          f"forward+backward, min of {args.repeats} interleaved rounds")
     for device in devices:
         best = time_layers(device, args.channels, args.size, args.batch, args.repeats, args.warmup)
         print("\n| device | layer | ms | ratio to nn.Conv2d |\n|---|---|---|---|")

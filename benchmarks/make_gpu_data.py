@@ -12,8 +12,8 @@ on a CPU machine:
 
 into ``.gpu_data/cifar10_subset.npz``: uint8 arrays ``[N, 3, 32, 32]`` (NCHW, ready for
 ``torch.from_numpy``), int64 labels, the official indices, the class names, the trainer's
-CIFAR-10 normalisation (``qat.train.data.NORMALIZATION``) and a validation split of the 20,000 drawn by
-the trainer's own ``qat.train.data.split_indices`` (2,000 images, seed 0).  Raw, the images are
+CIFAR-10 normalisation (``qat.train.data.DATASETS['cifar10']``) and a validation split of the 20,000
+drawn by the trainer's own ``qat.train.data.split_indices`` (2,000 images, seed 0).  Raw, the images are
 61.4 MiB, over the 60 MiB this file may take; the ``.npz`` is zip-deflated (``np.savez_compressed``)
 and ``np.load`` gives back plain uint8 arrays.  The script refuses to write a file over 60 MiB.
 
@@ -78,7 +78,7 @@ def decode(samples: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def build_arrays(source: Path, per_class: int, val_images: int) -> dict[str, np.ndarray]:
     """Every array the subset file holds (see the module docstring)."""
-    from qat.train.data import NORMALIZATION, DatasetNotFoundError, load_imagefolder, split_indices
+    from qat.train.data import DATASETS, DatasetNotFoundError, load_imagefolder, split_indices
 
     try:
         train = load_imagefolder(source, "train", required=True)
@@ -90,7 +90,7 @@ def build_arrays(source: Path, per_class: int, val_images: int) -> dict[str, np.
     train_images, train_labels, train_indices = decode(first_per_class(train.samples, per_class, len(train.classes)))
     test_images, test_labels, test_indices = decode(sorted(test.samples, key=lambda s: official_index(s[0])))
     _, val_positions = split_indices(len(train_labels), val_images, seed=0)
-    mean, std = NORMALIZATION["cifar10"]
+    mean, std = DATASETS["cifar10"].normalization
     return {"train_images": train_images, "train_labels": train_labels, "train_indices": train_indices,
             "val_positions": np.array(val_positions, dtype=np.int64),
             "test_images": test_images, "test_labels": test_labels, "test_indices": test_indices,

@@ -18,6 +18,9 @@ the native engine (:mod:`kernels.native`: C++ compiled on first use, SIMD chosen
 (:mod:`kernels.cpu_matmul`) is the fallback and the reference.
 """
 
+from .conv import binary_conv2d, pack_activations, pack_conv_weight, repack_conv_weight
+from .epilogue import epilogue, fold_bn
+from .matmul import binary_matmul, prepack_binary, prepack_ternary, ternary_matmul
 from .packing import (
     pack_bits,
     pack_ternary,
@@ -27,9 +30,6 @@ from .packing import (
     unpack_ternary,
 )
 from .sparse24 import pack_ternary24, ternary24_nbytes, unpack_ternary24, unpack_ternary24_planes
-from .matmul import binary_matmul, prepack_binary, prepack_ternary, ternary_matmul
-from .conv import binary_conv2d, pack_activations, pack_conv_weight, repack_conv_weight
-from .epilogue import epilogue, fold_bn
 
 __all__ = [
     "pack_bits",

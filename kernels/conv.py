@@ -108,7 +108,7 @@ def _im2col(x_bits: torch.Tensor, kernel, stride, padding, dilation, out_hw) -> 
 def _padded_taps(size_hw, kernel, stride, padding, dilation, out_hw, device) -> torch.Tensor:
     """P[t, p] = 1 where tap t of output pixel p reads padding, as int32 [T, Ho * Wo]."""
     masks = []
-    for size, k, s, p, d, out in zip(size_hw, kernel, stride, padding, dilation, out_hw):
+    for size, k, s, p, d, out in zip(size_hw, kernel, stride, padding, dilation, out_hw, strict=True):
         pos = torch.arange(out, device=device)[None, :] * s - p + torch.arange(k, device=device)[:, None] * d
         masks.append((pos < 0) | (pos >= size))  # [k, out]
     rows, cols = masks
@@ -182,7 +182,8 @@ def binary_conv2d(
         raise ValueError(f"x is on {x_bits.device} but weight_bits on {weight_bits.device}")
     n, h, w, _ = x_bits.shape
     out_hw = tuple(
-        conv_output_size(s, k, st, p, d) for s, k, st, p, d in zip((h, w), kernel, stride, padding, dilation)
+        conv_output_size(s, k, st, p, d)
+        for s, k, st, p, d in zip((h, w), kernel, stride, padding, dilation, strict=True)
     )
     if min(out_hw) < 1:
         raise ValueError(f"input {h}x{w} is too small for kernel {kernel} with this padding/dilation")

@@ -147,7 +147,7 @@ def _output_size(size_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
     """(Ho, Wo) by ``kernels.conv.conv_output_size`` (imported here: conv.py imports this module's users)."""
     from .conv import conv_output_size
 
-    return tuple(conv_output_size(*dims) for dims in zip(size_hw, kernel, stride, padding, dilation))
+    return tuple(conv_output_size(*dims) for dims in zip(size_hw, kernel, stride, padding, dilation, strict=True))
 
 
 def _output(rows: int, out_features: int, mode: int) -> torch.Tensor:

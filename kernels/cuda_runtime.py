@@ -45,7 +45,7 @@ def check_grid(grid) -> tuple[int, ...]:
     grid = tuple(int(g) for g in grid)
     if not 1 <= len(grid) <= 3:
         raise ValueError(f"a CUDA grid has 1 to 3 dimensions, got {grid}")
-    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS)):
+    for axis, (size, limit) in enumerate(zip(grid, GRID_LIMITS, strict=False)):
         if not 1 <= size <= limit:
             raise ValueError(f"grid dimension {'xyz'[axis]} = {size} is outside CUDA's range 1..{limit} (grid {grid})")
     return grid

@@ -114,7 +114,8 @@ def epilogue(
     (bit 1 where y < 0; ValueError for non-finite mul / add).  Never requires grad.
     """
     if not isinstance(acc, torch.Tensor) or acc.dtype != torch.int32:
-        raise ValueError(f"acc must be an int32 tensor (a packed matmul output), got {getattr(acc, 'dtype', type(acc))}")
+        raise ValueError(f"acc must be an int32 tensor (a packed matmul output), "
+                         f"got {getattr(acc, 'dtype', type(acc))}")
     if acc.dim() < 1 or acc.shape[-1] == 0:
         raise ValueError(f"acc needs a non-empty channel (last) dim, got shape {tuple(acc.shape)}")
     n = acc.shape[-1]

@@ -109,7 +109,10 @@ def binary_matmul(
         return cuda_matmul.binary_matmul(a_bits, b_bits, k, kernel=path)
     chosen = cpu_matmul.choose_cpu_path(a_bits.shape[0], path)
     if chosen == "native":
-        weights = prepacked.native if prepacked is not None and prepacked.native else cpu_native.prepack_linear(b_bits, k)
+        if prepacked is not None and prepacked.native:
+            weights = prepacked.native
+        else:
+            weights = cpu_native.prepack_linear(b_bits, k)
         return cpu_native.linear(a_bits, weights)
     return _CPU_IMPL["binary", chosen](a_bits, b_bits, k)
 

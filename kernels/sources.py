@@ -154,7 +154,8 @@ def _nvrtc_program(name: str, arch: str, options, want_ptx: bool = False) -> tup
             check(nvrtc.nvrtcAddNameExpression(prog, expr.encode()))
         opts = [*(o.encode() for o in options), f"--gpu-architecture={arch}".encode()]
         err, = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        text = nvrtc_string(check(nvrtc.nvrtcGetProgramLogSize(prog)), lambda buf: nvrtc.nvrtcGetProgramLog(prog, buf), check)
+        text = nvrtc_string(check(nvrtc.nvrtcGetProgramLogSize(prog)),
+                            lambda buf: nvrtc.nvrtcGetProgramLog(prog, buf), check)
         ok = err == nvrtc.nvrtcResult.NVRTC_SUCCESS
         ptx = ""
         if ok and want_ptx:

@@ -228,7 +228,8 @@ class ActCompression:
     def __init__(self, model: nn.Module, mode: str = "none", overrides: dict | None = None,
                  group_size: int = GROUP_SIZE, min_numel: int = MIN_NUMEL, norm_bits: int | None = NORM_BITS):
         self.mode = check_mode(mode)
-        self.overrides = {str(k): check_mode(v, f"act_compression override {k!r}") for k, v in (overrides or {}).items()}
+        self.overrides = {str(k): check_mode(v, f"act_compression override {k!r}")
+                          for k, v in (overrides or {}).items()}
         self.group_size, self.min_numel = int(group_size), int(min_numel)
         self.norm_bits = norm_bits
         self.model = model

@@ -55,7 +55,8 @@ def _selector_matches(selector: str, name: str, module: nn.Module, first: str, l
 
 def _check_spec(spec: dict, where: str) -> None:
     if "method" in spec and spec["method"] not in METHOD_NAMES:
-        raise ValueError(f"{where}: unknown quantization method {spec['method']!r}; valid methods: {', '.join(METHOD_NAMES)}")
+        raise ValueError(f"{where}: unknown quantization method {spec['method']!r}; "
+                         f"valid methods: {', '.join(METHOD_NAMES)}")
     est = spec.get("estimator")
     if est is not None:
         estimators.get(est)  # raises ValueError naming the bad estimator or hyperparameter
@@ -65,7 +66,8 @@ def resolve_layer_specs(model: nn.Module, spec) -> dict[str, dict]:
     """The effective per-layer spec (method, estimator, options) for every swappable layer."""
     spec = dict(to_plain(spec) or {})
     if "method" not in spec:
-        raise ValueError(f"a quantization spec needs a 'method' (one of {', '.join(METHOD_NAMES)}), got keys {sorted(spec)}")
+        raise ValueError(f"a quantization spec needs a 'method' (one of {', '.join(METHOD_NAMES)}), "
+                         f"got keys {sorted(spec)}")
     _check_spec(spec, "quantization spec")
     keep_fp = list(spec.get("keep_fp", DEFAULT_KEEP_FP) or [])
     overrides = dict(spec.get("overrides") or {})
@@ -80,7 +82,8 @@ def resolve_layer_specs(model: nn.Module, spec) -> dict[str, dict]:
 
     for selector in keep_fp:
         if selector not in KEYWORDS and not matching(selector):
-            raise ValueError(f"keep_fp entry {selector!r} matches no Conv2d/Linear layer; layer names: {[n for n, _ in layers_]}")
+            raise ValueError(f"keep_fp entry {selector!r} matches no Conv2d/Linear layer; "
+                             f"layer names: {[n for n, _ in layers_]}")
     resolved = {}
     for selector, partial in overrides.items():
         partial = dict(to_plain(partial) or {})
@@ -88,7 +91,8 @@ def resolve_layer_specs(model: nn.Module, spec) -> dict[str, dict]:
             raise ValueError(f"override {selector!r} may not contain keep_fp/overrides")
         _check_spec(partial, f"override {selector!r}")
         if not matching(selector):
-            raise ValueError(f"override {selector!r} matches no Conv2d/Linear layer; layer names: {[n for n, _ in layers_]}")
+            raise ValueError(f"override {selector!r} matches no Conv2d/Linear layer; "
+                             f"layer names: {[n for n, _ in layers_]}")
         overrides[selector] = partial
     for name, module in layers_:
         layer_spec = dict(base)

@@ -28,8 +28,9 @@ SMOKE_OVERRIDES = [
 
 def compose_config(overrides: list[str]):
     """The config `python train.py <overrides>` would run, composed with Hydra's compose API."""
-    import qat.train.config  # noqa: F401  (registers resolvers)
     from hydra import compose, initialize_config_dir
+
+    import qat.train.config  # noqa: F401  (registers resolvers)
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

@@ -74,7 +74,7 @@ def test_exact_mode_gradients_are_bit_identical(method, estimator, data):
         loss1, gx1, grads1, stats1 = step(model, "exact", *data)
         assert torch.equal(loss0, loss1)
         assert torch.equal(gx0, gx1)
-        for name_param, g0, g1 in zip(model.named_parameters(), grads0, grads1):
+        for name_param, g0, g1 in zip(model.named_parameters(), grads0, grads1, strict=True):
             assert (g0 is None) == (g1 is None), name_param[0]
             if g0 is not None:
                 assert torch.equal(g0, g1), f"{method}/{estimator} p={progress}: grad of {name_param[0]} differs"
@@ -110,7 +110,7 @@ def test_packed_layer_gradients_are_bit_identical_at_the_boundaries(float_type, 
         y.backward(g)
         results.append([y.detach(), xx.grad] + [p.grad for p in layer.parameters() if p.grad is not None])
     assert len(results[0]) == len(results[1])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
@@ -118,7 +118,7 @@ def test_xnor_activation_scale_is_exact_too(data):
     model = quantized_cnn("xnor", "clipped_ste", activation_scale=True)
     _, gx0, grads0, _ = step(model, "none", *data)
     _, gx1, grads1, _ = step(model, "exact", *data)
-    assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
 
 
 @pytest.mark.parametrize("estimator, at_least", [("identity", 30), ("clipped_ste", 14), ("approx_sign", 1.9)])
@@ -195,7 +195,7 @@ def test_int_modes_train_every_method_and_leave_weights_alone(method, data):
         # close to the float gradient where activations stay float (with binary inputs a perturbed
         # activation flips signs downstream, so there is no small-error bound to test)
         if mode == "int8" and layers.method_bits(method)[1] == 32:
-            pairs = [(p.grad, g0) for p, g0 in zip(model.parameters(), grads0) if g0 is not None]
+            pairs = [(p.grad, g0) for p, g0 in zip(model.parameters(), grads0, strict=True) if g0 is not None]
             difference = torch.cat([(g - g0).flatten() for g, g0 in pairs]).norm()
             assert float(difference) <= 0.25 * float(torch.cat([g0.flatten() for _, g0 in pairs]).norm())
 
@@ -227,7 +227,8 @@ def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_pat
 def test_memory_tool_prints_the_table(capsys):
     from qat.train.memory import main
 
-    assert main(["+experiment=mnist_bnn", "--batch", "4", "--steps", "1", "--no-peak", "--modes", "none,exact,int2"]) == 0
+    assert main(["+experiment=mnist_bnn", "--batch", "4", "--steps", "1", "--no-peak",
+                 "--modes", "none,exact,int2"]) == 0
     out = capsys.readouterr().out
     assert "| none |" in out and "| int2 |" in out
 

@@ -179,7 +179,8 @@ def test_report_of_a_missing_directory_and_of_a_broken_summary(python, env, tmp_
     (tmp_path / "runs" / "a").mkdir(parents=True)
     (tmp_path / "runs" / "a" / "summary.json").write_text('{"method": ')
     result = launch(python, env, [str(tmp_path / "runs")], module="qat.train.report")
-    assert_one_line_error(result, "python -m qat.train.report", f"{tmp_path / 'runs' / 'a' / 'summary.json'} is not valid JSON")
+    assert_one_line_error(result, "python -m qat.train.report",
+                          f"{tmp_path / 'runs' / 'a' / 'summary.json'} is not valid JSON")
 
 
 def test_report_of_a_summary_that_is_not_an_object(tmp_path, capsys):
@@ -215,7 +216,8 @@ def test_hydra_style_messages_become_one_line():
 
     text = "In 'config': Could not find 'quant/xnorr'\n\nAvailable options in 'quant':\n\tbwn\n\tfda\nNext."
     assert one_line(text) == "In 'config': Could not find 'quant/xnorr'; Available options in 'quant': bwn, fda; Next."
-    assert one_line("Could not override 'a.b'.\nTo append use +a.b=1") == "Could not override 'a.b'. To append use +a.b=1"
+    assert (one_line("Could not override 'a.b'.\nTo append use +a.b=1")
+            == "Could not override 'a.b'. To append use +a.b=1")
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1(capsys):
@@ -294,7 +296,8 @@ def test_resume_names_the_run_directory_it_continues(tmp_path, monkeypatch):
     for name in ("last.pt", "best.pt"):
         (run / "checkpoints" / name).write_bytes(b"")
     (tmp_path / "loose.pt").write_bytes(b"")
-    for resume in (str(run), "runs/exp/run1", str(run / "checkpoints" / "last.pt"), "runs/exp/run1/checkpoints/best.pt"):
+    for resume in (str(run), "runs/exp/run1", str(run / "checkpoints" / "last.pt"),
+                   "runs/exp/run1/checkpoints/best.pt"):
         assert resume_run_dir(resume, "new") == str(run)
         assert hydra_output_subdir(resume, "20240101-000000") == ".hydra/resume-20240101-000000"
     for resume in (None, "", str(tmp_path / "loose.pt"), str(tmp_path / "missing.pt")):

@@ -1,4 +1,5 @@
-"""Datasets: synthetic data, the validation split, ImageFolder trees, offline errors, real MNIST."""
+"""Datasets: the registry and its configs, synthetic data, the validation split, ImageFolder trees,
+offline errors, real MNIST."""
 
 import gzip
 
@@ -7,9 +8,43 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import SHARED_DATA
-from qat.train.data import (CorruptDataError, DatasetNotFoundError, UnreadableImageError, build_data, md5sum,
-                      split_indices)
+from conftest import CONFIGS, SHARED_DATA
+from qat.train.data import (
+    DATASETS,
+    CorruptDataError,
+    DatasetNotFoundError,
+    UnreadableImageError,
+    build_data,
+    dataset_names,
+    md5sum,
+    normalization_stats,
+    split_indices,
+)
+
+
+# ------------------------------------------------------------------ the registry and configs/data/
+def test_every_registry_row_has_a_config_and_every_config_names_a_row():
+    configs = sorted(path.stem for path in (CONFIGS / "data").glob("*.yaml"))
+    assert configs == sorted(DATASETS), "configs/data/<name>.yaml and the DATASETS rows differ"
+
+
+@pytest.mark.parametrize("name", dataset_names())
+def test_each_config_states_its_registry_row(compose, name):
+    data, spec = compose([f"data={name}"]).data, DATASETS[name]
+    assert data.name == spec.name
+    for key, fact in (("num_classes", spec.classes), ("channels", spec.channels), ("image_size", spec.image_size),
+                      ("augment", spec.augment)):
+        if fact is not None:
+            assert data[key] == fact, f"configs/data/{name}.yaml: {key}={data[key]}, its registry row says {fact}"
+    if spec.normalization is not None:
+        assert normalization_stats(data.get("normalization") or name) == spec.normalization
+
+
+def test_unknown_dataset_and_normalization_name_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown data.name 'svhn'; valid: " + ", ".join(dataset_names())):
+        build_data(data_cfg(name="svhn"))
+    with pytest.raises(ValueError, match="unknown data.normalization 'svhn'; valid: imagenet, mnist"):
+        normalization_stats("svhn")
 
 
 def data_cfg(**values):
@@ -112,11 +147,13 @@ def test_mnist_loads_offline_from_a_copy_of_the_shared_raw_files(tmp_path):
 
 
 # ------------------------------------------------------------------ default validation split
-@pytest.mark.parametrize("data, expected", [("mnist", 5000), ("fashion_mnist", 5000), ("cifar10", 5000),
-                                            ("cifar100", 5000), ("imagefolder", 0.02)])
-def test_every_dataset_config_carves_a_validation_split_by_default(compose, data, expected):
-    cfg = compose([f"data={data}"])
-    assert cfg.data.val_split == expected and cfg.data.split_seed == 0
+@pytest.mark.parametrize("name", dataset_names())
+def test_every_dataset_config_holds_out_validation_images_by_default(compose, name):
+    data = compose([f"data={name}"]).data
+    if data.get("num_val"):  # draws its own validation set (synthetic), tested below
+        assert data.val_split == 0
+    else:  # 5,000 images carved from the train set; 2 % of an ImageFolder tree of unknown size
+        assert data.val_split == (0.02 if name == "imagefolder" else 5000) and data.split_seed == 0
 
 
 def test_synthetic_data_draws_its_own_validation_set_and_keeps_every_training_image(compose, smoke_overrides):

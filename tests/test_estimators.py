@@ -1,6 +1,7 @@
 """Every estimator: exact sign forward, backward = upstream * grad(x), grad(x) against an
 independent form of its formula, schedules and errors."""
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from hypothesis import strategies as st
 import estimators
 
 # float64 grid that includes 0, -0.0, the clip points |x| = 1 and points beyond
-GRID = torch.cat([torch.linspace(-3, 3, 601, dtype=torch.float64), torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=torch.float64)])
+GRID = torch.cat([torch.linspace(-3, 3, 601, dtype=torch.float64),
+                  torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=torch.float64)])
 
 
 def autograd_derivative(f, x):
@@ -45,7 +47,8 @@ def reference_grad(name, progress, x):
         return torch.tensor([1.0 if abs(v) <= 1 else 0.0 for v in x.tolist()], dtype=x.dtype)
     if name == "approx_sign":
         def F(t):  # Bi-Real's piecewise polynomial
-            return torch.where(t < -1, -torch.ones_like(t), torch.where(t < 0, 2 * t + t * t, torch.where(t < 1, 2 * t - t * t, torch.ones_like(t))))
+            return torch.where(t < -1, -torch.ones_like(t),
+                               torch.where(t < 0, 2 * t + t * t, torch.where(t < 1, 2 * t - t * t, torch.ones_like(t))))
         return autograd_derivative(F, x)
     if name == "swish_sign":
         b = BETA
@@ -60,8 +63,11 @@ def reference_grad(name, progress, x):
     if name == "fourier":
         # derivative of the truncated series (4/pi) sum_{i<=n} sin((2i+1) w t)/(2i+1), clipped at |t| <= 1
         n = fourier_terms(progress)
-        s = lambda t: (4 / math.pi) * sum(torch.sin((2 * i + 1) * OMEGA * t) / (2 * i + 1) for i in range(n + 1))
-        return autograd_derivative(s, x) * (x.abs() <= CLIP).to(x.dtype)
+
+        def series(t):
+            return (4 / math.pi) * sum(torch.sin((2 * i + 1) * OMEGA * t) / (2 * i + 1) for i in range(n + 1))
+
+        return autograd_derivative(series, x) * (x.abs() <= CLIP).to(x.dtype)
     raise AssertionError(name)
 
 
@@ -110,7 +116,7 @@ def test_fourier_terms_schedule_goes_from_n_s_to_n_p():
         est.set_progress(step / 100)
         seen.append(est.terms)
     assert seen[0] == 9 and seen[-1] == 18
-    assert all(b - a in (0, 1) for a, b in zip(seen, seen[1:]))
+    assert all(b - a in (0, 1) for a, b in pairwise(seen))
     assert sorted(set(seen)) == list(range(9, 19))
     assert seen == [fourier_terms(step / 100) for step in range(101)]
     assert [seen.count(n) for n in range(9, 18)] == [10] * 9  # equal shares (n_p from p = 0.9 on)
@@ -221,12 +227,12 @@ def test_ede_keeps_its_tail_in_float32():
     torch.testing.assert_close(g.double(), expected, rtol=2e-5, atol=0)
     # stage 1 (t = 0.1, k = 10) too, and float64 far into the tail
     est.set_progress(0.0)
-    torch.testing.assert_close(est.grad(x).double(), torch.tensor([ede_reference(*ede_t_k(0.0), v) for v in x.double().tolist()],
-                               dtype=torch.float64), rtol=2e-5, atol=0)
+    expected = torch.tensor([ede_reference(*ede_t_k(0.0), v) for v in x.double().tolist()], dtype=torch.float64)
+    torch.testing.assert_close(est.grad(x).double(), expected, rtol=2e-5, atol=0)
     est.set_progress(1.0)
     x64 = torch.linspace(2.0, 30.0, 50, dtype=torch.float64)
-    torch.testing.assert_close(est.grad(x64), torch.tensor([ede_reference(t, k, v) for v in x64.tolist()], dtype=torch.float64),
-                               rtol=1e-12, atol=0)
+    expected = torch.tensor([ede_reference(t, k, v) for v in x64.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(est.grad(x64), expected, rtol=1e-12, atol=0)
 
 
 NON_FINITE = torch.tensor([math.nan, math.inf, -math.inf, 0.5, -2.0])
@@ -242,7 +248,10 @@ def test_fourier_non_finite_inputs_one_documented_behaviour(clip, dtype):
     assert math.isnan(g[0].item())
     assert g[1:3].tolist() == [0.0, 0.0]
     n = N_S
-    direct = lambda v: (4 * OMEGA / math.pi) * sum(math.cos((2 * i + 1) * OMEGA * v) for i in range(n + 1))
+
+    def direct(v):
+        return (4 * OMEGA / math.pi) * sum(math.cos((2 * i + 1) * OMEGA * v) for i in range(n + 1))
+
     assert g[3].item() == pytest.approx(direct(0.5), rel=1e-6)
     assert g[4].item() == (0.0 if clip is not None else pytest.approx(direct(-2.0), rel=1e-6))
     xr = x.clone().requires_grad_(True)

@@ -30,7 +30,8 @@ def resnets():
     for method in ("xnor", "bwn", "ternary", "hq", "fda"):
         torch.manual_seed(0)
         # resnet18_imagenet is torchvision's ResNet-18, built (and so tagged) by the registry
-        model = qat.quantize_model(models.build("resnet18_imagenet", num_classes=10), {"method": method, "keep_fp": ["first", "last"]})
+        model = qat.quantize_model(models.build("resnet18_imagenet", num_classes=10),
+                                   {"method": method, "keep_fp": ["first", "last"]})
         qat.set_progress(model, 1.0)
         out[method] = trained_like(model, (3, 32, 32))
     return out
@@ -82,7 +83,8 @@ def test_mnist_cnn_packed_round_trip(tmp_path):
         ref, out = model(x), packed(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(out.argmax(1), ref.argmax(1))
-    path = save_packed(packed, tmp_path / "mnist.safetensors", architecture={"name": "mnist_cnn", "num_classes": 10, "in_channels": 1})
+    path = save_packed(packed, tmp_path / "mnist.safetensors",
+                       architecture={"name": "mnist_cnn", "num_classes": 10, "in_channels": 1})
     loaded = load_packed(path)
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
@@ -95,8 +97,9 @@ def test_file_size_matches_summary(resnets, tmp_path, method, planes):
     path = save_packed(packed, tmp_path / "m.safetensors")
     tensors, meta = read_packed(path)
     summary = qat.summary(model, (3, 32, 32))
-    weight_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(("weight_bits", "weight_sign", "weight_nonzero")))
-    quantized_weights = sum(l.quantized_weights for l in summary.layers)
+    weight_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items()
+                       if k.endswith(("weight_bits", "weight_sign", "weight_nonzero")))
+    quantized_weights = sum(layer.quantized_weights for layer in summary.layers)
     # every swapped ResNet-18 conv has K % 64 == 0: bits are exactly 1 (2) per weight
     assert weight_bytes == quantized_weights * planes // 8
     buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers())
@@ -308,7 +311,8 @@ def test_float_layers_after_a_binary_conv_see_the_training_models_tensors(channe
     NHWC view would make oneDNN sum in another order."""
     torch.manual_seed(0)
     spec = {"method": "xnor", "keep_fp": [], "overrides": {"first": {"method": "bwn"}, "features.8": {"method": "bwn"}}}
-    model = trained_like(qat.quantize_model(models.build("mnist_cnn", num_classes=10, in_channels=1), spec), (1, 28, 28))
+    model = trained_like(qat.quantize_model(models.build("mnist_cnn", num_classes=10, in_channels=1), spec),
+                         (1, 28, 28))
     packed = pack_model(model, fold_batchnorm=False)
     x = torch.randn(16, 1, 28, 28)
     if channels_last:

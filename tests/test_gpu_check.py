@@ -229,7 +229,8 @@ def test_goals_are_not_measured_off_the_gpu_or_when_figures_are_missing():
     on_cpu = {name: {"status": "ok", "device": "cpu", "figures": figures} for name, figures in FIGURES.items()}
     assert {g["verdict"] for g in gpu_check.evaluate_goals(on_cpu)} == {"not measured"}
     partial = {"kernel_bench": {"status": "failed", "device": "cuda",
-                                "figures": {"copy_bandwidth_bytes_per_s": 4e12, "gemv": FIGURES["kernel_bench"]["gemv"]}}}
+                                "figures": {"copy_bandwidth_bytes_per_s": 4e12,
+                                            "gemv": FIGURES["kernel_bench"]["gemv"]}}}
     verdicts = gpu_check.evaluate_goals(partial)
     assert [g["verdict"] for g in verdicts[:4]] == ["met", "not met", "not measured", "not measured"]
     assert "figure missing" in verdicts[2]["figure"] and "did not run" in verdicts[4]["figure"]

@@ -208,7 +208,7 @@ def test_identity_with_hamming_on_raw_words(gen):
     aw, bw = a_bits.numpy().view(np.uint64), b_bits.numpy().view(np.uint64)
     for i in range(4):
         for j in range(5):
-            hamming = sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(aw[i], bw[j]))
+            hamming = sum(bin(int(x) ^ int(y)).count("1") for x, y in zip(aw[i], bw[j], strict=True))
             assert got[i, j] == k - 2 * hamming
 
 
@@ -797,7 +797,7 @@ def test_header_text_is_part_of_every_source_and_changes_it(tmp_path, monkeypatc
     monkeypatch.setattr(sources, "SOURCE_DIR", tmp_path)
     header = (tmp_path / "bitops.cuh").read_text()
     before = {name: sources.read_source(name) for name in sources.KERNEL_SOURCES}
-    for name, text in before.items():
+    for text in before.values():
         assert "#include" not in text and "struct WordDot<1>" in text and text.count("struct WordDot<2>") == 1
         assert "#pragma once" not in text
     (tmp_path / "bitops.cuh").write_text(header.replace("return __popcll(a_s ^ b_s);", "return 0;"))

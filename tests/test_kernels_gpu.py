@@ -96,7 +96,7 @@ def test_packing_on_gpu_equals_cpu():
     x[0, :5] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.0])
     assert torch.equal(kernels.pack_bits(x.cuda()).cpu(), kernels.pack_bits(x))
     t = torch.randint(-1, 2, (5, 300)).float()
-    for gpu, cpu in zip(kernels.pack_ternary(t.cuda()), kernels.pack_ternary(t)):
+    for gpu, cpu in zip(kernels.pack_ternary(t.cuda()), kernels.pack_ternary(t), strict=True):
         assert torch.equal(gpu.cpu(), cpu)
 
 
@@ -124,7 +124,8 @@ def test_conv_on_gpu_equals_cpu():
 def test_no_spills_in_loaded_kernels():
     from kernels import cuda_runtime
 
-    kernels.binary_matmul(kernels.pack_bits(torch.randn(200, 64).cuda()), kernels.pack_bits(torch.randn(9, 64).cuda()), 64)
+    kernels.binary_matmul(kernels.pack_bits(torch.randn(200, 64).cuda()), kernels.pack_bits(torch.randn(9, 64).cuda()),
+                          64)
     fn = cuda_runtime.get_kernel("binary_gemm_tc.cu", "packed_gemm_tc", torch.cuda.current_device())
     assert fn.local_size_bytes == 0
 

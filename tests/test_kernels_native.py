@@ -218,14 +218,16 @@ def test_without_a_compiler_the_numpy_path_runs_with_one_warning(tmp_path):
             "    got = kernels.binary_matmul(kernels.pack_bits(a), kernels.pack_bits(b), 100)\n"
             "    kernels.binary_matmul(kernels.pack_bits(a), kernels.pack_bits(b), 100)\n"
             "ref = (torch.where(a < 0, -1., 1.) @ torch.where(b < 0, -1., 1.).T).int()\n"
-            "print(torch.equal(got, ref), len([w for w in caught if 'native CPU kernels unavailable' in str(w.message)]))\n")
+            "print(torch.equal(got, ref),\n"
+            "      len([w for w in caught if 'native CPU kernels unavailable' in str(w.message)]))\n")
     done = run_python(code, BITQAT_CACHE_DIR=str(tmp_path), PATH=str(tmp_path), CXX="")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "1"], done.stdout
 
 
 def test_disabled_by_environment_falls_back():
-    done = run_python("from kernels import native, cpu_matmul; print(native.available(), cpu_matmul.choose_cpu_path(1))",
+    done = run_python("from kernels import native, cpu_matmul\n"
+                      "print(native.available(), cpu_matmul.choose_cpu_path(1))",
                       BITQAT_NATIVE="0")
     assert done.returncode == 0 and done.stdout.split() == ["False", "popcount"], done.stderr
 

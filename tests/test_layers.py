@@ -63,9 +63,10 @@ def test_conv_equals_functional_with_quantized_weight(name, kwargs):
     conv.load_state_dict(float_conv.state_dict())
     assert torch.equal(conv.weight, float_conv.weight)
     x = torch.randn(2, 4, 9, 9)
-    padded = F.pad(conv.quantize_input(x), conv._reversed_padding_repeated_twice, mode=kwargs.get("padding_mode", "zeros")) \
-        if kwargs.get("padding_mode", "zeros") != "zeros" else conv.quantize_input(x)
-    padding = 0 if kwargs.get("padding_mode", "zeros") != "zeros" else conv.padding
+    padding_mode = kwargs.get("padding_mode", "zeros")
+    padded = F.pad(conv.quantize_input(x), conv._reversed_padding_repeated_twice, mode=padding_mode) \
+        if padding_mode != "zeros" else conv.quantize_input(x)
+    padding = 0 if padding_mode != "zeros" else conv.padding
     expected = F.conv2d(padded, conv.quantized_weight(), conv.bias, conv.stride, padding, conv.dilation, conv.groups)
     exact = conv.input_quantizer is None  # binary-input layers scale after the +-1 sum
     torch.testing.assert_close(conv(x), expected, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
@@ -221,7 +222,8 @@ def test_fda_builds_noise_modules_eagerly_with_nonzero_width():
     assert conv.input_quantizer.nam.hidden == 1 and conv.weight_quantizer.nam.hidden == 1
     x = torch.randn(2, 3, 6, 6)
     conv(x).square().sum().backward()
-    for name in ("input_quantizer.nam.w1", "input_quantizer.nam.w2", "weight_quantizer.nam.w1", "weight_quantizer.nam.w2"):
+    for name in ("input_quantizer.nam.w1", "input_quantizer.nam.w2",
+                 "weight_quantizer.nam.w1", "weight_quantizer.nam.w2"):
         assert conv.get_parameter(name).grad.abs().sum() > 0, name
 
 
@@ -249,7 +251,8 @@ def test_fda_noise_term_is_in_forward_before_the_end():
     nam = conv.input_quantizer.nam
     torch.testing.assert_close(conv.quantize_input(x), signs(x) + 0.1 * fda_noise(x, nam.w1, nam.w2))
     w, wnam = conv.weight.detach(), conv.weight_quantizer.nam
-    torch.testing.assert_close(conv.quantized_weight(), (signs(w) + 0.1 * fda_noise(w, wnam.w1, wnam.w2)) * w.abs().mean(1, keepdim=True))
+    torch.testing.assert_close(conv.quantized_weight(),
+                               (signs(w) + 0.1 * fda_noise(w, wnam.w1, wnam.w2)) * w.abs().mean(1, keepdim=True))
 
 
 def test_fda_eval_runs_the_binary_network():
@@ -284,7 +287,8 @@ def test_fda_eval_runs_the_binary_network():
     noisy_w = (signs(w.flatten(1)) + 0.05 * fda_noise(w.flatten(1), wnam.w1, wnam.w2)).view_as(w)
     torch.testing.assert_close(x_q, noisy_x)
     torch.testing.assert_close(code, noisy_w)
-    torch.testing.assert_close(y_train, F.conv2d(noisy_x, noisy_w, padding=1) * alpha + conv.bias.detach().view(1, -1, 1, 1))
+    torch.testing.assert_close(y_train,
+                               F.conv2d(noisy_x, noisy_w, padding=1) * alpha + conv.bias.detach().view(1, -1, 1, 1))
     assert not torch.equal(y_train, y)
 
 
@@ -317,7 +321,8 @@ def test_xnor_activation_scale_k():
     torch.testing.assert_close(conv(x), plain * k)
     lin = layers.XNORLinear(6, 2, activation_scale=True)
     z = torch.randn(4, 6)
-    torch.testing.assert_close(lin(z), F.linear(signs(z), lin.quantized_weight(), lin.bias) * z.abs().mean(-1, keepdim=True))
+    torch.testing.assert_close(lin(z),
+                               F.linear(signs(z), lin.quantized_weight(), lin.bias) * z.abs().mean(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("name", ["BWNConv2d", "TernaryConv2d", "HQConv2d"])
@@ -473,7 +478,8 @@ def test_hq_reinitialisation_state_survives_a_checkpoint():
     resumed.set_progress(0.8)
     assert torch.equal(resumed.weight, conv.weight)
     fresh = layers.HQConv2d(8, 4, 3, target_sparsity=0.5)
-    fresh.load_state_dict(layers.HQConv2d(8, 4, 3).state_dict() | {"weight_quantizer.reinitialized": torch.tensor(False)})
+    fresh.load_state_dict(layers.HQConv2d(8, 4, 3).state_dict()
+                          | {"weight_quantizer.reinitialized": torch.tensor(False)})
     before = fresh.weight.detach().clone()
     fresh.set_progress(0.8)
     assert not torch.equal(fresh.weight, before)
@@ -499,7 +505,7 @@ def test_fused_fda_activation_matches_autograd_of_the_formula(shape, channels_la
     reference = act.binarize(x, feature_dim=1 if len(shape) == 4 else -1)  # estimator + NAM via autograd
     reference.backward(g)
     torch.testing.assert_close(fused, reference)
-    for got, want in zip(grads_fused, [x.grad, act.nam.w1.grad, act.nam.w2.grad]):
+    for got, want in zip(grads_fused, [x.grad, act.nam.w1.grad, act.nam.w2.grad], strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -529,7 +535,7 @@ def test_binary_input_backward_matches_autograd(name, kwargs):
         ref = ref + layer.channel_view(layer.bias)
     torch.testing.assert_close(y, ref)
     ref.backward(g)
-    for got, want in zip(fast, [x.grad] + [p.grad for p in layer.parameters()]):
+    for got, want in zip(fast, [x.grad] + [p.grad for p in layer.parameters()], strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -551,6 +557,6 @@ def test_backward_after_an_autocast_forward(make, shape):
             out = layer(inp)
         (out.float() ** 2).sum().backward()
         grads.append([inp.grad] + [p.grad for p in layer.parameters()])
-    for exact, mixed in zip(*grads):
+    for exact, mixed in zip(*grads, strict=True):
         assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
         assert torch.allclose(mixed, exact, rtol=0.05, atol=0.05 * float(exact.abs().max()))

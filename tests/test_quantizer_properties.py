@@ -1,9 +1,9 @@
 """Hypothesis property tests of the quantizers' value sets and scale invariances."""
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-import numpy as np
 
 from estimators import get
 from layers import quantizers
@@ -47,10 +47,11 @@ def test_hq_filters_are_unit_ternary_and_scale_invariant(w, sparsity):
     quantizer.set_progress(1.0)
     q = quantizer(w)
     nonzero_rows = w.abs().sum(dim=1) > 0
-    for row, keep in zip(q, nonzero_rows):
+    for row, keep in zip(q, nonzero_rows, strict=True):
         if keep and row.abs().sum() > 0:
             k = (row != 0).sum()
-            torch.testing.assert_close(row[row != 0].abs(), torch.full((int(k),), float(1 / k.double().sqrt()), dtype=w.dtype))
+            torch.testing.assert_close(row[row != 0].abs(),
+                                       torch.full((int(k),), float(1 / k.double().sqrt()), dtype=w.dtype))
     assert (q == 0).sum() >= int(sparsity * w.numel())
     # the zeros are exactly the entries at or below the floor(s N)-th smallest |w^| of the layer
     unit = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)

@@ -30,7 +30,7 @@ def test_hand_computed_xnor_figures():
     assert s.compression == pytest.approx(15944 / 11544)
     assert s.macs == {"binary": 18432, "low_bit_weight": 0, "float": 7776 + 2560}
     assert s.binary_mac_share == pytest.approx(18432 / 28768)
-    rows = {l.name: l for l in s.layers}
+    rows = {layer.name: layer for layer in s.layers}
     assert (rows["2"].weight_bits, rows["2"].input_bits, rows["2"].packed_bytes) == (1, 1, 208)
     assert rows["0"].weight_bits == 32 and rows["1"].kind == "BatchNorm2d"
     text = str(s)
@@ -47,7 +47,7 @@ def test_ternary_entropy_coded_size():
     counts = [(q < 0).sum().item(), (q == 0).sum().item(), (q > 0).sum().item()]
     bits = -sum(c / 1152 * math.log2(c / 1152) for c in counts if c)
     assert s.macs["low_bit_weight"] == 18432 and s.binary_mac_share == 0.0
-    ternary_row = next(l for l in s.layers if l.name == "2")
+    ternary_row = next(layer for layer in s.layers if layer.name == "2")
     assert ternary_row.packed_bytes == 288 + 4  # 2 bits per weight + one per-layer scale
     assert ternary_row.entropy_coded_bytes == pytest.approx(1152 * bits / 8 + 4)
     assert s.entropy_coded_bytes == pytest.approx(s.quantized_bytes - 288 + 1152 * bits / 8)

@@ -31,7 +31,7 @@ def test_default_spec_keeps_first_and_last_float(resnet, float_resnet):
     assert type(model.conv1) is nn.Conv2d and type(model.fc) is nn.Linear
     others = [m for n, m in swapped if n not in ("conv1", "fc")]
     assert len(others) == 19 and all(type(m) is layers.XNORConv2d for m in others)
-    for (name, m), (_, f) in zip(swapped, convs_and_linears(float_resnet)):
+    for (name, m), (_, f) in zip(swapped, convs_and_linears(float_resnet), strict=True):
         assert torch.equal(m.weight, f.weight), name
         if isinstance(m, nn.Conv2d):
             assert m.stride == f.stride and m.padding == f.padding
@@ -99,7 +99,8 @@ def test_set_progress_reaches_every_scheduled_part(resnet):
     assert all(m.input_quantizer.noise_weight == 0.0 and m.input_quantizer.estimator.terms == 18 for m in fda)
     model = qat.quantize_model(torchvision.models.resnet18(), {"method": "xnor", "estimator": "ede"})
     qat.set_progress(model, 1.0)
-    assert all(m.input_quantizer.estimator.t == pytest.approx(10.0) for m in model.modules() if isinstance(m, layers.XNORConv2d))
+    assert all(m.input_quantizer.estimator.t == pytest.approx(10.0)
+               for m in model.modules() if isinstance(m, layers.XNORConv2d))
     with pytest.raises(ValueError):
         qat.set_progress(model, 2.0)
 
@@ -111,7 +112,8 @@ def test_set_progress_on_a_bare_layer():
 
 
 def test_latent_param_groups_and_clipping():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3), nn.Flatten(),
+                          nn.LazyLinear(2))
     model(torch.randn(1, 3, 9, 9))
     model = qat.quantize_model(model, {"method": "xnor", "overrides": {"3": {"method": "ternary"}}})
     groups = qat.latent.param_groups(model, weight_decay=1e-4)

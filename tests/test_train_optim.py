@@ -34,7 +34,8 @@ def test_step_schedule_and_final_fraction():
 
 def test_unknown_optimizer_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown optim.name 'lamb'; valid: adam, adamw, sgd"):
-        build_optimizer(OmegaConf.create({"name": "lamb", "lr": 0.1}), [{"params": [torch.nn.Parameter(torch.ones(1))]}])
+        build_optimizer(OmegaConf.create({"name": "lamb", "lr": 0.1}),
+                        [{"params": [torch.nn.Parameter(torch.ones(1))]}])
 
 
 SMALL = ["data=synthetic", "data.num_train=16", "data.num_test=8", "data.batch_size=8", "data.image_size=16",
@@ -49,7 +50,8 @@ def test_binary_latent_weights_get_no_weight_decay_but_ternary_ones_do(compose, 
         group = next(g for g in trainer.optimizer.param_groups if any(p is latent for p in g["params"]))
         assert group["weight_decay"] == latent_decay
         fp_first = trainer.model.conv1.weight  # the float first conv keeps weight decay
-        assert next(g for g in trainer.optimizer.param_groups if any(p is fp_first for p in g["params"]))["weight_decay"] == 5e-4
+        first_group = next(g for g in trainer.optimizer.param_groups if any(p is fp_first for p in g["params"]))
+        assert first_group["weight_decay"] == 5e-4
 
 
 def test_xnor_latent_weights_stay_clipped_after_training(compose, tmp_path):

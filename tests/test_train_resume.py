@@ -10,8 +10,8 @@ import signal
 import pytest
 import torch
 
-import qat.train.checkpoint
 import qat.latent
+import qat.train.checkpoint
 from qat.train.checkpoint import CheckpointError, load_checkpoint
 from qat.train.trainer import Trainer
 
@@ -177,12 +177,15 @@ def test_ctrl_c_twice_reports_and_records_the_step_last_pt_really_holds(compose,
         run(compose, tmp_path, "aborted", *overrides)
     aborted_dir = tmp_path / "aborted"
     last = aborted_dir / "checkpoints" / "last.pt"
-    assert final_state(aborted_dir)["step"] == 4  # saved at the end of epoch 1; step 5 and the half-done step 6 are lost
-    messages = [r.getMessage() for r in caplog.records if r.name == "qat.train.trainer" and r.levelno == logging.WARNING]
+    # saved at the end of epoch 1; step 5 and the half-done step 6 are lost
+    assert final_state(aborted_dir)["step"] == 4
+    messages = [r.getMessage() for r in caplog.records
+                if r.name == "qat.train.trainer" and r.levelno == logging.WARNING]
     assert messages == [f"aborted after step 5 without saving it: {last} holds step 4 (step 5 will be trained again); "
                         f"continue with trainer.resume={last}"]
     summary = json.loads((aborted_dir / "summary.json").read_text())
-    assert (summary["steps"], summary["epochs"], summary["checkpoint_step"], summary["aborted_after_step"]) == (4, 1.0, 4, 5)
+    assert (summary["steps"], summary["epochs"], summary["checkpoint_step"],
+            summary["aborted_after_step"]) == (4, 1.0, 4, 5)
     assert summary["checkpoint"] == str(last) and summary["interrupted"] is True
     assert summary["best_val_acc1"] == final_state(aborted_dir)["best_val_acc1"]
     # Resumed in its own directory: the same training as without the abort, each step logged once.
@@ -210,7 +213,8 @@ def test_resume_into_its_own_run_dir_with_changed_settings_warns_and_records_the
     assert summary["resume_config_changes"] == {"optim.lr": {"checkpoint": 0.001, "run": 0.01},
                                                 "quant.estimator": {"checkpoint": None, "run": "fourier"}}
     assert (summary["estimator"], summary["steps"], summary["resumed_from"]) == ("fourier", 2, str(last))
-    assert json.loads((run_dir / "summary.json").read_text())["resume_config_changes"] == summary["resume_config_changes"]
+    written = json.loads((run_dir / "summary.json").read_text())
+    assert written["resume_config_changes"] == summary["resume_config_changes"]
     with open(run_dir / "epochs.csv") as handle:  # appended to, not replaced
         rows = handle.read().splitlines()
     assert rows[: len(first_rows)] == first_rows and len(rows) == 2 * len(first_rows) - 1

@@ -1,8 +1,17 @@
 """Packed inference models (see ``qat.export.packed``) and their command line
 (``python -m qat.export <run dir or checkpoint> --out model.safetensors [--benchmark]``)."""
-from .packed import (FORMAT, PackedConv2d, PackedLayer, PackedLinear, PackedSpec, load_packed, pack_model,
-                     read_packed, save_packed)
 from .chains import fuse_binary_chains
+from .packed import (
+    FORMAT,
+    PackedConv2d,
+    PackedLayer,
+    PackedLinear,
+    PackedSpec,
+    load_packed,
+    pack_model,
+    read_packed,
+    save_packed,
+)
 from .timing import time_inference
 
 __all__ = ["FORMAT", "PackedSpec", "PackedLayer", "PackedConv2d", "PackedLinear", "pack_model",

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 import kernels
 import kernels.cpu_matmul
 import kernels.native
-
 import qat
 from qat import models
 from qat.train import checkpoint, cli

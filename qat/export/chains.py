@@ -217,7 +217,7 @@ def _emit_for(chain, modules, mul: torch.Tensor, add: torch.Tensor) -> Emit | No
             return None
     # AND where the map after the pool is non-decreasing (bit 1 in the mask), else OR
     bit_pools = [PackedMaxPool2d(pool, kernels.pack_bits(torch.where(d < 0, 1.0, -1.0).unsqueeze(0))[0])
-                 for pool, d in zip(pools, directions)]
+                 for pool, d in zip(pools, directions, strict=True)]
     return Emit(mul, add, bit_pools)
 
 
@@ -270,7 +270,8 @@ def _float_feeds(graph_module, modules, fused_consumers):
             chain.insert(0, start)
             start = start.args[0]
         useful = any(isinstance(modules[n.target], (nn.MaxPool2d, nn.modules.batchnorm._BatchNorm)) for n in chain)
-        if not (chain and useful and isinstance(start, torch.fx.Node)) or _sign_path(start, modules) != (chain, node, False):
+        if (not (chain and useful and isinstance(start, torch.fx.Node))
+                or _sign_path(start, modules) != (chain, node, False)):
             continue
         channels = modules[node.target].spec.in_features
         emit = _emit_for(chain, modules, torch.ones(channels, dtype=torch.float64),

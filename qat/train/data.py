@@ -1,7 +1,9 @@
 """Datasets and loaders: torchvision datasets, ImageFolder trees, a validation split, synthetic data.
 
 `build_data(cfg)` returns a `DataBundle` with train / val / test datasets (val and test may be None)
-and the facts the trainer needs (classes, channels, image size). Base datasets are built without
+and the facts the trainer needs (classes, channels, image size). Every dataset is one `DatasetSpec` row
+of the registry `DATASETS` (its statistics, shape, default augmentation, torchvision class and
+builder); adding one is a row here plus `configs/data/<name>.yaml`. Base datasets are built without
 transforms and wrapped in `TransformedSubset`, so the validation split carved from the train set gets
 the evaluation transform while the rest keeps the augmentation.
 
@@ -39,17 +41,9 @@ from torch.utils.data import Dataset
 
 from qat.train.config import as_path
 
-NORMALIZATION = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST",
-                       "cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 AUGMENTATIONS = ("none", "crop_flip", "imagenet")
+#: mean / std that `data.normalization: imagenet` names (ImageFolder trees default to it)
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 log = logging.getLogger(__name__)
@@ -79,6 +73,37 @@ class DataBundle:
     @property
     def input_size(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
+
+
+@dataclass
+class BaseSplits:
+    """What a dataset builder returns, without transforms: train and test (None when the dataset has
+    none), and val only for a dataset that draws its own (else `build_data` carves it from train)."""
+    train: Dataset
+    test: Dataset | None
+    val: Dataset | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One row of the dataset registry (`DATASETS`): what the framework knows about a dataset.
+
+    `build(spec, data_cfg)` returns its `BaseSplits`. The other fields are the dataset's facts, which
+    its `configs/data/<name>.yaml` repeats as defaults (a test checks they agree); a field is None
+    where it does not apply or is not fixed (an ImageFolder tree's class count; a token dataset
+    would have no channels, image size, normalization or augmentation).
+    """
+    name: str
+    build: Callable[[DatasetSpec, Any], BaseSplits]
+    classes: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    #: per-channel (mean, std) of the decoded images; None: the builder yields finished tensors, no transforms
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    augment: str | None = None  # the default data.augment, one of AUGMENTATIONS
+    torchvision_class: str | None = None  # its class in torchvision.datasets
+    torchvision_folder: str | None = None  # the folder that class reads under data.root
+    raw_files: bool = False  # torchvision's md5-listed raw .gz files, copied from data.source when missing
 
 
 class TransformedSubset(Dataset):
@@ -152,16 +177,16 @@ def build_transforms(augment: str, mean, std, image_size: int):
     return evaluation, evaluation
 
 
-def _offline_help(name: str, looked_in: Path, cause: BaseException | None) -> str:
-    folder = TORCHVISION_FOLDERS.get(name, "")
+def _offline_help(spec: DatasetSpec, looked_in: Path, cause: BaseException | None) -> str:
+    folder = spec.torchvision_folder
     reason = (str(cause).strip().splitlines() or [""])[0] if cause else ""
-    lines = [f"dataset {name!r} not found in {looked_in}"
+    lines = [f"dataset {spec.name!r} not found in {looked_in}"
              + (f" and it could not be downloaded ({type(cause).__name__}: {reason})" if cause else "")]
-    if name in ("mnist", "fashion_mnist"):
+    if spec.raw_files:
         lines.append(f"provide the four torchvision .gz files in {looked_in}/raw/, or set "
                      f"data.source=<dir holding {folder}/raw/> (e.g. ../shared/data) to copy them, "
                      f"or set data.root / env QAT_DATA to a folder that has {folder}/raw/")
-    elif name in ("cifar10", "cifar100"):
+    elif folder is not None:
         lines.append(f"put torchvision's extracted {folder}/ under data.root (env QAT_DATA), or read an "
                      f"ImageFolder tree with data.imagefolder=<dir with train/<class>/ and test/<class>/>")
     else:
@@ -171,10 +196,7 @@ def _offline_help(name: str, looked_in: Path, cause: BaseException | None) -> st
 
 def raw_resources(name: str) -> list[tuple[str, str]]:
     """(file name, md5) of the raw files of MNIST / FashionMNIST, as torchvision publishes them."""
-    from torchvision import datasets
-
-    return [(file, md5) for file, md5 in {"mnist": datasets.MNIST,
-                                          "fashion_mnist": datasets.FashionMNIST}[name].resources]
+    return [(file, md5) for file, md5 in torchvision_class(get_dataset(name)).resources]
 
 
 def md5sum(path: Path) -> str:
@@ -200,7 +222,7 @@ def copy_raw_files(name: str, source: Path | None, root: Path) -> None:
     no intact source raises CorruptDataError naming it; files missing everywhere are left to
     torchvision (download, or its not-found error).
     """
-    folder = TORCHVISION_FOLDERS[name]
+    folder = get_dataset(name).torchvision_folder
     source_raw = source / folder / "raw" if source is not None else None
     if source_raw is not None and not source_raw.is_dir():
         raise DatasetNotFoundError(f"data.source={source} has no {folder}/raw/ folder; "
@@ -241,15 +263,12 @@ def copy_raw_files(name: str, source: Path | None, root: Path) -> None:
 
 
 def load_torchvision(name: str, root: Path, train: bool, download: bool) -> Dataset:
-    """torchvision's MNIST / FashionMNIST / CIFAR10 / CIFAR100 split (no transform)."""
-    from torchvision import datasets
-
-    dataset_class = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST,
-                     "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
+    """The torchvision dataset of registry row `name` (MNIST, CIFAR10, ...), one split, no transform."""
+    spec = get_dataset(name)
     try:
-        return dataset_class(str(root), train=train, download=download)
+        return torchvision_class(spec)(str(root), train=train, download=download)
     except (RuntimeError, OSError) as error:  # urllib errors are OSErrors
-        raise DatasetNotFoundError(_offline_help(name, root / TORCHVISION_FOLDERS[name],
+        raise DatasetNotFoundError(_offline_help(spec, root / spec.torchvision_folder,
                                                  error if download else None)) from error
 
 
@@ -272,7 +291,7 @@ def load_imagefolder(path: Path, split: str, required: bool) -> Dataset | None:
     folder = path / split
     if not folder.is_dir():
         if required:
-            raise DatasetNotFoundError(_offline_help("imagefolder", folder, None))
+            raise DatasetNotFoundError(_offline_help(DATASETS["imagefolder"], folder, None))
         return None
     try:
         return datasets.ImageFolder(str(folder), loader=read_image)
@@ -297,51 +316,123 @@ def split_indices(size: int, val_split: float | int, seed: int) -> tuple[list[in
     return sorted(order[: size - n_val]), sorted(order[size - n_val:])
 
 
-def build_data(cfg: Any) -> DataBundle:
-    """The train / val / test datasets described by a `configs/data/*.yaml` node."""
-    name = cfg.name
+# ------------------------------------------------------------------ builders and the registry
+def _imagefolder_path(cfg: Any) -> str | None:
+    return None if OmegaConf.is_missing(cfg, "imagefolder") else cfg.get("imagefolder")
+
+
+def build_synthetic(spec: DatasetSpec, cfg: Any) -> BaseSplits:
+    """`SyntheticImages` of data.num_train / num_test (seeds seed, seed + 1) and, when data.num_val > 0, a
+    validation set drawn the same way (seed + 2): tensors already, so no transforms."""
+    for key, least in (("num_train", 1), ("num_test", 0), ("num_val", 0)):
+        value = cfg.get(key, 0)
+        if not (isinstance(value, int) and value >= least):
+            raise ValueError(f"data.{key} must be an int >= {least}, got {value!r}")
+    shape = int(cfg.num_classes), int(cfg.channels), int(cfg.image_size)
+    train = SyntheticImages(cfg.num_train, *shape, cfg.seed)
+    test = SyntheticImages(cfg.num_test, *shape, cfg.seed + 1)
+    val = SyntheticImages(cfg.num_val, *shape, cfg.seed + 2) if cfg.get("num_val") else None
+    return BaseSplits(train, test, val)
+
+
+def build_imagefolder(spec: DatasetSpec, cfg: Any) -> BaseSplits:
+    """The ImageFolder tree at data.imagefolder: train/ (required) and test/ (optional), decoded once and
+    kept in memory when data.cache is set."""
+    imagefolder = _imagefolder_path(cfg)
+    if not imagefolder:
+        raise ValueError("data=imagefolder needs data.imagefolder=<dir with train/<class>/>")
+    path = as_path(imagefolder)
+    train = load_imagefolder(path, "train", required=True)
+    test = load_imagefolder(path, "test", required=False)
+    if cfg.get("cache", False):
+        train = InMemoryDataset(train)
+        test = InMemoryDataset(test) if test is not None else None
+    return BaseSplits(train, test)
+
+
+def build_torchvision(spec: DatasetSpec, cfg: Any) -> BaseSplits:
+    """torchvision's files under data.root (raw files first copied from data.source where the row has
+    them), or, when data.imagefolder is set, an ImageFolder tree of the same dataset instead."""
+    if _imagefolder_path(cfg):
+        return build_imagefolder(spec, cfg)
+    root = as_path(cfg.root)
+    if spec.raw_files:
+        copy_raw_files(spec.name, as_path(cfg.source) if cfg.get("source") else None, root)
+    return BaseSplits(load_torchvision(spec.name, root, True, bool(cfg.download)),
+                      load_torchvision(spec.name, root, False, bool(cfg.download)))
+
+
+#: The dataset registry, the only place that lists datasets: `data.name` picks a row, and
+#: `configs/data/<name>.yaml` holds its defaults (a test checks the two agree).
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
+    DatasetSpec("mnist", build_torchvision, classes=10, channels=1, image_size=28,
+                normalization=((0.1307,), (0.3081,)), augment="none",
+                torchvision_class="MNIST", torchvision_folder="MNIST", raw_files=True),
+    DatasetSpec("fashion_mnist", build_torchvision, classes=10, channels=1, image_size=28,
+                normalization=((0.2860,), (0.3530,)), augment="none",
+                torchvision_class="FashionMNIST", torchvision_folder="FashionMNIST", raw_files=True),
+    DatasetSpec("cifar10", build_torchvision, classes=10, channels=3, image_size=32,
+                normalization=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), augment="crop_flip",
+                torchvision_class="CIFAR10", torchvision_folder="cifar-10-batches-py"),
+    DatasetSpec("cifar100", build_torchvision, classes=100, channels=3, image_size=32,
+                normalization=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), augment="crop_flip",
+                torchvision_class="CIFAR100", torchvision_folder="cifar-100-python"),
+    # Any tree: its class count is whatever the tree holds; ImageNet-style size and statistics by default.
+    DatasetSpec("imagefolder", build_imagefolder, channels=3, image_size=224, normalization=IMAGENET_STATS,
+                augment="imagenet"),
+    # Shape defaults only: data.num_classes / channels / image_size draw any shape.
+    DatasetSpec("synthetic", build_synthetic, classes=10, channels=3, image_size=32),
+)}
+
+
+def dataset_names() -> list[str]:
+    """The registered dataset names, in registry order."""
+    return list(DATASETS)
+
+
+def get_dataset(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise ValueError(f"unknown data.name {name!r}; valid: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) that `data.normalization` names: a registry row that has them, or 'imagenet'."""
+    stats = {"imagenet": IMAGENET_STATS,
+             **{spec.name: spec.normalization for spec in DATASETS.values() if spec.normalization is not None}}
+    if name not in stats:
+        raise ValueError(f"unknown data.normalization {name!r}; valid: {', '.join(stats)}")
+    return stats[name]
+
+
+def torchvision_class(spec: DatasetSpec) -> type:
+    """The torchvision.datasets class a row names (imported here: torchvision is slow to import)."""
+    from torchvision import datasets
+
+    if spec.torchvision_class is None:
+        raise ValueError(f"dataset {spec.name!r} is not a torchvision dataset")
+    return getattr(datasets, spec.torchvision_class)
+
+
+def build_data(cfg: Any) -> DataBundle:
+    """The train / val / test datasets described by a `configs/data/*.yaml` node."""
+    spec = get_dataset(cfg.name)
     channels, image_size, num_classes = int(cfg.channels), int(cfg.image_size), int(cfg.num_classes)
-    generated_val = None
-    if name == "synthetic":
-        for key, least in (("num_train", 1), ("num_test", 0), ("num_val", 0)):
-            value = cfg.get(key, 0)
-            if not (isinstance(value, int) and value >= least):
-                raise ValueError(f"data.{key} must be an int >= {least}, got {value!r}")
-        train_base = SyntheticImages(cfg.num_train, num_classes, channels, image_size, cfg.seed)
-        test_base = SyntheticImages(cfg.num_test, num_classes, channels, image_size, cfg.seed + 1)
-        if cfg.get("num_val"):
-            generated_val = SyntheticImages(cfg.num_val, num_classes, channels, image_size, cfg.seed + 2)
-        train_tf = eval_tf = None
-    else:
-        mean, std = NORMALIZATION[cfg.get("normalization") or name]
-        train_tf, eval_tf = build_transforms(cfg.augment, mean, std, image_size)
-        imagefolder = None if OmegaConf.is_missing(cfg, "imagefolder") else cfg.get("imagefolder")
-        if name == "imagefolder" or imagefolder:
-            if not imagefolder:
-                raise ValueError("data=imagefolder needs data.imagefolder=<dir with train/<class>/>")
-            path = as_path(imagefolder)
-            train_base = load_imagefolder(path, "train", required=True)
-            test_base = load_imagefolder(path, "test", required=False)
-            if cfg.get("cache", False):
-                train_base = InMemoryDataset(train_base)
-                test_base = InMemoryDataset(test_base) if test_base is not None else None
-        else:
-            root = as_path(cfg.root)
-            if name in ("mnist", "fashion_mnist"):
-                copy_raw_files(name, as_path(cfg.source) if cfg.get("source") else None, root)
-            train_base = load_torchvision(name, root, True, bool(cfg.download))
-            test_base = load_torchvision(name, root, False, bool(cfg.download))
-        if getattr(train_base, "classes", None) is not None and len(train_base.classes) != num_classes:
-            raise ValueError(f"data.num_classes={num_classes} but {name} has "
-                             f"{len(train_base.classes)} classes")
+    train_tf = eval_tf = None
+    if spec.normalization is not None:  # decoded images: ToTensor + Normalize, augmented for training
+        mean, std = normalization_stats(cfg.get("normalization") or spec.name)
+        train_tf, eval_tf = build_transforms(cfg.get("augment") or spec.augment, mean, std, image_size)
+    bases = spec.build(spec, cfg)
+    train_base, test_base, generated_val = bases.train, bases.test, bases.val
+    if getattr(train_base, "classes", None) is not None and len(train_base.classes) != num_classes:
+        raise ValueError(f"data.num_classes={num_classes} but {spec.name} has "
+                         f"{len(train_base.classes)} classes")
     val_split = cfg.get("val_split") or 0
     if generated_val is not None and val_split:
-        raise ValueError(f"data.num_val={cfg.num_val} and data.val_split={val_split}: synthetic data takes "
+        raise ValueError(f"data.num_val={cfg.num_val} and data.val_split={val_split}: {spec.name} data takes "
                          f"one validation set; set one of them to 0")
     if generated_val is not None:
-        train, val = TransformedSubset(train_base, None, train_tf), TransformedSubset(generated_val, None, None)
+        train, val = TransformedSubset(train_base, None, train_tf), TransformedSubset(generated_val, None, eval_tf)
     elif val_split:
         train_idx, val_idx = split_indices(len(train_base), val_split, int(cfg.get("split_seed", 0)))
         train = TransformedSubset(train_base, train_idx, train_tf)

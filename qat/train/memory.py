@@ -33,16 +33,18 @@ import torch.nn.functional as F
 
 import qat
 from qat import models
-from qat.train import cli
 from qat.act_compression import MODES, SavedBytes, set_act_compression
+from qat.train import cli
 from qat.train.config import ConfigError, to_plain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     import qat.train.config  # noqa: F401  (resolvers)
-    from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)

@@ -79,7 +79,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         xs = [run["quantized_bytes"] / 1024 for run in group]
         ys = [accuracy(run) for run in group]
         axes.scatter(xs, ys, marker=markers[index % len(markers)], s=50, label=bits)
-        for run, x, y in zip(group, xs, ys):
+        for run, x, y in zip(group, xs, ys, strict=True):
             axes.annotate(f"{run.get('model')}/{run.get('data')}/{run.get('method')}", (x, y), fontsize=7,
                           xytext=(3, 3), textcoords="offset points")
     axes.set_xscale("log")
