@@ -9,10 +9,9 @@
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import importlib
 import pkgutil
+from collections.abc import Mapping
 
 from .base import REGISTRY, Estimator, check_progress, register, sign
 from .surrogates import ApproxSign, ClippedSTE, ErrorDecay, Fourier, Identity, SwishSign

@@ -110,7 +110,8 @@ class Estimator(nn.Module):
         return {}
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.hyperparameters().items())
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in self.hyperparameters().items())
 
 
 def check_progress(progress: float) -> float:

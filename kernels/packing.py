@@ -14,8 +14,9 @@ Format (shared by every kernel in this package, CPU and CUDA):
 
 Packing and unpacking are torch ops (bytes via shifts, then a free ``view`` of 8 bytes as one
 int64), so they run unchanged on CPU and CUDA tensors; CPU unpacking uses NumPy's ``unpackbits``
-(weights of BWN/ternary layers with float activations are exported by unpacking on CPU).  Memory: a packed [N, K] matrix takes
-``N * ceil(K/64) * 8`` bytes, i.e. exactly 1/32 of float32 when ``K % 64 == 0`` (ternary: 1/16).
+(weights of BWN/ternary layers with float activations are exported by unpacking on CPU).  Memory:
+a packed [N, K] matrix takes ``N * ceil(K/64) * 8`` bytes, i.e. exactly 1/32 of float32 when
+``K % 64 == 0`` (ternary: 1/16).
 """
 
 from __future__ import annotations

@@ -10,8 +10,7 @@ method table ``layers.methods``; ``LAYER_CLASSES`` maps (method, float type) to 
 """
 from . import dropin, quantizers
 from .dropin import LAYER_CLASSES
-from .methods import (METHOD_NAMES, METHODS, Method, binary_inputs, get_method, method_bits,
-                      weights_only_method)
+from .methods import METHOD_NAMES, METHODS, Method, binary_inputs, get_method, method_bits, weights_only_method
 from .noise_adaptation import NoiseAdaptation
 from .options import Option
 from .quantized import QuantizedConv2d, QuantizedLayer, QuantizedLinear

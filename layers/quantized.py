@@ -10,8 +10,8 @@ method's hyperparameters (``layers.methods.METHODS[name].option_names()``). The 
     y = alpha_c * op(Q_in(x), code(W)) + b  [* K]      (binary inputs: XNOR, FDA)
 
 with op = conv2d or linear, Q_w(W) = alpha_c * code(W) = ``quantized_weight()``, and K XNOR's
-optional activation scale. The binary-input form sums +-1 products exactly (see ``forward``). A float layer's ``state_dict``
-loads as is.
+optional activation scale. The binary-input form sums +-1 products exactly (see ``forward``). A
+float layer's ``state_dict`` loads as is.
 
 Saved for backward (``act_compression``, set by ``qat.set_act_compression``, never from a config):
 ``"none"`` keeps today's float tensors; ``"exact"`` makes binary-input layers save sign(x) as packed
@@ -32,6 +32,7 @@ from torch import nn
 
 import estimators
 from estimators.base import sign
+
 from .bitpack import pack_flags, unpack_flags, unpack_signs
 from .methods import ESTIMATOR_OPTIONS, Method, quantizer_kwargs
 
@@ -140,8 +141,8 @@ class _PackedSignInputOp(torch.autograd.Function):
         dL/dx = est.backward(x, op_x^T(g; s_c code)),  the other gradients as ``_ScaledAfterOp``'s,
 
     the same values and gradients bit for bit (the same ops on the same operands), but saved:
-    sign(x) as packed bits (``kernels.pack_bits``' format, ``layers.bitpack``: 1 bit per element, not a float copy); of x,
-    only what the estimator's derivative needs (``Estimator.needs``): nothing (identity), where
+    sign(x) as packed bits (``kernels.pack_bits``' format, ``layers.bitpack``: 1 bit per element, not a
+    float copy); of x, only what the estimator's derivative needs (``Estimator.needs``): nothing (identity), where
     it is zero as packed bits (clipped_ste: 1 bit), or x itself for smooth derivatives (approx_sign,
     swish_sign, ede, fourier: no compression of x, only the float sign(x) copy goes); and, when the
     code is sign(W) (``is_plain_sign``), the latent weight instead of the float code, recomputed in

@@ -11,7 +11,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from estimators import Estimator, check_progress
 from estimators.base import sign
@@ -241,8 +240,10 @@ class HypersphericalTernaryWeight(Quantizer):
         self._reinitialized, self._reinit_due = True, False
         self.reinitialized.fill_(True)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
         # mirror the buffer in a Python flag: set_progress runs every step and must not sync
         self._reinitialized = bool(self.reinitialized)
         self._reinit_due = self._reinit_due and not self._reinitialized

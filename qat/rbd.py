@@ -30,10 +30,11 @@ def _pairs(student, teacher) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         pairs = [(str(name), student[name], teacher[name]) for name in student]
     else:
         if not isinstance(student, Sequence) or not isinstance(teacher, Sequence):
-            raise ValueError(f"rbd_loss: features must be sequences or mappings of tensors, got {type(student).__name__}")
+            raise ValueError(f"rbd_loss: features must be sequences or mappings of tensors, "
+                             f"got {type(student).__name__}")
         if len(student) != len(teacher):
             raise ValueError(f"rbd_loss: {len(student)} student feature maps but {len(teacher)} teacher feature maps")
-        pairs = [(f"#{i}", s, t) for i, (s, t) in enumerate(zip(student, teacher))]
+        pairs = [(f"#{i}", s, t) for i, (s, t) in enumerate(zip(student, teacher, strict=False))]
     if not pairs:
         raise ValueError("rbd_loss: no feature maps given")
     for label, s, t in pairs:

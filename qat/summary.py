@@ -57,7 +57,8 @@ class LayerProfile:
     @property
     def bits_per_weight(self) -> float:
         """Stored bits per quantized weight: 8 * packed_weight_bytes / quantized_weights."""
-        return 8 * self.packed_weight_bytes / self.quantized_weights if self.quantized_weights else float(self.weight_bits)
+        return (8 * self.packed_weight_bytes / self.quantized_weights if self.quantized_weights
+                else float(self.weight_bits))
 
     @property
     def packed_bytes(self) -> int:
@@ -174,7 +175,7 @@ class ModelSummary:
 
     @property
     def params(self) -> int:
-        return sum(l.params for l in self.layers)
+        return sum(layer.params for layer in self.layers)
 
     @property
     def fp32_bytes(self) -> int:
@@ -182,11 +183,11 @@ class ModelSummary:
 
     @property
     def quantized_bytes(self) -> int:
-        return sum(l.packed_bytes for l in self.layers)
+        return sum(layer.packed_bytes for layer in self.layers)
 
     @property
     def entropy_coded_bytes(self) -> float:
-        return sum(l.entropy_coded_bytes for l in self.layers)
+        return sum(layer.entropy_coded_bytes for layer in self.layers)
 
     @property
     def compression(self) -> float:
@@ -211,17 +212,27 @@ class ModelSummary:
         return {"params": self.params, "fp32_bytes": self.fp32_bytes, "quantized_bytes": self.quantized_bytes,
                 "entropy_coded_bytes": self.entropy_coded_bytes, "compression": self.compression,
                 "binary_mac_share": self.binary_mac_share, "macs": self.macs,
-                "layers": [l.to_dict() for l in self.layers]}
+                "layers": [layer.to_dict() for layer in self.layers]}
 
     def __str__(self) -> str:
-        header = ("layer", "kind", "W bits", "A bits", "params", "packed bytes", "MACs binary", "MACs lowbit-W", "MACs float")
-        bits = lambda l: str(l.weight_bits) if l.weight_bytes is None else f"{l.bits_per_weight:.3g}"
-        rows = [(l.name or "(model)", l.kind, bits(l), str(l.input_bits), f"{l.params:,}", f"{l.packed_bytes:,}",
-                 *(f"{v:,}" for v in l.macs_by_precision().values())) for l in self.layers]
+        header = ("layer", "kind", "W bits", "A bits", "params", "packed bytes", "MACs binary", "MACs lowbit-W",
+                  "MACs float")
+
+        def bits(layer):
+            return str(layer.weight_bits) if layer.weight_bytes is None else f"{layer.bits_per_weight:.3g}"
+
+        rows = [(layer.name or "(model)", layer.kind, bits(layer), str(layer.input_bits), f"{layer.params:,}",
+                 f"{layer.packed_bytes:,}", *(f"{v:,}" for v in layer.macs_by_precision().values()))
+                for layer in self.layers]
         macs = self.macs
-        rows.append(("total", "", "", "", f"{self.params:,}", f"{self.quantized_bytes:,}", *(f"{v:,}" for v in macs.values())))
+        rows.append(("total", "", "", "", f"{self.params:,}", f"{self.quantized_bytes:,}",
+                     *(f"{v:,}" for v in macs.values())))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        line = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        def line(r):
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths, strict=False)))
+
         rule = "-" * len(line(header))
         footer = (f"float32 size: {self.fp32_bytes:,} B | quantized size: {self.quantized_bytes:,} B "
                   f"(entropy-coded {self.entropy_coded_bytes:,.0f} B) | compression: {self.compression:.2f}x "

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 import estimators
-from estimators.dte import DistributionSensitiveTwoStage
 import layers
+from estimators.dte import DistributionSensitiveTwoStage
 from layers.dirnet import IMBWeight
 from layers.irnet import LibraWeight
 from qat.rbd import rbd_loss
@@ -83,7 +83,7 @@ def test_dte_schedule_endpoints_and_stages():
     for step in range(101):
         est.set_progress(step / 100)
         seen.append((est.t, est.k, est.stage))
-    assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))  # t grows
+    assert all(a[0] < b[0] for a, b in zip(seen, seen[1:], strict=False))  # t grows
     assert all(t * k == pytest.approx(1.0) for t, k, stage in seen if stage == 1)
     assert all(k == 1.0 for t, k, stage in seen if stage == 2)
     assert [stage for _, _, stage in seen] == sorted(stage for _, _, stage in seen)  # 1 ... 1 2 ... 2
@@ -111,7 +111,8 @@ def test_dte_degenerate_spreads_fall_back_to_one():
     est = estimators.get("dte")
     est.set_progress(1.0)
     constant = torch.full((5,), 0.05, dtype=torch.float64)
-    torch.testing.assert_close(est.grad(constant), torch.tensor(dte_reference([0.05] * 5, 10.0, 1.0, 1.0), dtype=torch.float64))
+    torch.testing.assert_close(est.grad(constant),
+                               torch.tensor(dte_reference([0.05] * 5, 10.0, 1.0, 1.0), dtype=torch.float64))
     one = torch.tensor([0.05], dtype=torch.float64)
     assert est.grad(one).item() == pytest.approx(dte_reference([0.05], 10.0, 1.0, 1.0)[0], rel=1e-12)
     g = est.grad(torch.tensor([math.nan, math.inf, -math.inf, 0.05], dtype=torch.float64))
@@ -212,7 +213,8 @@ def test_imb_gradient_flows_through_the_standardisation(shape, progress):
     w_ref = weights(shape).requires_grad_(True)
     balanced = reference_balanced(w_ref)
     s = balanced.detach().std()
-    scale = torch.exp2(torch.round(torch.log2(balanced.detach().abs().mean(dim=tuple(range(1, len(shape))), keepdim=True))))
+    scale = torch.exp2(torch.round(torch.log2(
+        balanced.detach().abs().mean(dim=tuple(range(1, len(shape))), keepdim=True))))
     (scale * est.k * torch.tanh(est.t * balanced / s)).backward(upstream)
     torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-10, atol=1e-12)
 
@@ -226,8 +228,8 @@ def test_imb_gradient_flows_through_the_standardisation(shape, progress):
     # the standardisation's gradient is orthogonal to the constant and to w^ in each filter
     rows = w.grad.flatten(1)
     torch.testing.assert_close(rows.sum(dim=1), torch.zeros(shape[0], dtype=torch.float64), rtol=0, atol=1e-10)
-    torch.testing.assert_close((rows * balanced.detach().flatten(1)).sum(dim=1), torch.zeros(shape[0], dtype=torch.float64),
-                               rtol=0, atol=1e-10)
+    torch.testing.assert_close((rows * balanced.detach().flatten(1)).sum(dim=1),
+                               torch.zeros(shape[0], dtype=torch.float64), rtol=0, atol=1e-10)
 
 
 def test_imb_zero_variance_filters_stay_finite():

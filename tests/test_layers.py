@@ -212,7 +212,8 @@ def test_hq_keeps_target_sparsity_while_training():
         opt.step()
     assert model[0].diagnostics()["sparsity"] == pytest.approx(0.7, abs=1 / 512)
     assert 0.5 < model[0].diagnostics()["cosine_similarity"] <= 1.0
-    assert model[0].diagnostics()["cosine_similarity"] == pytest.approx(hq_cosine(model[0].weight.detach(), 0.7), rel=1e-6)
+    assert model[0].diagnostics()["cosine_similarity"] == pytest.approx(hq_cosine(model[0].weight.detach(), 0.7),
+                                                                        rel=1e-6)
 
 
 def test_fda_builds_noise_modules_eagerly_with_nonzero_width():

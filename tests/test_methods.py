@@ -41,7 +41,7 @@ def test_the_table_is_consistent():
         else:
             assert fallback is None and layers.weights_only_method(name) == name
         assert method.weight_bits in (1, 2, 32) and method.input_bits in (1, 32)
-        method.options  # raises when two quantizers declare clashing options
+        assert method.options is not None  # raises when two quantizers declare clashing options
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,10 +8,10 @@ import operator
 import pytest
 import torch
 import torch.fx
-from conftest import compose_config
 from torch import nn
 
 import qat
+from conftest import compose_config
 from qat import models
 from qat.models.activations import RPReLU, make_activation
 from qat.models.resnet_cifar import BasicBlock
@@ -20,7 +20,8 @@ count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
 VARIANTS = [  # (model, options)
     ("resnet20", {"shortcut": "per_conv"}), ("resnet20", {"block": "reactnet"}),
-    ("resnet20", {"shortcut": "per_conv", "downsample": "avgpool"}), ("resnet20", {"block": "reactnet", "downsample": "A"}),
+    ("resnet20", {"shortcut": "per_conv", "downsample": "avgpool"}),
+    ("resnet20", {"block": "reactnet", "downsample": "A"}),
     ("resnet18", {"shortcut": "per_conv"}), ("resnet18", {"block": "reactnet"}),
     ("resnet18", {"shortcut": "per_conv", "downsample": "B"}),
 ]
@@ -135,7 +136,8 @@ def test_parameter_counts_against_the_plain_blocks():
     # place of option A: 16*32 + 32*64 + 2*(32 + 64) = 2,752;  resnet18 3 * 2 * 2 * (64+128+256+512) = 11,520
     assert count(models.build("resnet20", num_classes=10, block="reactnet")) == plain20 + 2_016 + 2_752
     assert count(models.build("resnet18", num_classes=10, block="reactnet")) == plain18 + 11_520
-    assert sum(isinstance(m, RPReLU) for m in models.build("resnet20", num_classes=10, block="reactnet").modules()) == 18
+    reactnet20 = models.build("resnet20", num_classes=10, block="reactnet")
+    assert sum(isinstance(m, RPReLU) for m in reactnet20.modules()) == 18
 
 
 def test_reactnet_blocks_use_rprelu_and_the_stem_keeps_the_activation():
@@ -232,7 +234,8 @@ def test_old_spellings_build_the_networks_they_built():
             assert torch.equal(old_model(x), new_model(x)), old
 
 
-@pytest.mark.parametrize("name, options", VARIANTS[:2] + VARIANTS[5:6], ids=["r20-per_conv", "r20-reactnet", "r18-reactnet"])
+@pytest.mark.parametrize("name, options", VARIANTS[:2] + VARIANTS[5:6],
+                         ids=["r20-per_conv", "r20-reactnet", "r18-reactnet"])
 def test_architecture_record_rebuilds_the_variant(name, options):
     model = randomize(models.build(name, num_classes=10, activation="hardtanh", **options)).eval()
     record = models.architecture_of(model)

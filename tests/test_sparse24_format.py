@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from kernels import cpu_matmul, native
+from kernels import native
 from kernels.sparse24 import GROUP_VALUES, from_tap_major, tap_major
 
 TAIL_KS = [1, 2, 3, 4, 5, 7, 11, 12, 13, 63, 64, 65, 100, 129]

@@ -23,19 +23,19 @@ def test_asp_run_prunes_at_half_freezes_and_resumes(compose, smoke_overrides, tm
     layers24 = sparse_layers(trainer.model)
     assert len(layers24) == 4 and isinstance(trainer.model.features[0], TernaryConv2d)  # first conv: dense (ASP)
     frozen = [m.weight_quantizer.frozen_mask.clone() for m in layers24]
-    assert all(f.shape == m.weight.shape for f, m in zip(frozen, layers24))
+    assert all(f.shape == m.weight.shape for f, m in zip(frozen, layers24, strict=False))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["model"]
     saved = [v["frozen_mask"] for k, v in checkpoint.items() if k.endswith("weight_quantizer._extra_state")]
-    assert len(saved) == 4 and all(torch.equal(s, f) for s, f in zip(saved, frozen))
+    assert len(saved) == 4 and all(torch.equal(s, f) for s, f in zip(saved, frozen, strict=False))
     # the step after the freeze moved the weights: a mask chosen now would differ somewhere
-    assert any(not torch.equal(mask24(m.weight), f) for m, f in zip(layers24, frozen))
+    assert any(not torch.equal(mask24(m.weight), f) for m, f in zip(layers24, frozen, strict=False))
 
     rest = compose(["+experiment=mnist_bnn_ternary24", *smoke_overrides, *TINY_RUN, "trainer.max_steps=null",
                     f"trainer.resume={tmp_path}"])
     resumed = Trainer(rest, tmp_path)
     summary = resumed.fit()
     assert summary["steps"] == 4
-    for m, f in zip(sparse_layers(resumed.model), frozen):
+    for m, f in zip(sparse_layers(resumed.model), frozen, strict=False):
         assert torch.equal(m.weight_quantizer.frozen_mask, f)
         assert bool(((m.quantized_weight() != 0) <= f).all())
     resumed.model.eval()

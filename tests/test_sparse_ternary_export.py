@@ -58,7 +58,7 @@ def test_packed_model_and_its_file_reproduce_the_quantized_model(mnist24, tmp_pa
 def test_file_holds_four_thirds_of_a_bit_per_weight_and_matches_the_summary(mnist24, tmp_path):
     path = save_packed(pack_model(mnist24), tmp_path / "m24.safetensors", architecture=MNIST)
     tensors, _ = read_packed(path)
-    summary = {l.name: l for l in qat.summary(mnist24, (1, 28, 28)).layers}
+    summary = {layer.name: layer for layer in qat.summary(mnist24, (1, 28, 28)).layers}
     codes = {k[: -len(".weight_codes")]: t for k, t in tensors.items() if k.endswith("weight_codes")}
     assert len(codes) == 5 and all(t.dtype == torch.uint8 for t in codes.values())
     for name, t in codes.items():
@@ -102,7 +102,7 @@ def test_summary_counts_the_format_bytes():
     torch.manual_seed(0)
     model = sparsify(nn.Sequential(nn.Conv2d(8, 16, 3, bias=False), nn.Flatten(), nn.Linear(16 * 16, 10)))
     s = qat.summary(model, (8, 6, 6))
-    conv, linear = (l for l in s.layers if l.weight_bits == 2)
+    conv, linear = (layer for layer in s.layers if layer.weight_bits == 2)
     # K = 72: 18 groups, 6 units of 2 bytes per output channel; one per-layer scale
     assert conv.packed_weight_bytes == 16 * 12 == kernels.ternary24_nbytes(16, 72)
     assert conv.packed_bytes == 192 + 4 and conv.bits_per_weight == pytest.approx(4 / 3)

@@ -103,7 +103,8 @@ class PackedLayer(nn.Module):
         super().__init__()
         self.spec = spec
         if spec.code == "ternary24":
-            self.register_buffer("weight_codes", torch.zeros(spec.out_features, ternary24_row_bytes(spec.k), dtype=torch.uint8))
+            self.register_buffer("weight_codes",
+                                 torch.zeros(spec.out_features, ternary24_row_bytes(spec.k), dtype=torch.uint8))
         else:
             words = kernels.packed_words(spec.k)
             planes = ("weight_bits",) if spec.code == "binary" else ("weight_sign", "weight_nonzero")
@@ -122,7 +123,8 @@ class PackedLayer(nn.Module):
                                  f"{quantizer.noise_weight:g}; call qat.set_progress(model, 1.0) before packing")
         spec = cls.spec_of(layer)
         if spec.code == "ternary24" and not layer.weight_quantizer.pruned:
-            raise ValueError(f"{type(layer).__name__} has not reached its prune_at={layer.weight_quantizer.prune_at:g}, so "
+            raise ValueError(f"{type(layer).__name__} has not reached its "
+                             f"prune_at={layer.weight_quantizer.prune_at:g}, so "
                              f"its weight is dense ternary, not 2:4; call qat.set_progress(model, 1.0) before packing")
         with torch.no_grad():
             quantized = layer.quantized_weight().detach().float().flatten(1)
@@ -241,7 +243,7 @@ class PackedConv2d(PackedLayer):
             return (0, 0)
         if s.padding == "same":
             # nn.Conv2d 'same' (stride 1): total d*(k-1), the extra one on the right/bottom
-            totals = [d * (k - 1) for d, k in zip(s.dilation, s.kernel_size)]
+            totals = [d * (k - 1) for d, k in zip(s.dilation, s.kernel_size, strict=False)]
             if any(t % 2 for t in totals):
                 raise ValueError("packed conv supports 'same' padding only with symmetric totals")
             return tuple(t // 2 for t in totals)
@@ -276,7 +278,8 @@ class PackedConv2d(PackedLayer):
 
     def prepack_native(self):
         s = self.spec
-        return cpu_native.prepack_conv(self.group_tap_bits(torch.device("cpu")), s.kernel_size, s.in_features // s.groups)
+        return cpu_native.prepack_conv(self.group_tap_bits(torch.device("cpu")), s.kernel_size,
+                                       s.in_features // s.groups)
 
     def native_input(self, x):
         """(packed NHWC signs of ``x``, per group; the padding the kernel still applies)."""
@@ -497,7 +500,8 @@ def save_packed(model: nn.Module, path, architecture: dict | bool | None = None)
                 _assemble(skeleton_tensors, meta, None, "the packed model")
         except ValueError as error:
             raise ValueError(f"save_packed: architecture={architecture} does not rebuild this model, so the file "
-                             f"would not load: {str(error).rstrip('.')}. Pass architecture={{...}} of the qat.models model it is, "
+                             f"would not load: {str(error).rstrip('.')}. Pass architecture={{...}} of the "
+                             f"qat.models model it is, "
                              f"or architecture=False (then load with load_packed(path, model=...))") from None
     metadata[CHECKSUM_KEY] = checksum(tensors, metadata)
     path = Path(path)
@@ -575,8 +579,8 @@ def _assemble(tensors: dict[str, torch.Tensor], meta: dict, model: nn.Module | N
     unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
                 if t.is_meta and name not in tensors]
     if unfilled:
-        raise ValueError(f"{source} leaves {', '.join(unfilled[:3])} of the model without values (tensors the file does "
-                         f"not hold); load it with load_packed(path, model=<float model>)")
+        raise ValueError(f"{source} leaves {', '.join(unfilled[:3])} of the model without values "
+                         f"(tensors the file does not hold); load it with load_packed(path, model=<float model>)")
     return model
 
 

@@ -159,7 +159,7 @@ class CifarResNet(nn.Module):
         self.act1 = make_activation(activation, widths[0])
         block_activation = layout.activation or activation
         stages, channels = [], widths[0]
-        for index, (width, blocks) in enumerate(zip(widths, blocks_per_stage)):
+        for index, (width, blocks) in enumerate(zip(widths, blocks_per_stage, strict=False)):
             layer = []
             for block in range(blocks):
                 stride = 2 if index > 0 and block == 0 else 1

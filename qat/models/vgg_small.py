@@ -18,7 +18,7 @@ class VGGSmall(nn.Module):
     def __init__(self, num_classes=10, in_channels=3, activation="relu", image_size=32):
         super().__init__()
         layers, channels = [], in_channels
-        for width, pool in zip(CHANNELS, POOL_AFTER):
+        for width, pool in zip(CHANNELS, POOL_AFTER, strict=False):
             layers.append(nn.Conv2d(channels, width, 3, padding=1, bias=False))
             if pool:
                 layers.append(nn.MaxPool2d(2))
