@@ -5,7 +5,8 @@ A checkpoint is a dict of tensors, numbers, strings and lists only:
   epoch (completed epochs), step (optimizer steps), batch_in_epoch (batches of `epoch` already done,
   > 0 only for a mid-epoch save such as Ctrl-C), train_sums (the interrupted epoch's metric sums),
   best_val_acc1, train_seconds, config_yaml (the run's resolved config as YAML text),
-  identity {model, method, data, num_classes}, rng {torch, cuda, numpy_*, python} as tensors.
+  identity {model, method, data, num_classes}, rng {torch, cuda, numpy_*, python} as tensors,
+  init_from (the record of trainer.init_from, or None; qat.train.init_from).
 
 `config_differences` compares a checkpoint's config_yaml with the config of the run resuming it,
 leaving out the settings that may legitimately change on resume (RESUME_FREE_KEYS).
@@ -25,8 +26,9 @@ FORMAT_VERSION = 1
 IDENTITY_KEYS = ("model", "method", "data", "num_classes")
 # Dotted config keys (a key covers everything under it) a resumed run may change without changing
 # what is trained: where to resume from and where to stop, how progress and logs are shown, where
-# the data lives and how it is loaded, threads and device, the evaluation batch size, the run's label.
-RESUME_FREE_KEYS = ("trainer.resume", "trainer.max_steps", "trainer.progress_bar", "trainer.progress_interval",
+# the data lives and how it is loaded, threads and device, the evaluation batch size, the run's label;
+# trainer.init_from / init_strict act only when a run starts (its checkpoint holds the loaded weights).
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.init_from", "trainer.init_strict", "trainer.max_steps", "trainer.progress_bar", "trainer.progress_interval",
                     "trainer.progress_log_interval", "trainer.threads", "logger", "device", "experiment_name",
                     "data.root", "data.source", "data.imagefolder", "data.download", "data.cache",
                     "data.num_workers", "data.pin_memory", "data.eval_batch_size")
@@ -87,6 +89,23 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def trained_model_path(path: str | os.PathLike) -> Path:
+    """The checkpoint holding a run's trained network, for reuse of its weights (trainer.init_from,
+    distill.teacher): a checkpoint file as given, or in a run directory its best.pt (the network
+    chosen on validation), else its last.pt (checkpoints/ first, then the directory itself)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            for candidate in (path / "checkpoints" / name, path / name):
+                if candidate.is_file():
+                    return candidate
+        raise CheckpointError(f"no best.pt or last.pt in run directory {path} (looked in checkpoints/ and "
+                              f"the directory itself)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict[str, Any]:
     """Read a checkpoint with weights_only=True; unreadable files raise CheckpointError."""
     path = resolve_checkpoint_path(path)
@@ -112,23 +131,33 @@ def check_identity(payload: dict[str, Any], expected: dict[str, Any], path: Any)
         raise CheckpointError(f"checkpoint {path} belongs to a different setup: " + "; ".join(differences))
 
 
-def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Any) -> None:
-    """load_state_dict(strict=True) with a message listing what does not fit."""
-    own = model.state_dict()
+def state_differences(own: Mapping[str, Any], state: Mapping[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, mismatched) between a model's state_dict `own` and a loaded `state`:
+    keys only the model has, keys only the state has, and "key (state shape) vs (model shape)"."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
                   if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        def head(items):
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-        raise CheckpointError(
-            f"checkpoint {path} does not fit this model: "
-            + "; ".join(part for part in (
-                f"missing keys: {head(missing)}" if missing else "",
-                f"unexpected keys: {head(unexpected)}" if unexpected else "",
-                f"shape mismatches (checkpoint vs model): {head(mismatched)}" if mismatched else "",
-            ) if part))
+    return missing, unexpected, mismatched
+
+
+def describe_differences(missing: list[str], unexpected: list[str], mismatched: list[str]) -> str:
+    """The differences of `state_differences` in one line, at most five names of each kind."""
+    def head(items):
+        return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+    return "; ".join(part for part in (
+        f"missing keys: {head(missing)}" if missing else "",
+        f"unexpected keys: {head(unexpected)}" if unexpected else "",
+        f"shape mismatches (checkpoint vs model): {head(mismatched)}" if mismatched else "",
+    ) if part)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Any, hint: str = "") -> None:
+    """load_state_dict(strict=True) with a message listing what does not fit (then `hint`)."""
+    differences = state_differences(model.state_dict(), state)
+    if any(differences):
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {describe_differences(*differences)}"
+                              + (f"; {hint}" if hint else ""))
     model.load_state_dict(state, strict=True)
 
 

@@ -144,6 +144,8 @@ def validate(cfg: DictConfig) -> None:
     max_steps = cfg.trainer.get("max_steps")
     check("trainer.max_steps", max_steps, max_steps is None or (_is_int(max_steps) and max_steps >= 1),
           "null or an int >= 1")
+    strict = cfg.trainer.get("init_strict", True)
+    check("trainer.init_strict", strict, isinstance(strict, bool), "true or false")
     check("seed", cfg.get("seed", 0), _is_int(cfg.get("seed", 0)), "an int")
     for key in ("batch_size", "eval_batch_size"):
         value = cfg.data[key]

@@ -1,6 +1,7 @@
 """The training loop behind `train.py`: config in, trained model, checkpoints and summary.json out.
 
-One run = build data -> float model -> `qat.quantize_model` -> optimizer (latent binary weights
+One run = build data -> float model -> `qat.quantize_model` -> [trainer.init_from: another run's
+weights, qat.train.init_from] -> optimizer (latent binary weights
 without weight decay, `qat.latent.param_groups`) -> per-step schedule -> epochs of
   set_progress(step / total_steps) -> forward (bf16 autocast on CUDA) -> backward -> step ->
   clip latent weights -> log
@@ -50,6 +51,7 @@ from qat.train import distributed
 from qat.train.config import ConfigError, as_path, to_plain, validate
 from qat.train.data import build_data
 from qat.train.diagnostics import LayerDiagnostics
+from qat.train.init_from import init_from
 from qat.train.interrupt import DeferredInterrupt, StopRequested
 from qat.train.loaders import TrainLoader, eval_loader
 from qat.train.loggers import build_logger, console_logging
@@ -137,6 +139,12 @@ class Trainer:
         float_model = models.build_architecture(
             models.architecture(cfg.model, self.data.num_classes, self.data.channels))
         self.model = qat.quantize_model(float_model, to_plain(cfg.quant))
+        # trainer.init_from: another run's weights, before anything reads them (a resumed run's
+        # checkpoint holds them already, and the record of where they came from).
+        self.init_record: dict[str, Any] | None = None
+        if cfg.trainer.get("init_from") and not cfg.trainer.get("resume"):
+            self.init_record = init_from(self.model, as_path(cfg.trainer.init_from),
+                                         strict=cfg.trainer.get("init_strict", True))
         # The start-of-run figures; fit() reports those of the trained network (HQ prunes while training).
         self.model_summary = qat.summary(self.model, self.data.input_size)
         self.model.to(self.device)
@@ -227,6 +235,7 @@ class Trainer:
                                 best_val_acc1=float(payload["best_val_acc1"]),
                                 train_seconds=float(payload["train_seconds"]))
         self.resumed_sums = payload.get("train_sums")
+        self.init_record = payload.get("init_from")
         self.resumed_from = path
         self.saved = SavedPoint(path, dataclasses.replace(self.state), {})
         if self.context.enabled:
@@ -254,6 +263,7 @@ class Trainer:
             "train_seconds": self.state.train_seconds,
             "config_yaml": OmegaConf.to_yaml(self.cfg, resolve=True),
             "identity": self._identity(), "rng": ckpt.capture_rng_state(),
+            "init_from": self.init_record,
         }
         ckpt.save_checkpoint(path, payload)
 
@@ -488,6 +498,8 @@ class Trainer:
             # settings changed on resume: {key: {"checkpoint": value, "run": value}}; the steps
             # before `resumed_from` used the checkpoint's values, the rest this run's
             "resume_config_changes": self.resume_changes,
+            # trainer.init_from: the checkpoint the weights came from, and which keys loaded
+            "init_from": self.init_record,
             "act_compression": self._act_compression_facts(),
         }
         if self.context.is_main:
