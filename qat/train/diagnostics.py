@@ -4,7 +4,8 @@ For every quantized layer (`layers.QuantizedLayer`), by its weights' bit width:
   flip_ratio     (1-bit weights)  share of weights whose sign changed since the previous call:
                  mean(sign(Q_t) != sign(Q_prev)), sign(0) = +1; absent at the first call
   zero_fraction  (2-bit weights)  mean(Q == 0) of the ternary weights
-  clip_fraction  (all)            share of latent weights at the clip boundary, mean(|W| >= 1)
+  clip_fraction  (all)            share of latent weights at the clip boundary, mean(|W| >= 1);
+                                  absent for latent-free weights (Bop: W is +-1, there is no latent)
 and whatever the layer's quantizers report themselves (`QuantizedLayer.diagnostics()`: HQ's
 cosine_similarity and sparsity, FDA's terms and noise_weight, ...). Snapshots are kept as int8 on
 the weights' device.
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from layers import QuantizedLayer
+from qat.latent import is_latent_free
 
 
 def quantized_layers(model: nn.Module):
@@ -46,7 +48,8 @@ class LayerDiagnostics:
                 self.previous_signs[name] = signs
             if layer.weight_bits == 2:
                 metrics[f"{prefix}/zero_fraction"] = _as_float((quantized == 0).float().mean())
-            metrics[f"{prefix}/clip_fraction"] = _as_float((layer.weight.abs() >= 1).float().mean())
+            if not is_latent_free(layer.weight):  # a Bop-trained weight is +-1: no latent to clip
+                metrics[f"{prefix}/clip_fraction"] = _as_float((layer.weight.abs() >= 1).float().mean())
             for key, value in layer.diagnostics().items():
                 metrics[f"{prefix}/{key}"] = _as_float(value)
         return metrics

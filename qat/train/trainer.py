@@ -1,8 +1,9 @@
 """The training loop behind `train.py`: config in, trained model, checkpoints and summary.json out.
 
 One run = build data -> float model -> `qat.quantize_model` -> [trainer.init_from: another run's
-weights, qat.train.init_from] -> optimizer (latent binary weights
-without weight decay, `qat.latent.param_groups`) -> per-step schedule -> epochs of
+weights, qat.train.init_from] -> optimizer (`qat.train.optim.optimizer_for`: latent binary weights
+without weight decay, `qat.latent.param_groups`; or Bop for binary weights) -> per-step schedule ->
+epochs of
   set_progress(step / total_steps) -> forward (bf16 autocast on CUDA) -> backward -> step ->
   clip latent weights -> log
 with `trainer.act_compression` (none | exact | int8 | int4 | int2, qat.act_compression) compressing
@@ -56,7 +57,7 @@ from qat.train.interrupt import DeferredInterrupt, StopRequested
 from qat.train.loaders import TrainLoader, eval_loader
 from qat.train.loggers import build_logger, console_logging
 from qat.train.metrics import MetricSums
-from qat.train.optim import build_optimizer, build_scheduler
+from qat.train.optim import build_scheduler, optimizer_for, step_metrics
 from qat.train.run_progress import RunProgress
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,7 @@ class Trainer:
         # Progress and the lr schedule follow the planned epochs; max_steps only stops early, so a
         # run stopped by max_steps and resumed follows the same trajectory as an uninterrupted one.
         self.total_steps = planned = int(cfg.trainer.epochs) * self.steps_per_epoch
-        groups = qat.latent.param_groups(self.model, float(cfg.optim.get("weight_decay", 0.0)))
-        self.optimizer = build_optimizer(cfg.optim, groups)
+        self.optimizer = optimizer_for(cfg.optim, self.model)
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.steps_per_epoch, planned)
         self.state = TrainState()
         self.resumed_sums: list[float] | None = None
@@ -330,7 +330,8 @@ class Trainer:
                     metrics = {"train/step_loss": loss.item(),
                                "train/lr": self.optimizer.param_groups[0]["lr"],
                                "train/progress": state.step / self.total_steps,
-                               "train/images_per_second": images_seen * self.context.world_size / max(elapsed, 1e-9)}
+                               "train/images_per_second": images_seen * self.context.world_size / max(elapsed, 1e-9),
+                               **step_metrics(self.optimizer)}
                     postfix = {"loss": f"{metrics['train/step_loss']:.3f}", "lr": f"{metrics['train/lr']:.2e}"}
                     self.logger.log_step(state.step, metrics)
                 self.progress.update(images.shape[0] * self.context.world_size, **postfix)
