@@ -4,7 +4,8 @@ One run = build data -> float model -> `qat.quantize_model` -> [trainer.init_fro
 weights, qat.train.init_from] -> optimizer (`qat.train.optim.optimizer_for`: latent binary weights
 without weight decay, `qat.latent.param_groups`; or Bop for binary weights) -> per-step schedule ->
 epochs of
-  set_progress(step / total_steps) -> forward (bf16 autocast on CUDA) -> backward -> step ->
+  set_progress(step / total_steps) -> forward (bf16 autocast on CUDA) -> loss (cross-entropy, or
+  distillation from a teacher: qat.train.distill) -> backward -> step ->
   clip latent weights -> log
 with `trainer.act_compression` (none | exact | int8 | int4 | int2, qat.act_compression) compressing
 what the forward saves for backward, evaluation (loss, top-1, top-5) on validation and test after
@@ -52,6 +53,7 @@ from qat.train import distributed
 from qat.train.config import ConfigError, as_path, to_plain, validate
 from qat.train.data import build_data
 from qat.train.diagnostics import LayerDiagnostics
+from qat.train.distill import build_objective
 from qat.train.init_from import init_from
 from qat.train.interrupt import DeferredInterrupt, StopRequested
 from qat.train.loaders import TrainLoader, eval_loader
@@ -159,6 +161,11 @@ class Trainer:
             except ValueError as error:
                 raise ConfigError(f"trainer.act_compression_overrides: {error}") from None
 
+        self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
+        # The training loss: cross-entropy, or distillation from a frozen teacher (qat.train.distill).
+        self.objective = build_objective(cfg.get("distill"), self.model, self.data.num_classes,
+                                         self.data.input_size, self.device, self.amp)
+
         pin = self.device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
         self.train_loader = TrainLoader(self.data.train, cfg.data, self.context, int(cfg.seed), pin)
         self.eval_loaders = {}
@@ -193,7 +200,6 @@ class Trainer:
         if self.context.enabled:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
         self.diagnostics = LayerDiagnostics(self.model)
         self.logger = self._build_logger()
         self.last_eval: dict[str, float] = {}
@@ -312,9 +318,10 @@ class Trainer:
                 self._set_progress(state.step / self.total_steps)
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                with self._saving(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                with self._saving(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp), \
+                        self.objective.student_forward():
                     logits = self.ddp_model(images)
-                loss = F.cross_entropy(logits.float(), labels)
+                loss, loss_parts = self.objective(logits, labels, images)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
@@ -331,6 +338,7 @@ class Trainer:
                                "train/lr": self.optimizer.param_groups[0]["lr"],
                                "train/progress": state.step / self.total_steps,
                                "train/images_per_second": images_seen * self.context.world_size / max(elapsed, 1e-9),
+                               **{key: part.item() for key, part in loss_parts.items()},
                                **step_metrics(self.optimizer)}
                     postfix = {"loss": f"{metrics['train/step_loss']:.3f}", "lr": f"{metrics['train/lr']:.2e}"}
                     self.logger.log_step(state.step, metrics)
@@ -502,6 +510,8 @@ class Trainer:
             # trainer.init_from: the checkpoint the weights came from, and which keys loaded
             "init_from": self.init_record,
             "act_compression": self._act_compression_facts(),
+            # distill=kd: the teacher's source and the loss settings (qat.train.distill)
+            "distill": self.objective.describe(),
         }
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
