@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from conftest import REPO, SMOKE_OVERRIDES
 from qat.train.checkpoint import load_checkpoint, trained_model_path
 from qat.train.config import ConfigError
-from qat.train.distill import Distillation, channel_normalized, feature_loss, kd_loss
+from qat.rbd import rbd_loss
+from qat.train.distill import Distillation, kd_loss
 from qat.train.trainer import Trainer
 
 SMALL = [*SMOKE_OVERRIDES, "model=resnet20", "data.image_size=8", "optim=adam"]
@@ -33,17 +34,6 @@ def test_kd_loss_is_t_squared_times_the_kl_of_the_softened_distributions():
     by_hand = t * t * by_hand / 2  # batch mean
     assert kd_loss(torch.tensor(student), torch.tensor(teacher), t).item() == pytest.approx(by_hand, rel=1e-6)
     assert kd_loss(torch.tensor(teacher), torch.tensor(teacher), t).item() == pytest.approx(0.0, abs=1e-7)
-
-
-def test_feature_loss_compares_unit_norm_channel_maps():
-    student = torch.tensor([[[[3.0, 4.0]], [[1.0, 0.0]]]])     # N=1, C=2, H=1, W=2
-    teacher = torch.tensor([[[[6.0, 8.0]], [[0.0, 2.0]]]])     # channel 0 is student's x 2: same direction
-    # channel 0: (0.6, 0.8) - (0.6, 0.8) = 0; channel 1: (1, 0) - (0, 1): squared norm 2; mean over C = 1
-    assert feature_loss(student, teacher).item() == pytest.approx(1.0)
-    assert feature_loss(student * 7.0, teacher).item() == pytest.approx(1.0)  # scale does not matter
-    vectors = torch.tensor([[3.0, 4.0], [1.0, 0.0]])                          # [N, D]: one vector per sample
-    assert torch.allclose(channel_normalized(vectors)[:, 0], torch.tensor([[0.6, 0.8], [1.0, 0.0]]))
-    assert feature_loss(vectors, -vectors).item() == pytest.approx(4.0)
 
 
 class Tiny(torch.nn.Module):
@@ -68,7 +58,7 @@ def test_the_distillation_loss_adds_its_weighted_parts_and_only_the_student_lear
     loss, parts = objective(logits, y, x)
     with torch.no_grad():
         expected = (0.3 * torch.nn.functional.cross_entropy(student(x), y) + 0.7 * kd_loss(student(x), teacher(x), 2.0)
-                    + 0.5 * feature_loss(student.body(x), teacher.body(x)))
+                    + 0.5 * rbd_loss([student.body(x)], [teacher.body(x)]))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert set(parts) == {"train/loss_ce", "train/loss_kd", "train/loss_feature"}
     loss.backward()

@@ -4,22 +4,19 @@ With student logits s, teacher logits t, labels y, temperature T:
 
     L = ce_weight * CE(y, s)
       + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))                  (Hinton et al. 2015)
-      + feature_weight * sum over distill.features pairs (a, b) of L_feat(F_a^student, F_b^teacher)
+      + feature_weight * L_RBD(student maps at a, teacher maps at b for the distill.features pairs (a, b))
 
 KL(p || q) = sum_k p_k (log p_k - log q_k), averaged over the batch. The T^2 factor keeps the soft
 term's gradient on the scale of the hard term's when T changes (Hinton et al. §2). ReActNet's
 distributional loss is ce_weight=0, kd_weight=1, T=1.
 
-Feature matching (the representation alignment of DIR-Net's RBD, reference/algorithms.md §6: an L2
-loss between normalised feature maps). A binary network's activations differ from a float network's
-in scale, so each map is compared after channel normalisation: for a feature map F of shape
-[N, C, ...] each channel's map over its positions is scaled to unit L2 norm,
+Feature matching is DIR-Net's RBD as `qat.rbd.rbd_loss` computes it (the one place that knows
+the formula; its docstring says which parts are inferred): a binary network's activations differ
+from a float network's in scale, so each sample's flattened map is compared after L2 normalisation,
 
-    F^_{n,c} = F_{n,c} / max(||F_{n,c}||_2, 1e-12),
-    L_feat   = (1 / (N C)) sum_{n,c} ||F^s_{n,c} - F^t_{n,c}||_2^2            (in [0, 4]),
+    L_RBD = sum_{pairs j} (1/N) sum_n || S_n^j / ||S_n^j||_2 - T_n^j / ||T_n^j||_2 ||_2^2,
 
-and a [N, D] output (a Linear's) is one vector per sample (C = 1, positions = D). Paired maps must
-have the same shape.
+each term 2 - 2 cos(S_n^j, T_n^j), in [0, 4]. Paired maps must have the same shape.
 
 The teacher (`load_teacher`): a run of this trainer, rebuilt from the resolved config saved in its
 checkpoint (model, quant) and loaded from its best.pt, else last.pt (a run directory) or the given
@@ -41,6 +38,7 @@ from torch import nn
 
 import qat
 from qat import models
+from qat.rbd import rbd_loss
 from qat.train import checkpoint as ckpt
 from qat.train.config import ConfigError, as_path, to_plain
 
@@ -54,17 +52,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_q = F.log_softmax(student_logits / t, dim=1)
     log_p = F.log_softmax(teacher_logits / t, dim=1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * (t * t)
-
-
-def channel_normalized(features: torch.Tensor) -> torch.Tensor:
-    """F^_{n,c} = F_{n,c} / max(||F_{n,c}||_2, 1e-12) over positions; [N, D] is [N, 1, D]."""
-    maps = features.flatten(2) if features.dim() > 2 else features.unsqueeze(1)
-    return F.normalize(maps, p=2.0, dim=2, eps=1e-12)
-
-
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """L_feat = mean over (n, c) of ||F^s_{n,c} - F^t_{n,c}||_2^2 (module docstring)."""
-    return (channel_normalized(student) - channel_normalized(teacher)).square().sum(dim=2).mean()
 
 
 class CrossEntropy:
@@ -168,8 +155,8 @@ class Distillation:
         parts = {"train/loss_ce": ce.detach(), "train/loss_kd": kd.detach()}
         if self.pairs:
             student_features = self.student_tap.outputs
-            feature = sum(feature_loss(student_features[a].float(), teacher_features[b].float())
-                          for a, b in self.pairs)
+            feature = rbd_loss({a: student_features[a] for a, _ in self.pairs},
+                               {a: teacher_features[b] for a, b in self.pairs})
             loss = loss + self.feature_weight * feature
             parts["train/loss_feature"] = feature.detach()
             student_features.clear()
