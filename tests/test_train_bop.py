@@ -123,7 +123,7 @@ def test_latent_clipping_leaves_latent_free_weights_alone():
 
 @pytest.mark.parametrize("overrides, message", [
     (["quant=ternary"], "optim=bop found no layer with 1-bit sign(W) weights to train (quantized methods in this "
-                        "model: ternary); use quant= one of bwn, xnor, or another optim"),
+                        "model: ternary); use quant= one of bwn, xnor, reactnet, or another optim"),
     (["quant=fda"], "optim=bop cannot train layer 'layers.0.0.conv1' (method fda): its 1-bit code is not sign(W)"),
     (["quant.estimator=approx_sign"], "optim=bop: layer 'layers.0.0.conv1': weight estimator 'approx_sign' has "
                                       "derivative [0.0, 0.0] at w = -1, +1"),
@@ -136,7 +136,8 @@ def test_what_bop_cannot_train_is_one_clear_error(compose, tmp_path, overrides, 
 
 
 def test_bop_methods_come_from_the_method_table():
-    assert bop_methods() == ["bwn", "xnor"]
+    # the rows whose weights are alpha_c sign(W); Libra-PB / IMB code sign(W^) and FDA adds noise
+    assert bop_methods() == ["bwn", "xnor", "reactnet"]
 
 
 def test_resume_restores_the_bop_momentum_exactly(compose, tmp_path):

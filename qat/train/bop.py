@@ -15,13 +15,14 @@ a learning-rate schedule scales it like a learning rate (Larq lets gamma follow 
 tau is constant.
 
 Which weights (`prepare_binary_weights`): the `weight` of every quantized layer with 1-bit weights
-whose code is sign(W) (`weight_quantizer.bits == 1` and `is_plain_sign`: BWN, XNOR); everything
-else (float layers, BN, biases, learned modules) is trained by Adam (`qat.train.optim`). A 1-bit layer
-whose code is not plain sign(W) (FDA's noise term) cannot be flipped by Bop and is an error.
+whose code is sign(W) (`weight_quantizer.bits == 1` and `is_plain_sign`: bwn, xnor, reactnet);
+everything else (float layers, BN, biases, learned modules such as RSign thresholds) is trained by
+Adam (`qat.train.optim`). A 1-bit layer whose code is not plain sign(W) (FDA's noise term, the
+standardised W of Libra-PB / IMB) cannot be flipped by Bop and is an error.
 
 The magnitude. Bop's weight is the binary value itself, so each managed W is set once to sign(W)
 in {-1, +1} (sign(0) = +1) and Bop only ever flips signs. This is what Larq does: Bop keeps a
-QuantConv2D's kernel at +-1, and a scale, if any, is a separate variable. For BWN/XNOR the layer's
+QuantConv2D's kernel at +-1, and a scale, if any, is a separate variable. For these layers the
 scale alpha_c = mean|W_c| is then exactly 1 for the rest of training (the layer computes
 op(x, sign(W)); a BatchNorm after it absorbs any per-channel scale, and in training mode its output
 does not change when its input is multiplied by a positive per-channel factor). Two consequences
