@@ -119,3 +119,14 @@ def test_train_py_starts_a_binary_run_from_a_float_run(python, subprocess_env, c
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((tmp_path / "stage2" / "summary.json").read_text())
     assert summary["method"] == "xnor" and summary["init_from"]["checkpoint"].endswith("best.pt")
+
+
+def test_reactnet_stage_two_starts_from_stage_one(compose, tmp_path):
+    """ReActNet's recipe: stage 1 (binary inputs, float weights) then stage 2 (both binary) from it."""
+    block = ["model.block=reactnet"]
+    stage1 = source_run(compose, tmp_path, "quant=reactnet_stage1", *block, name="stage1")
+    stage2 = Trainer(compose([*SMALL, "quant=reactnet", *block, f"trainer.init_from={stage1}"]), tmp_path / "stage2")
+    trained = load_checkpoint(trained_model_path(stage1))["model"]
+    assert stage2.init_record["loaded"] == len(trained)  # strict: every key, RSign thresholds included
+    thresholds = [k for k in trained if "input_quantizer" in k]
+    assert thresholds and all(torch.equal(stage2.model.state_dict()[k], trained[k]) for k in thresholds)
