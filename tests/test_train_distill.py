@@ -9,9 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, SMOKE_OVERRIDES
+from qat.rbd import rbd_loss
 from qat.train.checkpoint import load_checkpoint, trained_model_path
 from qat.train.config import ConfigError
-from qat.rbd import rbd_loss
 from qat.train.distill import Distillation, kd_loss
 from qat.train.trainer import Trainer
 
@@ -28,9 +28,9 @@ def test_kd_loss_is_t_squared_times_the_kl_of_the_softened_distributions():
     teacher = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
     t = 3.0
     by_hand = 0.0
-    for s_row, t_row in zip(student, teacher):
+    for s_row, t_row in zip(student, teacher, strict=True):
         p, q = softmax(t_row, t), softmax(s_row, t)
-        by_hand += sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q))
+        by_hand += sum(pk * (math.log(pk) - math.log(qk)) for pk, qk in zip(p, q, strict=True))
     by_hand = t * t * by_hand / 2  # batch mean
     assert kd_loss(torch.tensor(student), torch.tensor(teacher), t).item() == pytest.approx(by_hand, rel=1e-6)
     assert kd_loss(torch.tensor(teacher), torch.tensor(teacher), t).item() == pytest.approx(0.0, abs=1e-7)
@@ -85,7 +85,7 @@ def test_a_run_teacher_is_rebuilt_frozen_and_sees_the_students_batch(compose, tm
     teacher.conv1.register_forward_pre_hook(lambda m, inputs: seen["teacher"].append(inputs[0].clone()))
     summary = trainer.fit()
     training = seen["student"][:2]  # then evaluation batches, which the teacher does not see
-    assert len(seen["teacher"]) == 2 and all(torch.equal(a, b) for a, b in zip(training, seen["teacher"]))
+    assert len(seen["teacher"]) == 2 and all(torch.equal(a, b) for a, b in zip(training, seen["teacher"], strict=True))
     with open(tmp_path / "student" / "steps.csv") as handle:
         logged = {row["metric"] for row in csv.DictReader(handle)}
     assert {"train/loss_ce", "train/loss_kd", "train/loss_feature"} <= logged
@@ -107,16 +107,19 @@ def test_distillation_changes_neither_the_students_initialisation_nor_the_random
 
 @pytest.mark.parametrize("overrides, message", [
     (["distill=kd"], "distill=kd needs distill.teacher=<run dir, .pt checkpoint, or torchvision:<name>>"),
-    (["distill=kd", "distill.teacher=TEACHER", "distill.temperature=0"], "distill.temperature must be a number > 0, got 0"),
+    (["distill=kd", "distill.teacher=TEACHER", "distill.temperature=0"],
+     "distill.temperature must be a number > 0, got 0"),
     (["distill=kd", "distill.teacher=TEACHER", "data.num_classes=5"],
      "classifies 10 classes, this run's data has 5"),
     (["distill=kd", "distill.teacher=TEACHER", "distill.features={layers.9: layers.2}"],
      "distill.features: no module 'layers.9' in the student; valid names: conv1, bn1, act1, layers, layers.0,"),
     (["distill=kd", "distill.teacher=TEACHER", "distill.features={layers.1: layers.2}"],
      "distill.features: student 'layers.1' gives (32, 4, 4), teacher 'layers.2' gives (64, 2, 2)"),
-    (["distill=kd", "distill.teacher=torchvision:resnet81"], "unknown torchvision model 'resnet81' in distill.teacher; closest: resnet18"),
+    (["distill=kd", "distill.teacher=torchvision:resnet81"],
+     "unknown torchvision model 'resnet81' in distill.teacher; closest: resnet18"),
     (["distill=kd", "distill.teacher=torchvision:resnet18"],
-     "distill.teacher=torchvision:resnet18 needs distill.teacher_weights=<local state_dict file>: nothing is downloaded"),
+     "distill.teacher=torchvision:resnet18 needs distill.teacher_weights=<local state_dict file>: "
+     "nothing is downloaded"),
 ])
 def test_bad_distillation_settings_are_one_error_line(compose, tmp_path, overrides, message):
     teacher_dir = teacher_run(compose, tmp_path) if any("TEACHER" in o for o in overrides) else None

@@ -49,7 +49,7 @@ def bop_methods() -> list[str]:
     """The methods whose weights Bop can train: 1-bit weights coded as plain sign(W) (from the
     method table: a quantizer class whose `is_plain_sign` is the constant True)."""
     return [m.name for m in METHODS.values()
-            if m.weight_quantizer.bits == 1 and getattr(m.weight_quantizer, "is_plain_sign") is True]
+            if m.weight_quantizer.bits == 1 and m.weight_quantizer.is_plain_sign is True]
 
 
 class Bop(torch.optim.Optimizer):

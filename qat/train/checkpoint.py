@@ -28,7 +28,8 @@ IDENTITY_KEYS = ("model", "method", "data", "num_classes")
 # what is trained: where to resume from and where to stop, how progress and logs are shown, where
 # the data lives and how it is loaded, threads and device, the evaluation batch size, the run's label;
 # trainer.init_from / init_strict act only when a run starts (its checkpoint holds the loaded weights).
-RESUME_FREE_KEYS = ("trainer.resume", "trainer.init_from", "trainer.init_strict", "trainer.max_steps", "trainer.progress_bar", "trainer.progress_interval",
+RESUME_FREE_KEYS = ("trainer.resume", "trainer.init_from", "trainer.init_strict", "trainer.max_steps",
+                    "trainer.progress_bar", "trainer.progress_interval",
                     "trainer.progress_log_interval", "trainer.threads", "logger", "device", "experiment_name",
                     "data.root", "data.source", "data.imagefolder", "data.download", "data.cache",
                     "data.num_workers", "data.pin_memory", "data.eval_batch_size")

@@ -28,8 +28,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from layers import binary_inputs, weights_only_method
-
 from qat.plain import to_plain  # noqa: F401  (re-exported: the trainer's modules take it from here)
+
 
 def activation_for(method: str) -> str:
     return "hardtanh" if binary_inputs(method) else "relu"

@@ -225,7 +225,8 @@ def _torchvision_teacher(name: str, weights: Any, num_classes: int) -> tuple[nn.
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     teacher = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    ckpt.load_model_state(teacher, state, path, hint=f"the teacher must be a {name} for this run's {num_classes} classes")
+    ckpt.load_model_state(teacher, state, path,
+                          hint=f"the teacher must be a {name} for this run's {num_classes} classes")
     return teacher, {"teacher": f"{TORCHVISION_PREFIX}{name}", "teacher_weights": str(path)}
 
 

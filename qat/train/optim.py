@@ -110,7 +110,7 @@ class CaseOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optimizer state holds {len(members) if isinstance(members, list) else 'no'} member "
                              f"optimizer(s), this run has {len(self.optimizers)} "
                              f"({', '.join(type(o).__name__ for o in self.optimizers)})")
-        for optimizer, member in zip(self.optimizers, members):
+        for optimizer, member in zip(self.optimizers, members, strict=True):
             optimizer.load_state_dict(member)
 
     def step_metrics(self) -> dict[str, float]:
