@@ -47,8 +47,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import qat
 import qat.latent
-from qat.train import checkpoint as ckpt
 from qat import models
+from qat.train import checkpoint as ckpt
 from qat.train import distributed
 from qat.train.config import ConfigError, as_path, to_plain, validate
 from qat.train.data import build_data
