@@ -270,3 +270,21 @@ def test_a_corrupt_copy_in_root_without_a_source_is_named(tmp_path):
     root_raw = copy_of_shared_mnist(tmp_path / "root", truncate=LABELS)
     with pytest.raises(CorruptDataError, match=f"{root_raw / LABELS} is corrupt: md5 [0-9a-f]{{32}}, expected ec29"):
         build_data(mnist_cfg(tmp_path / "root", None))
+
+
+def test_train_subset_keeps_n_seeded_training_images_and_the_whole_val_set():
+    from omegaconf import OmegaConf
+
+    from qat.train.data import build_data
+
+    base = {"name": "synthetic", "num_classes": 3, "channels": 1, "image_size": 4, "num_train": 50,
+            "num_test": 10, "num_val": 0, "val_split": 10, "seed": 0, "split_seed": 0}
+    full = build_data(OmegaConf.create(base))
+    small = build_data(OmegaConf.create({**base, "train_subset": 7}))
+    again = build_data(OmegaConf.create({**base, "train_subset": 7}))
+    assert len(full.train) == 40 and len(small.train) == 7 and len(small.val) == len(full.val) == 10
+    assert small.train.indices == again.train.indices
+    assert set(small.train.indices) <= set(full.train.indices)
+    assert not set(small.train.indices) & set(full.val.indices)
+    with pytest.raises(ValueError, match="train_subset"):
+        build_data(OmegaConf.create({**base, "train_subset": 41}))

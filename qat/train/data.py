@@ -19,6 +19,9 @@ Where files come from:
 A dataset that is missing while offline raises DatasetNotFoundError naming the path and the fixes;
 an image that cannot be decoded raises UnreadableImageError naming the file.
 
+Training subset (`data.train_subset`, default null = all): keep N of the training images (seeded),
+for runs on a stated budget.
+
 Validation split (`data.val_split`, carved from the train set with a seeded permutation): the
 configs default to 5,000 images for MNIST, Fashion-MNIST, CIFAR-10/100 and 2 % for ImageFolder
 trees, so best.pt is chosen on held-out training images and the test set only gives the final
@@ -439,5 +442,21 @@ def build_data(cfg: Any) -> DataBundle:
         val = TransformedSubset(train_base, val_idx, eval_tf)
     else:
         train, val = TransformedSubset(train_base, None, train_tf), None
+    subset = cfg.get("train_subset")
+    if subset is not None:
+        train = train_subset(train, subset, int(cfg.get("split_seed", 0)))
     test = TransformedSubset(test_base, None, eval_tf) if test_base is not None else None
     return DataBundle(train, val, test, num_classes, channels, image_size)
+
+
+def train_subset(train: TransformedSubset, size: Any, seed: int) -> TransformedSubset:
+    """`data.train_subset=N`: N training images drawn (seeded permutation, seed split_seed + 1) from
+    what the validation split left, for runs on a stated budget; the validation and test sets stay
+    whole."""
+    available = len(train)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= available:
+        raise ValueError(f"data.train_subset must be null or an int in [1, {available}] (the training images "
+                         f"left after the validation split), got {size!r}")
+    order = torch.randperm(available, generator=torch.Generator().manual_seed(seed + 1))[:size].sort().values
+    indices = order.tolist() if train.indices is None else [train.indices[i] for i in order.tolist()]
+    return TransformedSubset(train.base, indices, train.transform)
