@@ -12,7 +12,7 @@ environment        versions, device, compute-sanitizer, data file
 kernel_launches    a small launch of every CUDA kernel (all GEMV variants, CUDA-core and tensor-core
                    GEMM, ternary, both epilogues, binary conv), twice, equal to the CPU path; the
                    registers and local memory of every loaded kernel (CuPy num_regs/local_size_bytes)
-gpu_tests          tests/test_kernels_gpu.py with CuPy's in-memory kernel cache (CUPY_CACHE_IN_MEMORY=1)
+gpu_tests          tests/kernels/test_kernels_gpu.py with CuPy's in-memory kernel cache (CUPY_CACHE_IN_MEMORY=1)
 sanitizer          the same small launches under compute-sanitizer memcheck, racecheck, synccheck
 kernel_bench       benchmarks/kernels.py's ``gpu_section`` (imported): GEMV M = 1, 8 (and 16-64) at
                    N = K = 16384 vs cuBLAS fp16, CUDA-core and tensor-core GEMM at 8192^3 vs fp32
@@ -866,10 +866,10 @@ def section_sanitizer(ctx: Context) -> None:
 
 
 def section_gpu_tests(ctx: Context) -> None:
-    """tests/test_kernels_gpu.py in a pytest subprocess with CuPy's in-memory kernel cache."""
+    """tests/kernels/test_kernels_gpu.py in a pytest subprocess with CuPy's in-memory kernel cache."""
     report = ctx.result_path.parent / "gpu_tests.xml"
     command = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={report}",
-               "tests/test_kernels_gpu.py"]
+               "tests/kernels/test_kernels_gpu.py"]
     env = dict(os.environ, CUPY_CACHE_IN_MEMORY="1")
     try:
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
@@ -884,7 +884,7 @@ def section_gpu_tests(ctx: Context) -> None:
     counts = junit_counts(report)
     ctx.figures.update(counts, exit_code=done.returncode, cupy_cache_in_memory=True)
     ctx.result["device"] = "cpu" if ctx.dry_run or counts["skipped"] == counts["tests"] else "cuda"
-    ctx.line(f"tests/test_kernels_gpu.py: {counts['tests']} tests, {counts['passed']} passed, {counts['failed']} "
+    ctx.line(f"tests/kernels/test_kernels_gpu.py: {counts['tests']} tests, {counts['passed']} passed, {counts['failed']} "
              f"failed, {counts['errors']} errors, {counts['skipped']} skipped (CUPY_CACHE_IN_MEMORY=1)")
     if counts["skipped"] == counts["tests"]:
         ctx.skip("GPU test bodies", "needs a CUDA device and CuPy (pytest skipped every test)")

@@ -5,7 +5,7 @@ The format is ``kernels.pack_bits``': bit j of 64-bit word w holds flag 64 w + j
 pad bits 0, stored as int64 words [ceil(n / 64)] of the flattened tensor. On CPU one NumPy
 ``packbits`` pass produces it (``kernels.pack_bits`` takes five passes over the flags, which costs
 more than a binary conv's backward here); on other devices ``kernels.pack_bits`` itself.
-``tests/test_act_compression.py`` checks both give the same words.
+``tests/qat/test_act_compression.py`` checks both give the same words.
 """
 from __future__ import annotations
 

@@ -127,7 +127,7 @@ def test_downsample_kinds():
 
 
 def test_parameter_counts_against_the_plain_blocks():
-    plain20, plain18 = 269_722, 11_173_962  # tests/test_models.py
+    plain20, plain18 = 269_722, 11_173_962  # tests/qat/test_models.py
     # per_conv changes the wiring only; resnet18's avgpool downsample has B's 1x1 convs (no stride)
     assert count(models.build("resnet20", num_classes=10, shortcut="per_conv")) == plain20
     assert count(models.build("resnet18", num_classes=10, shortcut="per_conv")) == plain18

@@ -18,7 +18,7 @@ from qat.train import config as train_config
 from qat.train.diagnostics import LayerDiagnostics
 from qat.train.trainer import estimator_label
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METHODS = tuple(layers.METHODS)
 
 

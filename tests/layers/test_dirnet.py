@@ -15,7 +15,7 @@ from layers.dirnet import IMBWeight
 from layers.irnet import LibraWeight
 from qat.rbd import rbd_loss
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # ---------------------------------------------------------------------------------------------
 # DTE: d sign/dx := (k t / s) sech^2(t x / s), s = std(x), t = t_min 10^(p log10(t_max/t_min)),

@@ -146,7 +146,7 @@ def test_export_cli_from_a_training_run(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     run = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline"}
     subprocess.run([sys.executable, "train.py", "+experiment=mnist_bnn", "data=synthetic", "trainer.max_steps=2",

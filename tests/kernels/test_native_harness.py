@@ -1,4 +1,4 @@
-"""The native CPU engine's C++ exactness harness (tests/native_harness), natively and for AArch64.
+"""The native CPU engine's C++ exactness harness (tests/kernels/native_harness), natively and for AArch64.
 
 ``run.sh native`` builds kernels/native_src as kernels/native.py does and checks every instruction
 set this CPU runs (x86 CI: scalar, popcnt, avx2, and avx512 where the CPU has AVX-512 VPOPCNTDQ)

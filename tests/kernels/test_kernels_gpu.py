@@ -2,7 +2,7 @@
 
 Every kernel output buffer is poisoned with a sentinel first (torch.empty is patched to fill), each
 kernel runs twice and both results must be identical (races), and both must equal the CPU path,
-which tests/test_kernels.py ties to the float64 reference.
+which tests/kernels/test_kernels.py ties to the float64 reference.
 """
 
 from __future__ import annotations

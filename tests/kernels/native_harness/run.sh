@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the native CPU engine exactly as kernels/native.py does and run check_kernels.cpp against it.
 #
-#   tests/native_harness/run.sh [native|aarch64]
+#   tests/kernels/native_harness/run.sh [native|aarch64]
 #
 # native   this machine's compiler ($CXX, else c++ / g++ / clang++) and architecture
 # aarch64  the AArch64 cross compiler ($AARCH64_CXX, default aarch64-linux-gnu-g++), run under
@@ -17,7 +17,7 @@ set -euo pipefail
 
 target="${1:-native}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-repo="$(cd "$here/../.." && pwd)"
+repo="$(cd "$here/../../.." && pwd)"
 src="$repo/kernels/native_src"
 python="${PYTHON:-python3}"
 

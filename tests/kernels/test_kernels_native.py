@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels 
                                 f"{native.unavailable_reason() if not native.available() else ''}")
 
 ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=ISAS)
