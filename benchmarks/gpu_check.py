@@ -884,8 +884,9 @@ def section_gpu_tests(ctx: Context) -> None:
     counts = junit_counts(report)
     ctx.figures.update(counts, exit_code=done.returncode, cupy_cache_in_memory=True)
     ctx.result["device"] = "cpu" if ctx.dry_run or counts["skipped"] == counts["tests"] else "cuda"
-    ctx.line(f"tests/kernels/test_kernels_gpu.py: {counts['tests']} tests, {counts['passed']} passed, {counts['failed']} "
-             f"failed, {counts['errors']} errors, {counts['skipped']} skipped (CUPY_CACHE_IN_MEMORY=1)")
+    ctx.line(f"tests/kernels/test_kernels_gpu.py: {counts['tests']} tests, {counts['passed']} passed, "
+             f"{counts['failed']} failed, {counts['errors']} errors, {counts['skipped']} skipped "
+             f"(CUPY_CACHE_IN_MEMORY=1)")
     if counts["skipped"] == counts["tests"]:
         ctx.skip("GPU test bodies", "needs a CUDA device and CuPy (pytest skipped every test)")
     if done.returncode not in (0, 5) or counts["failed"] or counts["errors"]:

@@ -2,9 +2,10 @@
 import io
 import logging
 
+from test_train_resume import RESUME_OVERRIDES
+
 from qat.train.run_progress import RunProgress, format_seconds
 from qat.train.trainer import Trainer
-from test_train_resume import RESUME_OVERRIDES
 
 
 class FakeClock:
