@@ -81,21 +81,29 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def table(runs: list[dict]) -> str:
-    """One row per (model, data, method): test top-1 over seeds, epoch time and its ratio to fp."""
+def recipe(run: dict) -> str:
+    """The method with what else set the run apart: its experiment and distillation (``--by-recipe``)."""
+    kd = " + kd" if run.get("distill") else ""
+    return f"{run['method']} ({run.get('experiment', '?')}{kd})"
+
+
+def table(runs: list[dict], by_recipe: bool = False) -> str:
+    """One row per (model, data, method): test top-1 over seeds, epoch time and its ratio to fp.
+    ``by_recipe``: one row per method and recipe (experiment, distillation) instead."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["model"], run["data"], run["method"]), []).append(run)
+        label = recipe(run) if by_recipe else run["method"]
+        groups.setdefault((run["model"], run["data"], label), []).append(run)
     lines = ["| model | data | method | W/A | epochs | seeds | test top-1 (mean ± sd) | per seed | best val top-1 "
              "| s/epoch | × fp time (uncontrolled) | accuracy goal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
-    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2], 99))):
+    for key in sorted(groups, key=lambda k: (k[0], k[1], order.get(k[2].split(" ")[0], 99), k[2])):
         model, data, method = key
         group = sorted(groups[key], key=lambda r: r["seed"])
         accuracies = [r["test_acc1"] for r in group if r.get("test_acc1") is not None]
         seconds = statistics.mean(r["seconds_per_epoch"] for r in group)
-        fp_runs = groups.get((model, data, "fp"), [])
+        fp_runs = [r for k, g in groups.items() if k[:2] == (model, data) and g[0]["method"] == "fp" for r in g]
         fp_seconds = statistics.mean(r["seconds_per_epoch"] for r in fp_runs) if fp_runs else None
         ratio = f"{seconds / fp_seconds:.2f}" if fp_seconds else "-"
         goal = GOALS.get(key)
@@ -180,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     tab.add_argument("--section", default="mnist_bnn")
     tab.add_argument("--by-act-compression", action="store_true",
                      help="rows per trainer.act_compression mode, with the difference to none")
+    tab.add_argument("--by-recipe", action="store_true",
+                     help="rows per method and recipe (experiment, distillation), not per method alone")
     tab.add_argument("--none", action="append", default=[], metavar="DATA=ACC,ACC,...",
                      help="reference none test top-1 per seed 0,1,.. when the sweep has no none runs")
     args = parser.parse_args(argv)
@@ -205,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                      for d, values in (item.split("=", 1) for item in args.none)}
         text = act_compression_table(runs, reference)
     else:
-        text = table(runs)
+        text = table(runs, by_recipe=args.by_recipe)
     if args.write:
         replace_section(args.write, args.section, text)
         print(f"wrote section {args.section!r} of {args.write}")
