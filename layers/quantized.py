@@ -243,11 +243,11 @@ class QuantizedLayer:
 
     @property
     def weight_bits(self) -> int:
-        return self.weight_quantizer.bits
+        return self.method_spec.weight_bits
 
     @property
     def input_bits(self) -> int:
-        return 32 if self.input_quantizer is None else self.input_quantizer.bits
+        return self.method_spec.input_bits
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight the forward uses (differentiable w.r.t. the latent ``self.weight``)."""

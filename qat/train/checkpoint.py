@@ -78,29 +78,26 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run directory (its checkpoints/last.pt or last.pt)."""
-    path = Path(path)
-    if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.pt", path / "last.pt"):
-            if candidate.is_file():
-                return candidate
-        raise CheckpointError(f"no last.pt in run directory {path} (looked in checkpoints/ and the "
-                              f"directory itself)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    return path
+    return _checkpoint_in(path, ("last.pt",))
 
 
 def trained_model_path(path: str | os.PathLike) -> Path:
     """The checkpoint holding a run's trained network, for reuse of its weights (trainer.init_from,
     distill.teacher): a checkpoint file as given, or in a run directory its best.pt (the network
     chosen on validation), else its last.pt (checkpoints/ first, then the directory itself)."""
+    return _checkpoint_in(path, ("best.pt", "last.pt"))
+
+
+def _checkpoint_in(path: str | os.PathLike, names: tuple[str, ...]) -> Path:
+    """``path`` if it is a checkpoint file; in a run directory the first of ``names`` found in
+    checkpoints/, then in the directory itself; else CheckpointError."""
     path = Path(path)
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in names:
             for candidate in (path / "checkpoints" / name, path / name):
                 if candidate.is_file():
                     return candidate
-        raise CheckpointError(f"no best.pt or last.pt in run directory {path} (looked in checkpoints/ and "
+        raise CheckpointError(f"no {' or '.join(names)} in run directory {path} (looked in checkpoints/ and "
                               f"the directory itself)")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
