@@ -42,7 +42,7 @@ from torch import nn
 
 import qat.latent
 from layers import METHODS, QuantizedLayer
-from qat.train.config import ConfigError
+from qat.train.errors import ConfigError
 
 
 def bop_methods() -> list[str]:

@@ -29,14 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from layers import binary_inputs, weights_only_method
 from qat.plain import to_plain  # noqa: F401  (re-exported: the trainer's modules take it from here)
+from qat.train.errors import ConfigError  # noqa: F401  (re-exported: the trainer's modules take it from here)
 
 
 def activation_for(method: str) -> str:
     return "hardtanh" if binary_inputs(method) else "relu"
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work, caught before training starts."""
 
 
 # The output_subdir of a launch that resumes into an existing run directory: `.hydra/resume-<time>`.

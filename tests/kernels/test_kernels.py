@@ -815,7 +815,7 @@ def test_header_text_is_part_of_every_source_and_changes_it(tmp_path, monkeypatc
 def test_benchmark_results_section_replaced_and_others_kept(tmp_path, monkeypatch):
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "kernels.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "benchmarks", "kernels.py")
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
