@@ -34,7 +34,7 @@ def final_state(run_dir):
 
 @contextlib.contextmanager
 def ctrl_c_during_step(monkeypatch, step: int, presses: int):
-    """Send `presses` real SIGINTs to this process right after step `step`'s update (inside the step)."""
+    """Send `presses` real SIGINTs to this thread right after step `step`'s update (inside the step)."""
     clip, calls = qat.latent.clip_latent_weights, {"n": 0}
 
     def clip_then_press_ctrl_c(model):
@@ -42,7 +42,10 @@ def ctrl_c_during_step(monkeypatch, step: int, presses: int):
         calls["n"] += 1
         if calls["n"] == step:
             for _ in range(presses):
-                os.kill(os.getpid(), signal.SIGINT)
+                # raise_signal delivers to this (the main) thread, where Python runs the handler before
+                # the next press; os.kill(getpid()) may land on a worker thread (torch, the native
+                # engine), and two presses pending at once reach the handler as one
+                signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(qat.latent, "clip_latent_weights", clip_then_press_ctrl_c)
     try:
