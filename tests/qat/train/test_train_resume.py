@@ -48,9 +48,14 @@ def ctrl_c_during_step(monkeypatch, step: int, presses: int):
                 signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(qat.latent, "clip_latent_weights", clip_then_press_ctrl_c)
+    # The second press goes to the handler installed before training (Python's default, which raises
+    # KeyboardInterrupt). In a full run some earlier test leaves another SIGINT handler installed,
+    # and the second press then did nothing: start from the default one.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
+        signal.signal(signal.SIGINT, previous)
         monkeypatch.setattr(qat.latent, "clip_latent_weights", clip)
 
 
