@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 # CI (CI=true) replays a fixed example sequence so a submission's result does not depend on which
@@ -59,3 +60,12 @@ def subprocess_env():
 @pytest.fixture
 def python():
     return sys.executable
+
+
+def trained_like(model, input_shape):
+    """Give BatchNorm non-trivial running statistics, then switch to eval."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(8, *input_shape))
+    return model.eval()

@@ -11,17 +11,9 @@ from torch import nn
 
 import kernels
 import qat
+from conftest import trained_like
 from qat import models
 from qat.export import PackedConv2d, PackedLayer, load_packed, pack_model, read_packed, save_packed
-
-
-def trained_like(model, input_shape):
-    """Give BatchNorm non-trivial running statistics, then switch to eval."""
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, *input_shape))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

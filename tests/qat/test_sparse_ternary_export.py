@@ -10,6 +10,7 @@ from torch import nn
 
 import kernels
 import qat
+from conftest import trained_like
 from kernels.sparse24 import tap_major
 from layers import Ternary24Conv2d, Ternary24Linear
 from qat import models
@@ -21,14 +22,6 @@ MNIST = {"name": "mnist_cnn", "num_classes": 10, "in_channels": 1}
 def sparsify(model, **options):
     """Every Conv2d / Linear of ``model`` as a 2:4 ternary layer with its weights."""
     return qat.quantize_model(model, {"method": "ternary24", "keep_fp": [], **options})
-
-
-def trained_like(model, input_shape):
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.randn(8, *input_shape))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
