@@ -10,7 +10,9 @@ for backward under each ``trainer.act_compression`` mode, and what it costs:
   so a changing machine load hits them alike;
 - peak memory: each mode and batch size (B/2 and B) in a fresh process (``--child``): on CPU the
   process's peak RSS during one step (VmHWM, reset before the step) and its rise over the RSS
-  before it (model built, batch made); on GPU ``torch.cuda.max_memory_allocated``. The difference
+  before it (model built, batch made), with glibc's allocator set as the trainer sets it
+  (``qat.train.allocator``: compressed modes return freed buffers to the system, ``none`` runs
+  PyTorch's default); on GPU ``torch.cuda.max_memory_allocated``. The difference
   between B/2 and B gives the memory per image, and with it the largest batch whose peak fits
   ``--budget-mib`` (a linear extrapolation).
 
@@ -35,6 +37,7 @@ import qat
 from qat import models
 from qat.act_compression import MODES, SavedBytes, set_act_compression
 from qat.train import cli
+from qat.train.allocator import return_freed_memory
 from qat.train.config import ConfigError, to_plain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -130,6 +133,8 @@ def child_peak(cfg, mode, overrides, size, device) -> dict:
     before the step (model built, batch made)."""
     model = build_model(cfg, device)
     compression = set_act_compression(model, mode, overrides if mode != "none" else None)
+    if device.type == "cpu" and mode != "none":
+        return_freed_memory()  # as the trainer does for a compressed run
     images, labels = batch(cfg, size, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

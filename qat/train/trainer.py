@@ -50,6 +50,7 @@ import qat.latent
 from qat import models
 from qat.train import checkpoint as ckpt
 from qat.train import distributed
+from qat.train.allocator import return_freed_memory
 from qat.train.config import ConfigError, as_path, to_plain, validate
 from qat.train.data import build_data
 from qat.train.diagnostics import LayerDiagnostics
@@ -160,6 +161,9 @@ class Trainer:
                 self.act_compression = qat.set_act_compression(self.model, act_mode, act_overrides)
             except ValueError as error:
                 raise ConfigError(f"trainer.act_compression_overrides: {error}") from None
+            if self.device.type == "cpu":
+                # glibc would keep the freed activation buffers resident (qat.train.allocator)
+                return_freed_memory()
 
         self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
         # The training loss: cross-entropy, or distillation from a frozen teacher (qat.train.distill).
