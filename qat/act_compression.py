@@ -285,7 +285,7 @@ class ActCompression:
             return "relu"
         if isinstance(module, nn.Hardtanh):  # ReLU6 too
             return "hardtanh"
-        if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
+        if isinstance(module, QuantizedLayer) and module.input_bits == 1:  # not BitNet's int8 inputs
             return "binary"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return "norm"
