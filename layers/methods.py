@@ -1,11 +1,12 @@
 """The method table: the one place that knows what a quantization method is.
 
-A row names the method's weight and input quantizers (their ``bits`` give the method's bit widths,
-an input quantizer means binary inputs), its default estimators, the method a layer with float
-inputs falls back to (the first layer of ``mnist_bnn``), how the optimizer treats its latent
-weights, and options of the layer itself. Everything else derives from it: the drop-in classes
-(``layers.dropin``), ``qat.quantize_model``, the config resolvers, the training diagnostics and
-labels, and the tests' method lists. Adding a method is its quantizer, one row here and
+A row names the method's weight and input quantizers (their ``bits`` give the method's bit widths:
+no input quantizer means float inputs, a 1-bit one binary inputs, an 8-bit one BitNet's int8
+activations), its default estimators, the method a layer with float inputs falls back to (the first
+layer of ``mnist_bnn``), how the optimizer treats its latent weights, and options of the layer
+itself. Everything else derives from it: the drop-in classes (``layers.dropin``),
+``qat.quantize_model``, the config resolvers, the training diagnostics and labels, and the tests'
+method lists. Adding a method is its quantizer, one row here and
 ``configs/quant/<name>.yaml``.
 
 | method          | weights                        | inputs          | default estimator    | latent weights           |
@@ -21,12 +22,20 @@ labels, and the tests' method lists. Adding a method is its quantizer, one row h
 | reactnet        | mean|W_c| sign(W), detached    | sign(x - a_c)   | clipped_ste / approx_sign | no wd (stage 2)     |
 | reactnet_stage1 | float                          | sign(x - a_c)   | - / approx_sign      | wd (stage 1: 1e-5)       |
 | dirnet          | IMB (Libra-PB) 2^s_c sign(W^_c)| sign(x)         | dte                  | wd (standardised)        |
+| bitnet158       | absmean ternary gamma T        | int8 RMSNorm(x) | identity             | wd                       |
+| bitnet          | beta sign(W - mean(W))         | int8 LN(x)      | identity             | wd                       |
+
+The bitnet rows (``layers.bitnet``): one weight scale per layer (gamma = mean|W|, beta = mean|W|),
+inputs absmax-quantized to int8 per token after a parameter-free norm (``input_norm``). Their
+first-layer fallback is ``fp``: BitNet keeps embeddings float, and a norm over an image's 1-3
+channels per pixel would all but binarize it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
 from . import quantizers as q
+from .bitnet import AbsMaxActivation, AbsMeanTernaryWeight, CenteredSignWeight, LayerNormAbsMaxActivation
 from .dirnet import IMBWeight
 from .irnet import LibraWeight
 from .options import Option, validate_options
@@ -48,8 +57,8 @@ class Method:
     weight_quantizer: type[q.Quantizer]
     input_quantizer: type[q.Quantizer] | None
     default_estimator: str
-    #: the method of a layer whose inputs must stay float (first layer): a row name, or "fp";
-    #: None means this method itself (it has float inputs already)
+    #: the method of a layer whose inputs must stay float (first layer) when this one quantizes its
+    #: inputs: a row name, or "fp"; None means this method itself (it has float inputs already)
     weights_only: str | None
     clip_latent: float | None
     latent_weight_decay: bool
@@ -70,7 +79,14 @@ class Method:
 
     @property
     def binary_inputs(self) -> bool:
-        """Whether the layer's inputs are binarized: a ReLU before it would make every input +1."""
+        """Whether the layer's inputs are binarized (1 bit): a ReLU before it would make every input +1.
+        8-bit inputs (BitNet) are not binary."""
+        return self.input_bits == 1
+
+    @property
+    def quantized_inputs(self) -> bool:
+        """Whether the layer quantizes its inputs at all (binary or 8-bit): then a layer whose inputs must
+        stay float (the first) falls back to ``weights_only``."""
         return self.input_quantizer is not None
 
     @property
@@ -134,6 +150,14 @@ ROWS = (
     Method("dirnet", "DIR-Net: IMB weights 2^s_c sign(W^_c) and sign(x), DTE backward (RBD: qat.rbd).", "DIRNet",
            IMBWeight, q.SignActivation, "dte", weights_only="irnet_w", clip_latent=None,
            latent_weight_decay=True),
+    Method("bitnet158", "BitNet b1.58: absmean ternary weights (one scale per layer), int8 per-token absmax "
+           "inputs after a parameter-free RMSNorm, STE.", "BitNet158",
+           AbsMeanTernaryWeight, AbsMaxActivation, "identity", weights_only="fp", clip_latent=None,
+           latent_weight_decay=True),
+    Method("bitnet", "BitNet: centred binary weights beta sign(W - mean W) (one scale per layer), int8 per-token "
+           "absmax inputs after a parameter-free LayerNorm, STE.", "BitNet",
+           CenteredSignWeight, LayerNormAbsMaxActivation, "identity", weights_only="fp", clip_latent=None,
+           latent_weight_decay=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in ROWS}
@@ -156,13 +180,13 @@ def method_bits(name: str) -> tuple[int, int]:
 
 
 def binary_inputs(name: str) -> bool:
-    """Whether ``name``'s layers binarize their inputs (fp: no)."""
+    """Whether ``name``'s layers binarize their inputs to 1 bit (fp and 8-bit inputs: no)."""
     return name != "fp" and get_method(name).binary_inputs
 
 
 def weights_only_method(name: str) -> str:
     """The method for a layer of a ``name`` network whose inputs stay float: xnor -> bwn, irnet ->
-    irnet_w, a method with float inputs -> itself."""
+    irnet_w, bitnet158 -> fp, a method with float inputs -> itself."""
     if name == "fp":
         return name
     return get_method(name).weights_only or name

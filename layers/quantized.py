@@ -8,10 +8,12 @@ method's hyperparameters (``layers.methods.METHODS[name].option_names()``). The 
 
     y = op(x, Q_w(W)) + b                              (float inputs: BWN, TWN, HQ)
     y = alpha_c * op(Q_in(x), code(W)) + b  [* K]      (binary inputs: XNOR, FDA)
+    y = op(codes, code(W)) * (step * s) + b            (8-bit inputs: BitNet; Q_in(x) = codes * step)
 
 with op = conv2d or linear, Q_w(W) = alpha_c * code(W) = ``quantized_weight()``, and K XNOR's
-optional activation scale. The binary-input form sums +-1 products exactly (see ``forward``). A
-float layer's ``state_dict`` loads as is.
+optional activation scale. The binary-input form sums +-1 products exactly (see ``forward``), the
+8-bit form sums integer products exactly (``_IntegerInputOp``). A float layer's ``state_dict``
+loads as is.
 
 Saved for backward (``act_compression``, set by ``qat.set_act_compression``, never from a config):
 ``"none"`` keeps today's float tensors; ``"exact"`` makes binary-input layers save sign(x) as packed
@@ -188,6 +190,64 @@ class _PackedSignInputOp(torch.autograd.Function):
         return grad_x, grad_w * per_channel, grad_scale, grad_bias, None, None, None, None
 
 
+def op_gradients(layer, g, x, weight, need_x):
+    """(dL/dx, dL/dW) of ``layer.float_op(x, weight)`` for the output gradient ``g``: ``op_backward``
+    where the layer has it, else autograd on a recomputed op (convolutions with a non-zero padding mode)."""
+    if layer.has_fast_backward():
+        return op_backward(layer, g, x, weight, need_x)
+    with torch.enable_grad():
+        x_, w_ = x.detach().requires_grad_(need_x), weight.detach().requires_grad_()
+        y = layer.float_op(x_, w_, None)
+        grads = torch.autograd.grad(y, [x_, w_] if need_x else [w_], g.to(y.dtype))
+    return (grads[0], grads[1]) if need_x else (None, grads[0])
+
+
+class _IntegerInputOp(torch.autograd.Function):
+    """A layer whose input quantizer gives integer codes times a step (BitNet's 8-bit inputs,
+    ``layers.bitnet``), computed from the integers:
+
+        forward:   (codes, step) = Q_in.factors(n),  n the normalized input,  s the weight scale,
+                   y = op(codes, code) * (step * s) + b      where step is one number per output's
+                                                             inputs (a linear layer's token, or
+                                                             per-tensor steps),
+                   y = op(codes * step, code) * s + b        otherwise (a conv with per-pixel steps:
+                                                             its window mixes steps);
+        backward:  the STE of ``y = op(Q_in(n), W_q) + b``:
+                   dL/dn = est'(n) * op_x^T(g; W_q),   dL/dW_q = op_W^T(g; codes * step),   dL/db = sum g.
+
+    op sums integer products, exact in float32 while |sum| < 2^24, so an int8 kernel with an int32
+    accumulator and the same float epilogue gives the same bits. ``W_q`` (``quantized_weight()``,
+    carrying the weight quantizer's estimator back to the latent W) is used in backward only. Saved:
+    the codes as int8 (1 byte per input element) and the steps; n itself only when the estimator's
+    derivative reads it (``Estimator.needs``; identity, the default, does not).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w_q, code, scale, bias, layer, quantizer):
+        with torch.no_grad():
+            codes, step = quantizer.factors(x)
+            y = layer.integer_input_output(codes, step, code, scale, bias)
+        estimator = quantizer.estimator
+        saved = [codes.to(torch.int8), step, w_q]
+        if estimator.needs != "none":
+            saved.append(x)
+        ctx.save_for_backward(*saved)
+        ctx.layer, ctx.estimator, ctx.has_bias, ctx.dtype = layer, estimator, bias is not None, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        codes, step, w_q, *rest = ctx.saved_tensors
+        layer, estimator = ctx.layer, ctx.estimator
+        need_x = ctx.needs_input_grad[0]
+        grad_xq, grad_wq = op_gradients(layer, g, codes.to(ctx.dtype) * step, w_q, need_x)
+        grad_x = None
+        if need_x:
+            grad_x = estimator.backward(rest[0], grad_xq) if rest else estimator.backward_from_zeros(None, grad_xq)
+        grad_bias = layer.output_channel_sum(g) if ctx.has_bias and ctx.needs_input_grad[4] else None
+        return grad_x, grad_wq, None, None, grad_bias, None, None
+
+
 class QuantizedLayer:
     """Mixin over a float layer class; subclasses set ``method`` and ``float_type``."""
 
@@ -262,7 +322,7 @@ class QuantizedLayer:
 
     def packs_input(self) -> bool:
         """Whether forward now runs ``_PackedSignInputOp`` (exact mode, sign codes, zero padding)."""
-        return (self.act_compression == "exact" and self.input_quantizer is not None
+        return (self.act_compression == "exact" and self.input_bits == 1
                 and self.input_quantizer.is_plain_sign and self.has_fast_backward())
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,6 +331,10 @@ class QuantizedLayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is None:
             return self.float_op(x, self.quantized_weight(), self.bias)
+        if self.input_bits > 1:  # integer codes times a step (BitNet's int8): normalize, then the exact op
+            code, scale = self.weight_factors()
+            return _IntegerInputOp.apply(self.input_quantizer.normalize(x), self.quantized_weight(), code, scale,
+                                         self.bias, self, self.input_quantizer)
         # Binary inputs: y = alpha_c * op(sign(x), code) + b. With +-1 codes op() sums integers,
         # exact in float (|sum| < 2^24), so the result equals the packed kernels' integer
         # accumulator times alpha_c bit for bit, ties (sum == 0) included; op(x, alpha_c code)
@@ -295,6 +359,17 @@ class QuantizedLayer:
             if self.bias is not None:
                 y = y + self.channel_view(self.bias)
         return y * self.input_scale(x) if self.activation_scale else y
+
+    def integer_input_output(self, codes, step, code, scale, bias):
+        """``_IntegerInputOp``'s value from the input codes and steps and the weight code and scale:
+        op(codes, code) * (step * s) + b when ``step`` is one number per output's inputs, else
+        op(codes * step, code) * s + b. Packed layers (``qat.export``) run the same ops."""
+        scale = self.channel_view(scale.reshape(-1))
+        if self.integer_accumulator(step):
+            y = self.float_op(codes, code, None).mul_(step * scale)
+        else:
+            y = self.float_op(codes * step, code, None).mul_(scale)
+        return y if bias is None else y.add_(self.channel_view(bias))
 
     def set_progress(self, progress: float) -> None:
         """Hand training progress to the quantizers (and their estimators); let a quantizer rewrite
@@ -339,6 +414,11 @@ class QuantizedConv2d(QuantizedLayer, nn.Conv2d):
     def input_scale(self, x):
         return conv_input_scale(x, self.kernel_size, self.stride, self.padding, self.dilation)
 
+    @staticmethod
+    def integer_accumulator(step) -> bool:
+        """Whether the conv of integer codes can be scaled after the sum: one step for the whole input."""
+        return step.numel() == 1
+
 
 class QuantizedLinear(QuantizedLayer, nn.Linear):
     float_type = nn.Linear
@@ -370,3 +450,8 @@ class QuantizedLinear(QuantizedLayer, nn.Linear):
 
     def input_scale(self, x):
         return linear_input_scale(x)
+
+    @staticmethod
+    def integer_accumulator(step) -> bool:
+        """Always: each output row's inputs are one token, with one step."""
+        return True

@@ -18,6 +18,8 @@ Modes (``MODES``):
            - ReLU and Hardtanh modules save one bit per element (whether the input is inside the
              linear range), all that their backward reads;
            - int64 tensors whose values fit int16 (max-pool indices) are saved as int16.
+           (8-bit-input layers, BitNet's, are not binary-input layers here: they save their input
+           codes as int8 in every mode, ``layers.quantized._IntegerInputOp``.)
 ``int8`` / ``int4`` / ``int2``  ``exact``, plus every other float activation saved (float
            convolutions' and linears' inputs, BatchNorm, PReLU, pooling, ...; not the model's input
            batch, which the caller holds anyway) quantized per group of ``group_size`` (256)
@@ -285,7 +287,7 @@ class ActCompression:
             return "relu"
         if isinstance(module, nn.Hardtanh):  # ReLU6 too
             return "hardtanh"
-        if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
+        if isinstance(module, QuantizedLayer) and module.input_bits == 1:  # not BitNet's int8 inputs
             return "binary"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return "norm"

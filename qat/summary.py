@@ -20,7 +20,8 @@ Size conventions (state them with any ratio):
   -sum_c p_c log2 p_c per group, at most log2(33) / 4 = 1.26 bits per weight, never above the
   format's fixed 4/3.
 MACs come from one forward pass of a single sample (batch 1) and are split by precision:
-binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float inputs) and float.
+binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float or 8-bit inputs:
+BitNet's int8 activations are not binary; the "A bits" column tells them apart) and float.
 """
 from __future__ import annotations
 

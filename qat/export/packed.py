@@ -26,6 +26,12 @@ How a packed layer computes:
 - float inputs (BWN, TWN, HQ): the weight is unpacked to ``scale * code`` on every call (so the
   model stays 1/32 or 1/16 of float in memory) and the float conv/linear runs; outputs are
   bit-identical to the training layer's, since the unpacked weight is bit-identical.
+- 8-bit inputs (BitNet, BitNet b1.58; spec ``input_bits`` 8, ``input_norm`` "rms" | "layer" | ""):
+  ``int8_input(x)`` normalizes x and returns its int8 codes and per-token float steps
+  (``layers.bitnet``), the inputs an int8 x ternary/binary kernel takes; the layer then runs the
+  training layer's ops on them and the unpacked code, ``op(codes, code) * (step * scale) + bias``
+  (a linear layer's exact integer sums; ``QuantizedLayer.integer_input_output``), so outputs are
+  bit-identical to the training layer's.
 Float layers (first/last, BatchNorm, ...) are kept as they are.
 
 ``save_packed`` writes one safetensors file: the packed codes, scales, every float parameter and
@@ -52,6 +58,7 @@ from estimators import sign
 from kernels import cpu_native, native
 from kernels.sparse24 import from_tap_major, tap_major, ternary24_row_bytes
 from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from layers.bitnet import absmax_codes, normalize
 from layers.quantized import conv_input_scale, linear_input_scale
 
 from ..modules import replace_submodule
@@ -81,6 +88,12 @@ class PackedSpec:
     folded_batchnorm: bool = False
     #: binary inputs are sign(x - threshold_c) (ReActNet's RSign), not sign(x)
     input_threshold: bool = False
+    #: the training layer's input bits: 1 (binary), 8 (BitNet's int8 codes) or 32 (float)
+    input_bits: int = 32
+    #: the parameter-free normalization before 8-bit input quantization: "rms", "layer" or ""
+    input_norm: str = ""
+    #: 8-bit inputs: one absmax step per "token" or per "tensor"
+    input_granularity: str = "token"
 
     @property
     def k(self) -> int:
@@ -154,10 +167,17 @@ class PackedLayer(nn.Module):
     @staticmethod
     def common_spec(layer: QuantizedLayer) -> dict:
         code = getattr(layer.weight_quantizer, "packed_format", "binary" if layer.weight_bits == 1 else "ternary")
-        return {"code": code, "bias": layer.bias is not None,
+        spec = {"code": code, "bias": layer.bias is not None,
                 "binary_input": layer.input_bits == 1, "activation_scale": layer.activation_scale,
                 "shared_scale": layer.weight_quantizer.scale_count(layer.weight) == 1, "method": layer.method,
-                "input_threshold": hasattr(layer.input_quantizer, "threshold")}
+                "input_threshold": hasattr(layer.input_quantizer, "threshold"), "input_bits": layer.input_bits}
+        if 1 < layer.input_bits < 32:
+            if layer.input_bits != 8:
+                raise ValueError(f"{type(layer).__name__} has {layer.input_bits}-bit inputs; packed layers take "
+                                 f"1-bit, 8-bit (BitNet's int8) or float inputs")
+            spec.update(input_norm=layer.input_quantizer.input_norm_kind,
+                        input_granularity=layer.input_quantizer.input_granularity)
+        return spec
 
     def codes(self, dtype=torch.float32) -> torch.Tensor:
         """The weight codes [C_out, K] in {-1, +1} or {-1, 0, +1}."""
@@ -172,7 +192,34 @@ class PackedLayer(nn.Module):
         """scale[c] * code[c], shaped like the training layer's weight."""
         return (self.codes(dtype) * self.scale.to(dtype).unsqueeze(1)).reshape(self.spec.weight_shape)
 
+    def int8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, step) of an 8-bit-input layer's input, as its training layer computes them: n =
+        norm(x) (``spec.input_norm``), codes = Clip(round(n / step), -128, 127) as int8, step =
+        max(|n|_inf, 1e-5) / 127 as x's float dtype, one per token (shaped [..., 1], or [N, 1, H, W]
+        for a conv, whose token is a pixel's channels) or one per tensor (``spec.input_granularity``).
+        ``codes * step`` is the quantized input; an int8 kernel takes these two."""
+        if self.spec.input_bits != 8:
+            raise ValueError(f"int8_input: this layer has {self.spec.input_bits}-bit inputs, not 8")
+        codes, step = absmax_codes(normalize(x, self.spec.input_norm), self.spec.input_granularity)
+        return codes.to(torch.int8), step
+
+    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training layer's ``integer_input_output`` on ``int8_input(x)`` and the unpacked code:
+        op(codes, code) * (step * scale) + bias, or op(codes * step, code) * scale + bias for a conv
+        with per-pixel steps."""
+        codes, step = self.int8_input(x)
+        codes = codes.to(x.dtype)
+        code = self.codes(x.dtype).reshape(self.spec.weight_shape)
+        scale = self.channel_view(self.scale.to(x.dtype))
+        if self.integer_accumulator(step):
+            y = self.float_op(codes, code, with_bias=False).mul_(step * scale)
+        else:
+            y = self.float_op(codes * step, code, with_bias=False).mul_(scale)
+        return y if self.bias is None else y.add_(self.channel_view(self.bias.to(x.dtype)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.input_bits == 8:
+            return self.int8_forward(x)
         if not self.spec.binary_input:
             return self.float_op(x, self.float_weight(x.dtype))
         if self.spec.input_threshold:  # sign(x - threshold_c): the same float subtraction as RSign's
@@ -219,7 +266,9 @@ class PackedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"{s.in_features}, {s.out_features}, method={s.method}, code={s.code}, binary_input={s.binary_input}"
+        inputs = f", input_bits=8, input_norm={s.input_norm or 'none'}" if s.input_bits == 8 else ""
+        return (f"{s.in_features}, {s.out_features}, method={s.method}, code={s.code}, "
+                f"binary_input={s.binary_input}{inputs}")
 
 
 class PackedConv2d(PackedLayer):
@@ -257,10 +306,16 @@ class PackedConv2d(PackedLayer):
         ph, pw = padding
         return F.pad(x, (pw, pw, ph, ph), mode=self.spec.padding_mode), (0, 0)
 
-    def float_op(self, x, weight):
+    def float_op(self, x, weight, with_bias=True):
         x, padding = self._pad_input(x)
         s = self.spec
-        return F.conv2d(x, weight, self.bias, s.stride, padding, s.dilation, s.groups)
+        return F.conv2d(x, weight, self.bias if with_bias else None, s.stride, padding, s.dilation, s.groups)
+
+    @staticmethod
+    def channel_view(v):
+        return v.view(1, -1, 1, 1)
+
+    integer_accumulator = staticmethod(QuantizedConv2d.integer_accumulator)
 
     def binary_accumulator(self, x):
         """int32 [N, C_out, Ho, Wo] (an NHWC tensor viewed as NCHW): the exact conv of the +-1
@@ -334,8 +389,14 @@ class PackedLinear(PackedLayer):
         return PackedSpec(kind="linear", in_features=layer.in_features, out_features=layer.out_features,
                           **PackedLayer.common_spec(layer))
 
-    def float_op(self, x, weight):
-        return F.linear(x, weight, self.bias)
+    def float_op(self, x, weight, with_bias=True):
+        return F.linear(x, weight, self.bias if with_bias else None)
+
+    @staticmethod
+    def channel_view(v):
+        return v
+
+    integer_accumulator = staticmethod(QuantizedLinear.integer_accumulator)
 
     def prepack_native(self):
         return cpu_native.prepack_linear(self.weight_bits, self.spec.k)

@@ -34,13 +34,15 @@ def test_the_table_is_consistent():
     for name, method in layers.METHODS.items():
         assert method.name == name
         fallback = method.weights_only
-        if method.binary_inputs:
+        assert method.quantized_inputs == (method.input_bits < 32)
+        assert method.binary_inputs == (method.input_bits == 1)
+        if method.quantized_inputs:
             # the first layer's fallback keeps the weights' bit width and has float inputs
             assert fallback is not None and layers.method_bits(fallback)[1] == 32
             assert fallback == "fp" or layers.METHODS[fallback].weight_bits == method.weight_bits
         else:
             assert fallback is None and layers.weights_only_method(name) == name
-        assert method.weight_bits in (1, 2, 32) and method.input_bits in (1, 32)
+        assert method.weight_bits in (1, 2, 32) and method.input_bits in (1, 8, 32)
         assert method.options is not None  # raises when two quantizers declare clashing options
 
 
@@ -55,7 +57,8 @@ def test_dropin_classes_are_generated_and_documented(method, float_type):
         assert option in cls.__doc__
     layer = cls(6, 4, 3) if float_type is nn.Conv2d else cls(6, 4)
     assert (layer.weight_bits, layer.input_bits) == layers.method_bits(method)
-    assert (layer.input_quantizer is not None) == layers.binary_inputs(method)
+    assert (layer.input_quantizer is not None) == spec.quantized_inputs
+    assert layers.binary_inputs(method) == (layer.input_bits == 1)
     assert layer.weight_quantizer.estimator.name == spec.default_estimator
     if layer.input_quantizer is not None:
         assert layer.input_quantizer.estimator.name == (spec.default_input_estimator or spec.default_estimator)
