@@ -40,6 +40,12 @@ __all__ = [
     "ternary_prepack",
     "ternary_matmul",
     "peak_bitmacs_per_s",
+    "TernaryI8Weights",
+    "ternary_i8_prepack",
+    "binary_i8_prepack",
+    "ternary_i8_matmul",
+    "quantize_i8",
+    "ternary_i8_linear",
 ]
 
 PANEL = 8
@@ -265,3 +271,154 @@ def peak_bitmacs_per_s(reps: int = 20000) -> float:
     threads): the popcount ceiling the kernels are reported against."""
     native.sync_threads()
     return native.library().bq_peak_bitmacs_per_s(reps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ternary (or binary) weights x int8 activations: BitNet b1.58's BitLinear at inference
+# ---------------------------------------------------------------------------------------------
+I8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class TernaryI8Weights:
+    """Ternary weights in the int8 kernel's layout: 2-bit codes ``q = t + 1`` in {0, 1, 2}.
+
+    ``codes``: uint8 ``[N, Kp / 4]``, ``Kp = ceil(K / 128) * 128`` (pad codes 1, i.e. t = 0); in each
+    32-byte block ``b``, bits ``2i..2i+1`` of byte ``j`` hold the weight at ``k = 128 b + 32 i + j``.
+    Exactly 2 bits per weight (plus the K padding), the same as the two bit-planes it is built from.
+    """
+
+    codes: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def padded_in(self) -> int:
+        return self.codes.shape[1] * 4
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel()
+
+
+def ternary_i8_prepack(b_planes, k: int) -> TernaryI8Weights:
+    """The int8 kernel's weights from ternary planes ``(sign, nonzero)`` (``kernels.pack_ternary``)
+    of a ``[N, k]`` weight (``t = m (1 - 2 s)``)."""
+    from .packing import _check_planes, check_packed
+
+    sign, nonzero = (p.detach().cpu().contiguous() for p in _check_planes(b_planes, "b_planes"))
+    words = check_packed(sign, k, "b_planes")
+    if sign.dim() != 2:
+        raise ValueError(f"b_planes must be 2-D [N, words], got {tuple(sign.shape)}")
+    n = sign.shape[0]
+    padded = -(-k // I8_BLOCK) * I8_BLOCK
+    codes = torch.empty((n, padded // 4), dtype=torch.uint8)
+    native.library().bq_ternary_i8_prepack(_ptr(sign), _ptr(nonzero), n, k, words, _ptr(codes))
+    return TernaryI8Weights(codes, n, k)
+
+
+def binary_i8_prepack(b_bits: torch.Tensor, k: int) -> TernaryI8Weights:
+    """The int8 kernel's weights from binary words ``b_bits[N, ceil(k/64)]`` (``kernels.pack_bits``:
+    bit 1 = -1): the ternary special case with every weight nonzero."""
+    from .packing import check_packed
+
+    words = check_packed(b_bits, k, "b_bits")
+    nonzero = torch.full((b_bits.shape[0], words), -1, dtype=torch.int64)  # all 64 bits set
+    if k % 64:
+        nonzero[:, -1] = (1 << (k % 64)) - 1
+    return ternary_i8_prepack((b_bits, nonzero), k)
+
+
+def _check_weights(weights) -> None:
+    if not isinstance(weights, TernaryI8Weights):
+        raise ValueError(f"weights must be a TernaryI8Weights (from ternary_i8_prepack), got {type(weights).__name__}")
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype, k: int, name: str) -> torch.Tensor:
+    """``x[..., k]`` of ``dtype`` on CPU as contiguous 2-D rows (a clear ValueError otherwise)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU, got {x.device}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{name} must have last dimension {k} (the weights' in_features), got shape {tuple(x.shape)}")
+    return x.reshape(-1, k).contiguous()
+
+
+def ternary_i8_matmul(x_codes: torch.Tensor, weights: TernaryI8Weights) -> torch.Tensor:
+    """Exact int32 ``acc[..., N] = x_codes[..., K] @ T[N, K]^T`` for int8 activations (any value in
+    [-128, 127]) and prepacked ternary weights: ``acc = sum_k (t_k + 1) x_k - sum_k x_k``, the
+    unsigned codes times the signed activations by ``maddubs`` (AVX2) or plain loops (scalar)."""
+    _check_weights(weights)
+    rows = _rows(x_codes, torch.int8, weights.in_features, "x_codes")
+    out = torch.empty((rows.shape[0], weights.out_features), dtype=torch.int32)
+    native.sync_threads()
+    native.library().bq_ternary_i8_gemm(_ptr(rows), rows.shape[0], weights.in_features, weights.in_features,
+                                        _ptr(weights.codes), weights.out_features, weights.padded_in, _ptr(out))
+    return out.reshape(*x_codes.shape[:-1], weights.out_features)
+
+
+def _rms_eps(norm_eps) -> float:
+    if norm_eps is None:
+        return -1.0
+    if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and norm_eps >= 0):
+        raise ValueError(f"norm_eps must be None (no normalization) or a float >= 0, got {norm_eps!r}")
+    return float(norm_eps)
+
+
+def _refuse_nonfinite(bad: int) -> None:
+    if bad:
+        raise ValueError(f"x contains {bad} NaN or infinite values; absmax quantization of them is undefined")
+
+
+def quantize_i8(x: torch.Tensor, norm_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token absmax 8-bit quantization (BitNet b1.58's ``activation_quant``) of float32 ``x[..., K]``.
+
+    With ``norm_eps`` (a float) the row is first normalized without parameters,
+    ``x / sqrt(mean(x^2) + eps)`` (mean of squares accumulated in double, then rounded once).  Then
+
+        scale = 127 / max(max_k |x_k|, 1e-5),   codes = clamp(round(x * scale), -128, 127)
+
+    (float32, round half to even), so ``x ~ codes / scale``.  Returns ``(codes int8 [..., K],
+    scale float32 [...])``.  NaN or infinite inputs raise ValueError.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a float32 tensor [..., K]")
+    k = x.shape[-1]
+    rows = _rows(x, torch.float32, k, "x")
+    codes = torch.empty((rows.shape[0], k), dtype=torch.int8)
+    scales = torch.empty(rows.shape[0], dtype=torch.float32)
+    bad = native.library().bq_quantize_i8(_ptr(rows), rows.shape[0], k, k, _rms_eps(norm_eps), _ptr(codes), k,
+                                          _ptr(scales))
+    _refuse_nonfinite(bad)
+    return codes.reshape(x.shape), scales.reshape(x.shape[:-1])
+
+
+def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: float, bias=None,
+                      norm_eps: float | None = None) -> torch.Tensor:
+    r"""The whole BitLinear at inference in one native call, float32 ``x[..., K]`` -> ``y[..., N]``:
+
+        codes, scale = quantize_i8(x, norm_eps)              (per token, in C++)
+        acc = codes @ T^T                                     (exact int32)
+        y = float(acc) * (weight_scale / scale) (+ bias)      (float32: a division per row, then
+                                                               two roundings per output, no FMA)
+
+    ``weight_scale`` is the dequantization multiplier of the weights (BitNet b1.58: ``mean|W|``, so
+    ``W ~ weight_scale * T``); ``bias`` an optional float32 ``[N]``.
+    """
+    _check_weights(weights)
+    k, n = weights.in_features, weights.out_features
+    rows = _rows(x, torch.float32, k, "x")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
+            raise ValueError(f"bias must be a tensor [{n}], got {getattr(bias, 'shape', type(bias).__name__)}")
+        bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = torch.empty((rows.shape[0], n), dtype=torch.float32)
+    native.sync_threads()
+    bad = native.library().bq_ternary_i8_linear(_ptr(rows), rows.shape[0], k, k, _rms_eps(norm_eps),
+                                                _ptr(weights.codes), n, weights.padded_in, float(weight_scale),
+                                                _ptr(bias), _ptr(out))
+    _refuse_nonfinite(bad)
+    return out.reshape(*x.shape[:-1], n)

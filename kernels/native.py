@@ -170,6 +170,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_prepack_panels": (None, [c_ptr, c_i64, c_i64, c_ptr]),
         "bq_peak_bitmacs_per_s": (ctypes.c_double, [c_i64]),
         "bq_maxpool_bits": (None, [c_ptr, *[c_i64] * 14, c_ptr, c_ptr]),
+        "bq_ternary_i8_prepack": (None, [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_ptr]),
+        "bq_ternary_i8_gemm": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_ptr]),
+        "bq_quantize_i8": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_ptr]),
+        "bq_ternary_i8_linear": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_i64,
+                                         ctypes.c_float, c_ptr, c_ptr]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
