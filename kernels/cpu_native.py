@@ -334,17 +334,21 @@ def _check_weights(weights) -> None:
         raise ValueError(f"weights must be a TernaryI8Weights (from ternary_i8_prepack), got {type(weights).__name__}")
 
 
-def _rows(x: torch.Tensor, dtype: torch.dtype, k: int, name: str) -> torch.Tensor:
-    """``x[..., k]`` of ``dtype`` on CPU as contiguous 2-D rows (a clear ValueError otherwise)."""
+def _rows(x: torch.Tensor, dtype: torch.dtype, k: int, name: str) -> tuple[torch.Tensor, int]:
+    """``(x made contiguous, rows)`` of ``x[..., k]`` of ``dtype`` on the CPU, read as rows of k (a clear
+    ValueError otherwise).  No reshape: at batch 1 each torch call costs microseconds, as much as a
+    small layer's kernel."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != dtype:
         raise ValueError(f"{name} must have dtype {dtype}, got {x.dtype}")
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"{name} must be on the CPU, got {x.device}")
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{name} must have last dimension {k} (the weights' in_features), got shape {tuple(x.shape)}")
-    return x.reshape(-1, k).contiguous()
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x, x.numel() // k
 
 
 def ternary_i8_matmul(x_codes: torch.Tensor, weights: TernaryI8Weights) -> torch.Tensor:
@@ -352,12 +356,13 @@ def ternary_i8_matmul(x_codes: torch.Tensor, weights: TernaryI8Weights) -> torch
     [-128, 127]) and prepacked ternary weights: ``acc = sum_k (t_k + 1) x_k - sum_k x_k``, the
     unsigned codes times the signed activations by ``maddubs`` (AVX2) or plain loops (scalar)."""
     _check_weights(weights)
-    rows = _rows(x_codes, torch.int8, weights.in_features, "x_codes")
-    out = torch.empty((rows.shape[0], weights.out_features), dtype=torch.int32)
+    rows, m = _rows(x_codes, torch.int8, weights.in_features, "x_codes")
+    out = torch.empty((*x_codes.shape[:-1], weights.out_features), dtype=torch.int32)
     native.sync_threads()
-    native.library().bq_ternary_i8_gemm(_ptr(rows), rows.shape[0], weights.in_features, weights.in_features,
-                                        _ptr(weights.codes), weights.out_features, weights.padded_in, _ptr(out))
-    return out.reshape(*x_codes.shape[:-1], weights.out_features)
+    native.library().bq_ternary_i8_gemm(rows.data_ptr(), m, weights.in_features, weights.in_features,
+                                        weights.codes.data_ptr(), weights.out_features, weights.padded_in,
+                                        out.data_ptr())
+    return out
 
 
 def _rms_eps(norm_eps) -> float:
@@ -381,19 +386,21 @@ def quantize_i8(x: torch.Tensor, norm_eps: float | None = None) -> tuple[torch.T
 
         scale = 127 / max(max_k |x_k|, 1e-5),   codes = clamp(round(x * scale), -128, 127)
 
-    (float32, round half to even), so ``x ~ codes / scale``.  Returns ``(codes int8 [..., K],
-    scale float32 [...])``.  NaN or infinite inputs raise ValueError.
+    (float32, round half to even), so ``x ~ codes / scale``.  The scale is rounded exactly as torch
+    evaluates BitNet's ``127 / x.abs().max(...).clamp(min=1e-5)``: ``Tensor.__rtruediv__`` takes the
+    reciprocal and then multiplies by 127 (two roundings), so the codes equal the training graph's.
+    Returns ``(codes int8 [..., K], scale float32 [...])``.  NaN or infinite inputs raise ValueError.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a float32 tensor [..., K]")
     k = x.shape[-1]
-    rows = _rows(x, torch.float32, k, "x")
-    codes = torch.empty((rows.shape[0], k), dtype=torch.int8)
-    scales = torch.empty(rows.shape[0], dtype=torch.float32)
-    bad = native.library().bq_quantize_i8(_ptr(rows), rows.shape[0], k, k, _rms_eps(norm_eps), _ptr(codes), k,
-                                          _ptr(scales))
+    rows, m = _rows(x, torch.float32, k, "x")
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    scales = torch.empty(x.shape[:-1], dtype=torch.float32)
+    bad = native.library().bq_quantize_i8(rows.data_ptr(), m, k, k, _rms_eps(norm_eps), codes.data_ptr(), k,
+                                          scales.data_ptr())
     _refuse_nonfinite(bad)
-    return codes.reshape(x.shape), scales.reshape(x.shape[:-1])
+    return codes, scales
 
 
 def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: float, bias=None,
@@ -410,15 +417,17 @@ def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: 
     """
     _check_weights(weights)
     k, n = weights.in_features, weights.out_features
-    rows = _rows(x, torch.float32, k, "x")
+    rows, m = _rows(x, torch.float32, k, "x")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
             raise ValueError(f"bias must be a tensor [{n}], got {getattr(bias, 'shape', type(bias).__name__)}")
-        bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    out = torch.empty((rows.shape[0], n), dtype=torch.float32)
+        if not (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous() and not bias.requires_grad):
+            bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
     native.sync_threads()
-    bad = native.library().bq_ternary_i8_linear(_ptr(rows), rows.shape[0], k, k, _rms_eps(norm_eps),
-                                                _ptr(weights.codes), n, weights.padded_in, float(weight_scale),
-                                                _ptr(bias), _ptr(out))
+    bad = native.library().bq_ternary_i8_linear(rows.data_ptr(), m, k, k, _rms_eps(norm_eps),
+                                                weights.codes.data_ptr(), n, weights.padded_in,
+                                                float(weight_scale), None if bias is None else bias.data_ptr(),
+                                                out.data_ptr())
     _refuse_nonfinite(bad)
-    return out.reshape(*x.shape[:-1], n)
+    return out

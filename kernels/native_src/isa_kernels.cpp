@@ -620,7 +620,7 @@ unsigned char* scratch_bytes(size_t count) {
 
 // Per-token absmax quantization of one row (BitNet b1.58's activation_quant):
 //   (optional, rms_eps >= 0) x <- x * (1 / sqrt(mean(x^2) + eps))   [mean of squares in double]
-//   scale = 127 / max(max|x|, 1e-5);  q = clamp(round_half_even(x * scale), -128, 127)
+//   scale = 127 * (1 / max(max|x|, 1e-5));  q = clamp(round_half_even(x * scale), -128, 127)
 // Writes kp codes (pads 0) and returns the row's code sum; *scale_out = scale.  Counts NaN/inf.
 int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_t* q, float* scale_out,
                      int64_t* bad, float* normed) {
@@ -653,7 +653,9 @@ int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_
     amax = a > amax ? a : amax;
   }
   *bad += nonfinite;
-  const float scale = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+  // As torch evaluates BitNet's `127 / x.abs().max().clamp(min=1e-5)`: a Python number divided by a
+  // tensor is reciprocal() then a multiply (Tensor.__rtruediv__), two roundings, not one division.
+  const float scale = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
   *scale_out = scale;
   int32_t sum = 0;
   e = 0;
