@@ -5,8 +5,9 @@ a shared machine), with the same thread count for torch and the native engine:
 
 * per layer, M = 1 (generation at batch 1) and M = 8, transformer sizes (K, N): float32
   ``F.linear(x, W)`` against the whole packed layer ``kernels.cpu_native.ternary_i8_linear``
-  (per-token absmax quantization of x, the exact int32 product with 2-bit ternary weights, and the
-  float output transform, one native call), and the integer product alone (int8 codes given);
+  (``TernaryI8Linear``, prepared once as a model holds it: per-token absmax quantization of x, the
+  exact int32 product with 2-bit ternary weights, and the float output transform, one native call),
+  and the integer product alone (int8 codes given);
   weight bytes of each (float32 against 2-bit codes + one float scale);
 * a GPT block stack estimate: the per-token time of the linears of ``layers`` blocks of width
   ``d`` (qkv d -> 3d, attention output d -> d, MLP d -> 4d -> d), each layer called from Python as
@@ -43,11 +44,12 @@ def block_shapes(d: int) -> list[tuple[int, int]]:
 
 
 def packed_layer(k: int, n: int, gen: torch.Generator):
-    """(float weight, packed weights, weight scale) of a random absmean-ternarized [n, k] layer."""
+    """(float weight, packed layer) of a random absmean-ternarized [n, k] weight (BitNet b1.58)."""
     weight = torch.randn(n, k, generator=gen) * 0.02
     gamma = weight.abs().mean()
     ternary = (weight / gamma).round().clamp(-1, 1)
-    return weight, cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary), k), float(gamma)
+    packed = cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary), k)
+    return weight, cpu_native.TernaryI8Linear(packed, float(gamma))
 
 
 def layer_table(rounds: int, gen: torch.Generator) -> list[str]:
@@ -56,13 +58,13 @@ def layer_table(rounds: int, gen: torch.Generator) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for m in (1, 8):
         for k, n in SIZES:
-            weight, packed, gamma = packed_layer(k, n, gen)
+            weight, layer = packed_layer(k, n, gen)
             x = torch.randn(m, k, generator=gen)
             codes, _ = cpu_native.quantize_i8(x)
             t = interleaved_min({"float": lambda: F.linear(x, weight),
-                                 "ours": lambda: cpu_native.ternary_i8_linear(x, packed, gamma),
-                                 "product": lambda: cpu_native.ternary_i8_matmul(codes, packed)}, rounds)
-            fp32_bytes, our_bytes = weight.numel() * 4, packed.nbytes + 4
+                                 "ours": lambda: layer(x),
+                                 "product": lambda: cpu_native.ternary_i8_matmul(codes, layer.weights)}, rounds)
+            fp32_bytes, our_bytes = weight.numel() * 4, layer.weights.nbytes + 4
             lines.append(f"| {m} | {k} -> {n} | {t['float'] * 1e6:.1f} | {t['ours'] * 1e6:.1f} | "
                          f"**{t['float'] / t['ours']:.2f}x** | {t['product'] * 1e6:.1f} | {fp32_bytes:,} | "
                          f"{our_bytes:,} | 1/{fp32_bytes / our_bytes:.1f} |")
@@ -76,9 +78,9 @@ def stack_table(rounds: int, layers: int, gen: torch.Generator) -> list[str]:
         floats, packs, inputs = [], [], []
         for _ in range(layers):
             for k, n in block_shapes(d):
-                weight, packed, gamma = packed_layer(k, n, gen)
+                weight, layer = packed_layer(k, n, gen)
                 floats.append(weight)
-                packs.append((packed, gamma))
+                packs.append(layer)
                 inputs.append(torch.randn(1, k, generator=gen))
 
         def run_float():
@@ -86,12 +88,12 @@ def stack_table(rounds: int, layers: int, gen: torch.Generator) -> list[str]:
                 F.linear(x, w)
 
         def run_packed():
-            for x, (w, gamma) in zip(inputs, packs, strict=True):
-                cpu_native.ternary_i8_linear(x, w, gamma)
+            for x, layer in zip(inputs, packs, strict=True):
+                layer(x)
 
         t = interleaved_min({"float": run_float, "packed": run_packed}, rounds)
         fp32_mb = sum(w.numel() * 4 for w in floats) / 1e6
-        packed_mb = sum(w.nbytes + 4 for w, _ in packs) / 1e6
+        packed_mb = sum(layer.weights.nbytes + 4 for layer in packs) / 1e6
         lines.append(f"| {d} | {layers} | {len(floats)} | {t['float'] * 1e6:.0f} | {t['packed'] * 1e6:.0f} | "
                      f"**{t['float'] / t['packed']:.2f}x** | {fp32_mb:.2f} | {packed_mb:.3f} |")
     return lines

@@ -46,6 +46,7 @@ __all__ = [
     "ternary_i8_matmul",
     "quantize_i8",
     "ternary_i8_linear",
+    "TernaryI8Linear",
 ]
 
 PANEL = 8
@@ -403,9 +404,9 @@ def quantize_i8(x: torch.Tensor, norm_eps: float | None = None) -> tuple[torch.T
     return codes, scales
 
 
-def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: float, bias=None,
-                      norm_eps: float | None = None) -> torch.Tensor:
-    r"""The whole BitLinear at inference in one native call, float32 ``x[..., K]`` -> ``y[..., N]``:
+class TernaryI8Linear:
+    r"""A packed BitLinear at inference, prepared once: ``layer(x)`` maps float32 ``x[..., K]`` to
+    ``y[..., N]`` in one native call,
 
         codes, scale = quantize_i8(x, norm_eps)              (per token, in C++)
         acc = codes @ T^T                                     (exact int32)
@@ -413,21 +414,35 @@ def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: 
                                                                two roundings per output, no FMA)
 
     ``weight_scale`` is the dequantization multiplier of the weights (BitNet b1.58: ``mean|W|``, so
-    ``W ~ weight_scale * T``); ``bias`` an optional float32 ``[N]``.
+    ``W ~ weight_scale * T``); ``bias`` an optional ``[N]``; ``norm_eps`` (a float) puts the
+    parameter-free RMSNorm ``x / sqrt(mean(x^2) + eps)`` first.  Everything but ``x`` is held in a
+    native struct, so a call converts four arguments (the per-call cost matters at batch 1).
+    Immutable after construction, so one layer may be called from several threads.
     """
-    _check_weights(weights)
-    k, n = weights.in_features, weights.out_features
-    rows, m = _rows(x, torch.float32, k, "x")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
-            raise ValueError(f"bias must be a tensor [{n}], got {getattr(bias, 'shape', type(bias).__name__)}")
-        if not (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous() and not bias.requires_grad):
+
+    def __init__(self, weights: TernaryI8Weights, weight_scale: float, bias=None, norm_eps: float | None = None):
+        _check_weights(weights)
+        n = weights.out_features
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
+                raise ValueError(f"bias must be a tensor [{n}], got {getattr(bias, 'shape', type(bias).__name__)}")
             bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    out = torch.empty((*x.shape[:-1], n), dtype=torch.float32)
-    native.sync_threads()
-    bad = native.library().bq_ternary_i8_linear(rows.data_ptr(), m, k, k, _rms_eps(norm_eps),
-                                                weights.codes.data_ptr(), n, weights.padded_in,
-                                                float(weight_scale), None if bias is None else bias.data_ptr(),
-                                                out.data_ptr())
-    _refuse_nonfinite(bad)
-    return out
+        self.weights, self.bias, self.weight_scale, self.norm_eps = weights, bias, float(weight_scale), norm_eps
+        self._args = ctypes.pointer(native.I8Layer(weights.codes.data_ptr(), n, weights.in_features,
+                                                   weights.padded_in, self.weight_scale, _rms_eps(norm_eps),
+                                                   None if bias is None else bias.data_ptr()))
+        self._call = native.library().bq_ternary_i8_layer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows, m = _rows(x, torch.float32, self.weights.in_features, "x")
+        out = torch.empty((*x.shape[:-1], self.weights.out_features), dtype=torch.float32)
+        native.sync_threads()
+        _refuse_nonfinite(self._call(self._args, rows.data_ptr(), m, out.data_ptr()))
+        return out
+
+
+def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: float, bias=None,
+                      norm_eps: float | None = None) -> torch.Tensor:
+    """One call of :class:`TernaryI8Linear` (same formula, same arguments); build the layer once
+    instead where it is called many times."""
+    return TernaryI8Linear(weights, weight_scale, bias, norm_eps)(x)

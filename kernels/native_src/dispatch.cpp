@@ -342,6 +342,12 @@ __attribute__((visibility("default"))) int64_t bq_ternary_i8_linear(const float*
   return g_isa->ternary_i8_linear(x, m, k, ldx, rms_eps, w, n, kp, weight_scale, bias, out);
 }
 
+__attribute__((visibility("default"))) int64_t bq_ternary_i8_layer(const BqI8Layer* layer, const float* x,
+                                                                   int64_t m, float* out) {
+  return g_isa->ternary_i8_linear(x, m, layer->k, layer->k, layer->rms_eps, layer->codes, layer->n, layer->kp,
+                                  layer->weight_scale, layer->bias, out);
+}
+
 // Max-pool of signs on packed NHWC words [n][h][w][words]: per bit the AND (where and_mask has a
 // 1) or the OR of the window's bits; taps outside the input are skipped (the neutral element).
 __attribute__((visibility("default"))) void bq_maxpool_bits(const uint64_t* x, int64_t n, int64_t h, int64_t w,

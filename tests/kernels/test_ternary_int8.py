@@ -159,6 +159,11 @@ def test_fused_linear_equals_its_steps(isa, gen, m, n, k, with_bias):
     # and what it stands for: the float layer on the dequantized activations and weights
     dequantized = F.linear(x_codes.float() / scale.unsqueeze(1), t * gamma, bias)
     torch.testing.assert_close(got, dequantized, rtol=1e-4, atol=1e-4)
+    layer = cpu_native.TernaryI8Linear(weights, float(gamma), bias)  # prepared once, called many times
+    assert torch.equal(layer(x), want)
+    assert torch.equal(layer(x[:1]), want[:1])
+    if bias is None:  # absmax codes are scale-invariant and a power of two scales exactly
+        assert torch.equal(layer(2 * x), 2 * want)
     normed = cpu_native.ternary_i8_linear(x.reshape(1, m, k), weights, float(gamma), bias, norm_eps=1e-5)
     assert normed.shape == (1, m, n)
     assert not torch.equal(normed.reshape(m, n), got)  # the RMSNorm rescales the activations
