@@ -71,6 +71,15 @@ def layer_table(rounds: int, gen: torch.Generator) -> list[str]:
     return lines
 
 
+def call_overhead(rounds: int, gen: torch.Generator) -> str:
+    """Per-call fixed cost: both layers at K = 128, N = 4, where the arithmetic takes nanoseconds."""
+    weight, layer = packed_layer(128, 4, gen)
+    x = torch.randn(1, 128, generator=gen)
+    t = interleaved_min({"float": lambda: F.linear(x, weight), "ours": lambda: layer(x)}, rounds)
+    return (f"Per-call fixed cost (a 128 -> 4 layer, batch 1): F.linear {t['float'] * 1e6:.1f} us, "
+            f"TernaryI8Linear {t['ours'] * 1e6:.1f} us (Python checks, output allocation, ctypes call, quantization)")
+
+
 def stack_table(rounds: int, layers: int, gen: torch.Generator) -> list[str]:
     lines = ["| width d | blocks | linears | fp32 per token (us) | packed per token (us) | speed vs fp32 | "
              "fp32 weights (MB) | packed (MB) |", "|---|---|---|---|---|---|---|---|"]
@@ -124,6 +133,8 @@ def main(argv=None) -> None:
           "machine run it with nice and read ratios, not absolute times.")
     print()
     print("\n".join(layer_table(args.rounds, gen)))
+    print()
+    print(call_overhead(args.rounds, gen))
     print()
     print(f"GPT block stack, batch 1, one token: the linears only, each called from Python (min of "
           f"{max(3, args.rounds // 4)} rounds)")
