@@ -435,7 +435,7 @@ class TernaryI8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows, m = _rows(x, torch.float32, self.weights.in_features, "x")
-        out = torch.empty((*x.shape[:-1], self.weights.out_features), dtype=torch.float32)
+        out = rows.new_empty((*x.shape[:-1], self.weights.out_features))  # float32, CPU; faster than empty(dtype=)
         native.sync_threads()
         _refuse_nonfinite(self._call(self._args, rows.data_ptr(), m, out.data_ptr()))
         return out

@@ -494,13 +494,23 @@ inline void i8_micro(const int8_t* const* x, const uint8_t* const* w, int64_t bl
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < C; ++c) total[r][c] = _mm256_add_epi32(total[r][c], _mm256_madd_epi16(part[r][c], ones));
   }
+  // Horizontal sums, four accumulators at a time (at K = 256 a row is only two blocks: one sum per
+  // register would cost as much as the products).
+  const __m256i* flat = &total[0][0];
+  int32_t sums[R * C + 3];
+  int e = 0;
+  for (; e + 4 <= R * C; e += 4) {
+    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(flat[e], flat[e + 1]), _mm256_hadd_epi32(flat[e + 2], flat[e + 3]));
+    _mm_storeu_si128((__m128i*)(sums + e), _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+  }
+  for (; e < R * C; ++e) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(flat[e]), _mm256_extracti128_si256(flat[e], 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    sums[e] = _mm_cvtsi128_si32(s);
+  }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(total[r][c]), _mm256_extracti128_si256(total[r][c], 1));
-      s = _mm_hadd_epi32(s, s);
-      s = _mm_hadd_epi32(s, s);
-      counts[r][c] = _mm_cvtsi128_si32(s);
-    }
+    for (int c = 0; c < C; ++c) counts[r][c] = sums[r * C + c];
 }
 constexpr int I8_MR = 4;  // activation rows per microkernel call
 #else
