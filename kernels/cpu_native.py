@@ -433,6 +433,13 @@ class TernaryI8Linear:
                                                    None if bias is None else bias.data_ptr()))
         self._call = native.library().bq_ternary_i8_layer
 
+    def __getstate__(self):  # the native struct holds raw pointers: pickle what it is built from
+        return {"weights": self.weights, "weight_scale": self.weight_scale, "bias": self.bias,
+                "norm_eps": self.norm_eps}
+
+    def __setstate__(self, state):
+        self.__init__(state["weights"], state["weight_scale"], state["bias"], state["norm_eps"])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows, m = _rows(x, torch.float32, self.weights.in_features, "x")
         out = rows.new_empty((*x.shape[:-1], self.weights.out_features))  # float32, CPU; faster than empty(dtype=)

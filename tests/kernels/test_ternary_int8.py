@@ -169,6 +169,17 @@ def test_fused_linear_equals_its_steps(isa, gen, m, n, k, with_bias):
     assert not torch.equal(normed.reshape(m, n), got)  # the RMSNorm rescales the activations
 
 
+def test_layer_survives_pickling(gen, tmp_path):
+    """torch.save / load of a model holding the layer: the native struct is rebuilt, not copied."""
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary(10, 200, gen)), 200)
+    layer = cpu_native.TernaryI8Linear(weights, 0.25, torch.randn(10, generator=gen), norm_eps=1e-6)
+    torch.save(layer, tmp_path / "layer.pt")
+    del weights
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    x = torch.randn(3, 200, generator=gen)
+    assert torch.equal(loaded(x), layer(x))
+
+
 def test_bad_inputs_are_refused(gen):
     weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary(4, 64, gen)), 64)
     with pytest.raises(ValueError, match="dtype torch.int8"):
