@@ -53,7 +53,7 @@ def packed_layer(k: int, n: int, gen: torch.Generator):
 
 
 def layer_table(rounds: int, gen: torch.Generator) -> list[str]:
-    lines = ["| M | K -> N | F.linear fp32 (us) | ternary_i8_linear, whole layer (us) | speed vs fp32 | "
+    lines = ["| M | K -> N | F.linear fp32 (us) | TernaryI8Linear, whole layer (us) | speed vs fp32 | "
              "int8 product only (us) | weight bytes fp32 | ours (2-bit + scale) | ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     for m in (1, 8):

@@ -194,6 +194,12 @@ def test_bad_inputs_are_refused(gen):
         cpu_native.quantize_i8(torch.tensor([[float("inf"), 1.0]]))
     with pytest.raises(ValueError, match=r"bias must be a tensor \[4\]"):
         cpu_native.ternary_i8_linear(torch.zeros(1, 64), weights, 1.0, bias=torch.zeros(5))
+    layer = cpu_native.TernaryI8Linear(weights, 1.0)
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        layer(torch.zeros(1, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="last dimension 64"):
+        layer(torch.zeros(64, 1))
+    assert layer(torch.ones(64)).shape == (4,)  # one token, no batch dimension
     with pytest.raises(ValueError, match="norm_eps"):
         cpu_native.quantize_i8(torch.zeros(1, 64), norm_eps=-1.0)
 
