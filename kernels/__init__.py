@@ -10,6 +10,9 @@ Public API (all exact integer arithmetic; see each module's docstring for formul
   engine with :func:`prepack_binary` / :func:`prepack_ternary`)
 * conv:    :func:`pack_activations`, :func:`pack_conv_weight`, :func:`binary_conv2d`
 * output:  :func:`fold_bn`, :func:`epilogue`
+* BitNet-style linears, int8 activations x ternary/binary weights (native engine only):
+  :func:`ternary_i8_prepack`, :func:`binary_i8_prepack`, :func:`quantize_i8`,
+  :func:`ternary_i8_matmul`, :class:`TernaryI8Linear` (see :mod:`kernels.cpu_native`)
 
 Importing this package needs only torch and NumPy; CuPy is imported on first use with a CUDA
 tensor.  The CUDA sources live next to this file as ``*.cu`` (see :mod:`kernels.sources`).  On CPU
@@ -19,6 +22,13 @@ the native engine (:mod:`kernels.native`: C++ compiled on first use, SIMD chosen
 """
 
 from .conv import binary_conv2d, pack_activations, pack_conv_weight, repack_conv_weight
+from .cpu_native import (
+    TernaryI8Linear,
+    binary_i8_prepack,
+    quantize_i8,
+    ternary_i8_matmul,
+    ternary_i8_prepack,
+)
 from .epilogue import epilogue, fold_bn
 from .matmul import binary_matmul, prepack_binary, prepack_ternary, ternary_matmul
 from .packing import (
@@ -52,4 +62,9 @@ __all__ = [
     "binary_conv2d",
     "fold_bn",
     "epilogue",
+    "ternary_i8_prepack",
+    "binary_i8_prepack",
+    "quantize_i8",
+    "ternary_i8_matmul",
+    "TernaryI8Linear",
 ]

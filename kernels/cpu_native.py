@@ -40,6 +40,13 @@ __all__ = [
     "ternary_prepack",
     "ternary_matmul",
     "peak_bitmacs_per_s",
+    "TernaryI8Weights",
+    "ternary_i8_prepack",
+    "binary_i8_prepack",
+    "ternary_i8_matmul",
+    "quantize_i8",
+    "ternary_i8_linear",
+    "TernaryI8Linear",
 ]
 
 PANEL = 8
@@ -265,3 +272,193 @@ def peak_bitmacs_per_s(reps: int = 20000) -> float:
     threads): the popcount ceiling the kernels are reported against."""
     native.sync_threads()
     return native.library().bq_peak_bitmacs_per_s(reps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ternary (or binary) weights x int8 activations: BitNet b1.58's BitLinear at inference
+# ---------------------------------------------------------------------------------------------
+I8_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class TernaryI8Weights:
+    """Ternary weights in the int8 kernel's layout: 2-bit codes ``q = t + 1`` in {0, 1, 2}.
+
+    ``codes``: uint8 ``[N, Kp / 4]``, ``Kp = ceil(K / 128) * 128`` (pad codes 1, i.e. t = 0); in each
+    32-byte block ``b``, bits ``2i..2i+1`` of byte ``j`` hold the weight at ``k = 128 b + 32 i + j``.
+    Exactly 2 bits per weight (plus the K padding), the same as the two bit-planes it is built from.
+    """
+
+    codes: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def padded_in(self) -> int:
+        return self.codes.shape[1] * 4
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel()
+
+
+def ternary_i8_prepack(b_planes, k: int) -> TernaryI8Weights:
+    """The int8 kernel's weights from ternary planes ``(sign, nonzero)`` (``kernels.pack_ternary``)
+    of a ``[N, k]`` weight (``t = m (1 - 2 s)``)."""
+    from .packing import _check_planes, check_packed
+
+    sign, nonzero = (p.detach().cpu().contiguous() for p in _check_planes(b_planes, "b_planes"))
+    words = check_packed(sign, k, "b_planes")
+    if sign.dim() != 2:
+        raise ValueError(f"b_planes must be 2-D [N, words], got {tuple(sign.shape)}")
+    n = sign.shape[0]
+    padded = -(-k // I8_BLOCK) * I8_BLOCK
+    codes = torch.empty((n, padded // 4), dtype=torch.uint8)
+    native.library().bq_ternary_i8_prepack(_ptr(sign), _ptr(nonzero), n, k, words, _ptr(codes))
+    return TernaryI8Weights(codes, n, k)
+
+
+def binary_i8_prepack(b_bits: torch.Tensor, k: int) -> TernaryI8Weights:
+    """The int8 kernel's weights from binary words ``b_bits[N, ceil(k/64)]`` (``kernels.pack_bits``:
+    bit 1 = -1): the ternary special case with every weight nonzero."""
+    from .packing import check_packed
+
+    words = check_packed(b_bits, k, "b_bits")
+    nonzero = torch.full((b_bits.shape[0], words), -1, dtype=torch.int64)  # all 64 bits set
+    if k % 64:
+        nonzero[:, -1] = (1 << (k % 64)) - 1
+    return ternary_i8_prepack((b_bits, nonzero), k)
+
+
+def _check_weights(weights) -> None:
+    if not isinstance(weights, TernaryI8Weights):
+        raise ValueError(f"weights must be a TernaryI8Weights (from ternary_i8_prepack), got {type(weights).__name__}")
+
+
+def _rows(x: torch.Tensor, dtype: torch.dtype, k: int, name: str) -> tuple[torch.Tensor, int]:
+    """``(x made contiguous, rows)`` of ``x[..., k]`` of ``dtype`` on the CPU, read as rows of k (a clear
+    ValueError otherwise).  No reshape: at batch 1 each torch call costs microseconds, as much as a
+    small layer's kernel."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype}, got {x.dtype}")
+    if not x.is_cpu:
+        raise ValueError(f"{name} must be on the CPU, got {x.device}")
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{name} must have last dimension {k} (the weights' in_features), got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x, x.numel() // k
+
+
+def ternary_i8_matmul(x_codes: torch.Tensor, weights: TernaryI8Weights) -> torch.Tensor:
+    """Exact int32 ``acc[..., N] = x_codes[..., K] @ T[N, K]^T`` for int8 activations (any value in
+    [-128, 127]) and prepacked ternary weights: ``acc = sum_k (t_k + 1) x_k - sum_k x_k``, the
+    unsigned codes times the signed activations by ``maddubs`` (AVX2) or plain loops (scalar)."""
+    _check_weights(weights)
+    rows, m = _rows(x_codes, torch.int8, weights.in_features, "x_codes")
+    out = torch.empty((*x_codes.shape[:-1], weights.out_features), dtype=torch.int32)
+    native.sync_threads()
+    native.library().bq_ternary_i8_gemm(rows.data_ptr(), m, weights.in_features, weights.in_features,
+                                        weights.codes.data_ptr(), weights.out_features, weights.padded_in,
+                                        out.data_ptr())
+    return out
+
+
+def _rms_eps(norm_eps) -> float:
+    if norm_eps is None:
+        return -1.0
+    if not (isinstance(norm_eps, (int, float)) and not isinstance(norm_eps, bool) and norm_eps >= 0):
+        raise ValueError(f"norm_eps must be None (no normalization) or a float >= 0, got {norm_eps!r}")
+    return float(norm_eps)
+
+
+def _refuse_nonfinite(bad: int) -> None:
+    if bad:
+        raise ValueError(f"x contains {bad} NaN or infinite values; absmax quantization of them is undefined")
+
+
+def quantize_i8(x: torch.Tensor, norm_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-token absmax 8-bit quantization (BitNet b1.58's ``activation_quant``) of float32 ``x[..., K]``.
+
+    With ``norm_eps`` (a float) the row is first normalized without parameters,
+    ``x / sqrt(mean(x^2) + eps)`` (mean of squares accumulated in double, then rounded once).  Then
+
+        scale = 127 / max(max_k |x_k|, 1e-5),   codes = clamp(round(x * scale), -128, 127)
+
+    (float32, round half to even), so ``x ~ codes / scale``.  The scale is rounded exactly as torch
+    evaluates BitNet's ``127 / x.abs().max(...).clamp(min=1e-5)``: ``Tensor.__rtruediv__`` takes the
+    reciprocal and then multiplies by 127 (two roundings), so the codes equal the training graph's.
+    Returns ``(codes int8 [..., K], scale float32 [...])``.  NaN or infinite inputs raise ValueError.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a float32 tensor [..., K]")
+    k = x.shape[-1]
+    rows, m = _rows(x, torch.float32, k, "x")
+    codes = torch.empty(x.shape, dtype=torch.int8)
+    scales = torch.empty(x.shape[:-1], dtype=torch.float32)
+    bad = native.library().bq_quantize_i8(rows.data_ptr(), m, k, k, _rms_eps(norm_eps), codes.data_ptr(), k,
+                                          scales.data_ptr())
+    _refuse_nonfinite(bad)
+    return codes, scales
+
+
+class TernaryI8Linear:
+    r"""A packed BitLinear at inference, prepared once: ``layer(x)`` maps float32 ``x[..., K]`` to
+    ``y[..., N]`` in one native call,
+
+        codes, scale = quantize_i8(x, norm_eps)              (per token, in C++)
+        acc = codes @ T^T                                     (exact int32)
+        y = float(acc) * (weight_scale / scale) (+ bias)      (float32: a division per row, then
+                                                               two roundings per output, no FMA)
+
+    ``weight_scale`` is the dequantization multiplier of the weights (BitNet b1.58: ``mean|W|``, so
+    ``W ~ weight_scale * T``); ``bias`` an optional ``[N]``; ``norm_eps`` (a float) puts the
+    parameter-free RMSNorm ``x / sqrt(mean(x^2) + eps)`` first.  Everything but ``x`` is held in a
+    native struct, so a call converts four arguments (the per-call cost matters at batch 1).
+    Immutable after construction, so one layer may be called from several threads.
+    """
+
+    def __init__(self, weights: TernaryI8Weights, weight_scale: float, bias=None, norm_eps: float | None = None):
+        _check_weights(weights)
+        n = weights.out_features
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.shape != (n,):
+                raise ValueError(f"bias must be a tensor [{n}], got {getattr(bias, 'shape', type(bias).__name__)}")
+            bias = bias.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self.weights, self.bias, self.weight_scale, self.norm_eps = weights, bias, float(weight_scale), norm_eps
+        self._args = ctypes.pointer(native.I8Layer(weights.codes.data_ptr(), n, weights.in_features,
+                                                   weights.padded_in, self.weight_scale, _rms_eps(norm_eps),
+                                                   None if bias is None else bias.data_ptr()))
+        self._call = native.library().bq_ternary_i8_layer
+
+    def __getstate__(self):  # the native struct holds raw pointers: pickle what it is built from
+        return {"weights": self.weights, "weight_scale": self.weight_scale, "bias": self.bias,
+                "norm_eps": self.norm_eps}
+
+    def __setstate__(self, state):
+        self.__init__(state["weights"], state["weight_scale"], state["bias"], state["norm_eps"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.weights.in_features
+        if type(x) is torch.Tensor and x.dtype is torch.float32 and x.is_cpu and x.dim() and x.shape[-1] == k \
+                and x.is_contiguous():  # the batch-1 path: each check here costs a fraction of a microsecond
+            m = x.numel() // k
+        else:
+            x, m = _rows(x, torch.float32, k, "x")
+        # ints, not a torch.Size: new_empty(Size) / empty(Size, dtype=) cost twice as much at batch 1
+        out = torch.empty(*x.shape[:-1], self.weights.out_features, dtype=torch.float32)
+        if native._threads != torch.get_num_threads():
+            native.sync_threads()
+        bad = self._call(self._args, x.data_ptr(), m, out.data_ptr())
+        if bad:
+            _refuse_nonfinite(bad)
+        return out
+
+
+def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: float, bias=None,
+                      norm_eps: float | None = None) -> torch.Tensor:
+    """One call of :class:`TernaryI8Linear` (same formula, same arguments); build the layer once
+    instead where it is called many times."""
+    return TernaryI8Linear(weights, weight_scale, bias, norm_eps)(x)

@@ -41,6 +41,7 @@ __all__ = [
     "using_isa",
     "library",
     "ConvArgs",
+    "I8Layer",
     "OUT_INT32",
     "OUT_FLOAT",
     "OUT_SIGN",
@@ -91,6 +92,13 @@ class ConvArgs(ctypes.Structure):
         ("residual", ctypes.c_void_p), ("residual_stride", ctypes.c_int64),
         ("clamp", ctypes.c_int32), ("clamp_lo", ctypes.c_float), ("clamp_hi", ctypes.c_float),
     ]
+
+
+class I8Layer(ctypes.Structure):
+    """Mirror of ``BqI8Layer`` in ``native_src/bitkernels.h``."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("kp", ctypes.c_int64),
+                ("weight_scale", ctypes.c_float), ("rms_eps", ctypes.c_float), ("bias", ctypes.c_void_p)]
 
 
 def _compiler() -> str | None:
@@ -170,6 +178,12 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_prepack_panels": (None, [c_ptr, c_i64, c_i64, c_ptr]),
         "bq_peak_bitmacs_per_s": (ctypes.c_double, [c_i64]),
         "bq_maxpool_bits": (None, [c_ptr, *[c_i64] * 14, c_ptr, c_ptr]),
+        "bq_ternary_i8_prepack": (None, [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_ptr]),
+        "bq_ternary_i8_gemm": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_ptr]),
+        "bq_quantize_i8": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_ptr]),
+        "bq_ternary_i8_layer": (c_i64, [ctypes.POINTER(I8Layer), c_ptr, c_i64, c_ptr]),
+        "bq_ternary_i8_linear": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_i64,
+                                         ctypes.c_float, c_ptr, c_ptr]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)

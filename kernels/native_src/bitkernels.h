@@ -40,6 +40,16 @@ typedef struct {
   float clamp_lo, clamp_hi;
 } BqConvArgs;
 
+// A prepared ternary x int8 linear layer (bq_ternary_i8_layer): everything but the input, so that
+// a call from Python converts four arguments, not eleven (microseconds at batch 1).
+typedef struct {
+  const uint8_t* codes;  // 2-bit weight codes [n][kp / 4] (bq_ternary_i8_prepack)
+  int64_t n, k, kp;
+  float weight_scale;    // y = (float)acc * (weight_scale / scale[i]) (+ bias[j])
+  float rms_eps;         // >= 0: parameter-free RMSNorm before the quantization; < 0: none
+  const float* bias;     // [n] or NULL
+} BqI8Layer;
+
 #ifdef __cplusplus
 }
 #endif

@@ -32,11 +32,18 @@
                                           const uint64_t*, int64_t, int64_t, int32_t*);              \
   extern "C" int64_t bq_##isa##_pack_rows(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t); \
   extern "C" int64_t bq_##isa##_pack_planes(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t*); \
-  extern "C" int64_t bq_##isa##_peak_bitmacs(int64_t);
+  extern "C" int64_t bq_##isa##_peak_bitmacs(int64_t);                                           \
+  extern "C" void bq_##isa##_ternary_i8_gemm(const int8_t*, int64_t, int64_t, int64_t, const uint8_t*, int64_t, \
+                                             int64_t, int32_t*);                                      \
+  extern "C" int64_t bq_##isa##_quantize_i8(const float*, int64_t, int64_t, int64_t, float, int8_t*, int64_t, \
+                                            float*);                                                  \
+  extern "C" int64_t bq_##isa##_ternary_i8_linear(const float*, int64_t, int64_t, int64_t, float,     \
+                                                  const uint8_t*, int64_t, int64_t, float, const float*, float*);
 
 #define BQ_ENTRY(isa, supported)                                                                   \
   {#isa, supported, bq_##isa##_conv, bq_##isa##_ternary_gemm, bq_##isa##_pack_rows,               \
-   bq_##isa##_pack_planes, bq_##isa##_peak_bitmacs}
+   bq_##isa##_pack_planes, bq_##isa##_peak_bitmacs, bq_##isa##_ternary_i8_gemm, bq_##isa##_quantize_i8, \
+   bq_##isa##_ternary_i8_linear}
 
 #ifdef BQ_HAVE_SCALAR
 BQ_DECLARE(scalar)
@@ -65,6 +72,10 @@ struct Isa {
   int64_t (*pack_rows)(const float*, int64_t, int64_t, int64_t, uint64_t*, int64_t);
   int64_t (*pack_planes)(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t*);
   int64_t (*peak_bitmacs)(int64_t);
+  void (*ternary_i8_gemm)(const int8_t*, int64_t, int64_t, int64_t, const uint8_t*, int64_t, int64_t, int32_t*);
+  int64_t (*quantize_i8)(const float*, int64_t, int64_t, int64_t, float, int8_t*, int64_t, float*);
+  int64_t (*ternary_i8_linear)(const float*, int64_t, int64_t, int64_t, float, const uint8_t*, int64_t, int64_t,
+                               float, const float*, float*);
 };
 
 bool always() { return true; }
@@ -289,6 +300,52 @@ __attribute__((visibility("default"))) void bq_prepack_panels(const uint64_t* ro
         const int64_t r = q * 8 + j;
         panels[(q * words + w) * 8 + j] = r < n ? rows[r * words + w] : 0;
       }
+}
+
+// Ternary planes (kernels/packing.py: sign bit 1 = -1, nonzero bit 1 = not 0) [n][words] -> the
+// int8 kernel's 2-bit codes q = t + 1 [n][kp / 4], kp = k rounded up to 128: in each 32-byte block
+// b, bits 2i..2i+1 of byte j hold the weight at k = 128 b + 32 i + j (pads q = 1, t = 0).
+__attribute__((visibility("default"))) void bq_ternary_i8_prepack(const uint64_t* sign, const uint64_t* nonzero,
+                                                                  int64_t n, int64_t k, int64_t words,
+                                                                  uint8_t* out) {
+  const int64_t kp = (k + 127) / 128 * 128, bytes = kp / 4;
+  for (int64_t r = 0; r < n; ++r) {
+    uint8_t* dst = out + r * bytes;
+    memset(dst, 0x55, (size_t)bytes);  // every code 1
+    for (int64_t e = 0; e < k; ++e) {
+      const uint64_t bit = (uint64_t)1 << (e & 63);
+      const int m = (nonzero[r * words + (e >> 6)] & bit) != 0, s = (sign[r * words + (e >> 6)] & bit) != 0;
+      const unsigned q = 1u + (unsigned)m - 2u * (unsigned)(m & s);
+      const int64_t at = (e / 128) * 32 + (e % 32);
+      const int shift = (int)(2 * ((e % 128) / 32));
+      dst[at] = (uint8_t)((dst[at] & ~(3u << shift)) | (q << shift));
+    }
+  }
+}
+
+__attribute__((visibility("default"))) void bq_ternary_i8_gemm(const int8_t* x, int64_t m, int64_t k, int64_t ldx,
+                                                               const uint8_t* w, int64_t n, int64_t kp,
+                                                               int32_t* out) {
+  g_isa->ternary_i8_gemm(x, m, k, ldx, w, n, kp, out);
+}
+
+__attribute__((visibility("default"))) int64_t bq_quantize_i8(const float* x, int64_t m, int64_t k, int64_t ldx,
+                                                              float rms_eps, int8_t* codes, int64_t ldq,
+                                                              float* scales) {
+  return g_isa->quantize_i8(x, m, k, ldx, rms_eps, codes, ldq, scales);
+}
+
+__attribute__((visibility("default"))) int64_t bq_ternary_i8_linear(const float* x, int64_t m, int64_t k,
+                                                                    int64_t ldx, float rms_eps, const uint8_t* w,
+                                                                    int64_t n, int64_t kp, float weight_scale,
+                                                                    const float* bias, float* out) {
+  return g_isa->ternary_i8_linear(x, m, k, ldx, rms_eps, w, n, kp, weight_scale, bias, out);
+}
+
+__attribute__((visibility("default"))) int64_t bq_ternary_i8_layer(const BqI8Layer* layer, const float* x,
+                                                                   int64_t m, float* out) {
+  return g_isa->ternary_i8_linear(x, m, layer->k, layer->k, layer->rms_eps, layer->codes, layer->n, layer->kp,
+                                  layer->weight_scale, layer->bias, out);
 }
 
 // Max-pool of signs on packed NHWC words [n][h][w][words]: per bit the AND (where and_mask has a

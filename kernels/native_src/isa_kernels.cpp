@@ -449,6 +449,254 @@ int64_t panel_chunk_for(int64_t row_blocks, int64_t panels, int64_t groups, bool
   return chunk < 1 ? 1 : chunk;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Ternary weights x int8 activations (BitNet b1.58 linears): acc[i, j] = sum_k x[i, k] t[j, k]
+// ---------------------------------------------------------------------------------------------
+// Weights: 2-bit codes q = t + 1 in {0, 1, 2}, row-major [n][kp / 4] bytes, kp = K rounded up to
+// 128 (pad codes 1, i.e. t = 0).  In block b (128 weights, 32 bytes) byte j holds, in bits 2i..2i+1,
+// the weight at k = 128 b + 32 i + j, so (block >> 2i) & 3 on a 32-byte vector yields 32
+// consecutive codes (llama.cpp's TQ2_0 arrangement).  Activations: int8 codes [m][kp], pads 0.
+//   acc = sum_k q_k x_k - sum_k x_k
+// The unsigned code times the signed activation is exactly what maddubs multiplies (u8 x s8); a
+// pair sum is at most 2 * 2 * 128 = 512 in magnitude, so it never saturates (x = -128 is exact,
+// unlike the abs/sign form), and 16 blocks (64 maddubs) of int16 partial sums stay within
+// [-32768, 32512] before they are widened to int32.
+constexpr int64_t I8_BLOCK = 128;
+// Below this many weight blocks x rows (about 20 microseconds on one core here) the kernel runs on
+// the calling thread: waking the pool costs more than it saves at batch 1 of a small layer.
+constexpr int64_t I8_INLINE_WORK = 1 << 13;
+
+#if defined(BQ_ISA_AVX2) || defined(BQ_ISA_AVX512)
+// R activation rows x C weight rows; counts[r][c] = sum_k q[c][k] x[r][k] over `blocks` blocks.
+template <int R, int C>
+inline void i8_micro(const int8_t* const* x, const uint8_t* const* w, int64_t blocks, int32_t (*counts)[4]) {
+  const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256i total[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) total[r][c] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+    const int64_t b1 = blocks - b0 > 16 ? b0 + 16 : blocks;
+    __m256i part[R][C];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) part[r][c] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b1; ++b) {
+      __m256i v[C];
+      for (int c = 0; c < C; ++c) v[c] = _mm256_loadu_si256((const __m256i*)(w[c] + b * 32));
+      for (int i = 0; i < 4; ++i) {
+        __m256i xv[R];
+        for (int r = 0; r < R; ++r) xv[r] = _mm256_loadu_si256((const __m256i*)(x[r] + b * I8_BLOCK + 32 * i));
+        for (int c = 0; c < C; ++c) {
+          const __m256i q = _mm256_and_si256(i ? _mm256_srli_epi16(v[c], 2 * i) : v[c], three);
+          for (int r = 0; r < R; ++r) part[r][c] = _mm256_add_epi16(part[r][c], _mm256_maddubs_epi16(q, xv[r]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) total[r][c] = _mm256_add_epi32(total[r][c], _mm256_madd_epi16(part[r][c], ones));
+  }
+  // Horizontal sums, four accumulators at a time (at K = 256 a row is only two blocks: one sum per
+  // register would cost as much as the products).
+  const __m256i* flat = &total[0][0];
+  int32_t sums[R * C + 3];
+  int e = 0;
+  for (; e + 4 <= R * C; e += 4) {
+    const __m256i t = _mm256_hadd_epi32(_mm256_hadd_epi32(flat[e], flat[e + 1]), _mm256_hadd_epi32(flat[e + 2], flat[e + 3]));
+    _mm_storeu_si128((__m128i*)(sums + e), _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1)));
+  }
+  for (; e < R * C; ++e) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(flat[e]), _mm256_extracti128_si256(flat[e], 1));
+    s = _mm_hadd_epi32(s, s);
+    s = _mm_hadd_epi32(s, s);
+    sums[e] = _mm_cvtsi128_si32(s);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) counts[r][c] = sums[r * C + c];
+}
+constexpr int I8_MR = 4;  // activation rows per microkernel call
+#else
+template <int R, int C>
+inline void i8_micro(const int8_t* const* x, const uint8_t* const* w, int64_t blocks, int32_t (*counts)[4]) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      int32_t sum = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* wb = w[c] + b * 32;
+        const int8_t* xb = x[r] + b * I8_BLOCK;
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 32; ++j) sum += (int32_t)((wb[j] >> (2 * i)) & 3) * (int32_t)xb[32 * i + j];
+      }
+      counts[r][c] = sum;
+    }
+}
+constexpr int I8_MR = 1;
+#endif
+
+template <int R>
+struct I8Rows {
+  // C weight rows at once: 4 for one activation row (GEMV: the activation vector is reused 4 times),
+  // 2 for several (the decoded codes are reused R times; 4 x 2 partial sums fit the 16 registers).
+  static constexpr int C = R == 1 ? 4 : 2;
+  static void run(const int8_t* const* x, const uint8_t* const* w, int64_t blocks, int cols, int32_t (*counts)[4]) {
+    if (cols == C) {
+      i8_micro<R, C>(x, w, blocks, counts);
+    } else {
+      for (int c = 0; c < cols; ++c) {
+        int32_t one[R][4];
+        i8_micro<R, 1>(x, w + c, blocks, one);
+        for (int r = 0; r < R; ++r) counts[r][c] = one[r][0];
+      }
+    }
+  }
+};
+
+struct I8Plan {
+  const int8_t* x;      // [m][kp] codes, pads 0
+  const int32_t* xsum;  // [m] sum of each row's codes
+  const uint8_t* w;     // [n][kp / 4] weight codes
+  int64_t m, n, kp, rows_per_task, row_tasks, m_block;
+  int32_t* out_i;       // int32 [m][n], or
+  float* out_f;         // float32 [m][n]: (float)acc * mul[i] (+ bias[j]), two roundings, no FMA
+  const float* mul;
+  const float* bias;
+};
+
+void i8_task(void* ctx, int64_t task) {
+  const I8Plan& p = *(const I8Plan*)ctx;
+  const int64_t mb = task / p.row_tasks, nt = task % p.row_tasks;
+  const int64_t i0 = mb * p.m_block, i1 = i0 + p.m_block < p.m ? i0 + p.m_block : p.m;
+  const int64_t j0 = nt * p.rows_per_task, j1 = j0 + p.rows_per_task < p.n ? j0 + p.rows_per_task : p.n;
+  const int64_t blocks = p.kp / I8_BLOCK, wbytes = p.kp / 4;
+  for (int64_t i = i0; i < i1; i += I8_MR) {
+    const int rows = (int)(i1 - i < I8_MR ? i1 - i : I8_MR);
+    const int8_t* xr[I8_MR];
+    for (int r = 0; r < rows; ++r) xr[r] = p.x + (i + r) * p.kp;
+    const int step = rows == 1 ? 4 : 2;
+    for (int64_t j = j0; j < j1; j += step) {
+      const int cols = (int)(j1 - j < step ? j1 - j : step);
+      const uint8_t* wr[4];
+      for (int c = 0; c < cols; ++c) wr[c] = p.w + (j + c) * wbytes;
+      int32_t counts[I8_MR][4];
+      switch (rows) {
+        case 4: I8Rows<(I8_MR >= 4 ? 4 : 1)>::run(xr, wr, blocks, cols, counts); break;
+        case 3: I8Rows<(I8_MR >= 3 ? 3 : 1)>::run(xr, wr, blocks, cols, counts); break;
+        case 2: I8Rows<(I8_MR >= 2 ? 2 : 1)>::run(xr, wr, blocks, cols, counts); break;
+        default: I8Rows<1>::run(xr, wr, blocks, cols, counts); break;
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < cols; ++c) {
+          const int32_t acc = counts[r][c] - p.xsum[i + r];
+          const int64_t at = (i + r) * p.n + j + c;
+          if (p.out_i) {
+            p.out_i[at] = acc;
+          } else {
+            float y = (float)acc * p.mul[i + r];
+            if (p.bias) y = y + p.bias[j + c];
+            p.out_f[at] = y;
+          }
+        }
+    }
+  }
+}
+
+void i8_run(I8Plan& p) {
+  const int64_t blocks = p.kp / I8_BLOCK;
+  p.m_block = 32;
+  const int64_t m_blocks = (p.m + p.m_block - 1) / p.m_block;
+  // About 16 tasks in all, each a multiple of 4 weight rows.
+  int64_t chunks = (16 + m_blocks - 1) / m_blocks;
+  int64_t per = (p.n + chunks - 1) / chunks;
+  per = (per + 3) / 4 * 4;
+  p.rows_per_task = per < 4 ? 4 : per;
+  p.row_tasks = (p.n + p.rows_per_task - 1) / p.rows_per_task;
+  const int64_t work = p.m * p.n * blocks / (p.m > 1 ? 2 : 1);  // several rows share the weight decode
+  if (work < I8_INLINE_WORK) {
+    for (int64_t t = 0; t < m_blocks * p.row_tasks; ++t) i8_task(&p, t);
+  } else {
+    bq_parallel_for(m_blocks * p.row_tasks, i8_task, &p);
+  }
+}
+
+// Per-thread scratch of bytes, grown on demand (the caller's thread only).
+unsigned char* scratch_bytes(size_t count) {
+  static thread_local unsigned char* buffer = nullptr;
+  static thread_local size_t capacity = 0;
+  if (count > capacity) {
+    free(buffer);
+    buffer = (unsigned char*)malloc(count);
+    capacity = count;
+  }
+  return buffer;
+}
+
+// Per-token absmax quantization of one row (BitNet b1.58's activation_quant):
+//   (optional, rms_eps >= 0) x <- x * (1 / sqrt(mean(x^2) + eps))   [mean of squares in double]
+//   scale = 127 * (1 / max(max|x|, 1e-5));  q = clamp(round_half_even(x * scale), -128, 127)
+// Writes kp codes (pads 0) and returns the row's code sum; *scale_out = scale.  Counts NaN/inf.
+int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_t* q, float* scale_out,
+                     int64_t* bad, float* normed) {
+  const float* src = x;
+  if (rms_eps >= 0.0f) {
+    double squares = 0.0;
+    for (int64_t e = 0; e < k; ++e) squares += (double)x[e] * (double)x[e];
+    const float inv = (float)(1.0 / __builtin_sqrt(squares / (double)k + (double)rms_eps));
+    for (int64_t e = 0; e < k; ++e) normed[e] = x[e] * inv;
+    src = normed;
+  }
+  float amax = 0.0f;
+  int64_t nonfinite = 0;
+  int64_t e = 0;
+#if defined(BQ_ISA_AVX2) || defined(BQ_ISA_AVX512)
+  const __m256 sign = _mm256_set1_ps(-0.0f), inf = _mm256_set1_ps(__builtin_inff());
+  __m256 vmax = _mm256_setzero_ps();
+  for (; e + 8 <= k; e += 8) {
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_loadu_ps(src + e));
+    nonfinite += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_NLT_UQ)));
+    vmax = _mm256_max_ps(vmax, a);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  for (int l = 0; l < 8; ++l) amax = lanes[l] > amax ? lanes[l] : amax;
+#endif
+  for (; e < k; ++e) {
+    const float a = __builtin_fabsf(src[e]);
+    nonfinite += !(a < __builtin_inff());
+    amax = a > amax ? a : amax;
+  }
+  *bad += nonfinite;
+  // As torch evaluates BitNet's `127 / x.abs().max().clamp(min=1e-5)`: a Python number divided by a
+  // tensor is reciprocal() then a multiply (Tensor.__rtruediv__), two roundings, not one division.
+  const float scale = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
+  *scale_out = scale;
+  int32_t sum = 0;
+  e = 0;
+#if defined(BQ_ISA_AVX2) || defined(BQ_ISA_AVX512)
+  const __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i vsum = _mm256_setzero_si256();
+  for (; e + 8 <= k; e += 8) {
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(src + e), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    const __m256i iv = _mm256_cvtps_epi32(v);
+    vsum = _mm256_add_epi32(vsum, iv);
+    alignas(32) int32_t tmp[8];
+    _mm256_store_si256((__m256i*)tmp, iv);
+    for (int l = 0; l < 8; ++l) q[e + l] = (int8_t)tmp[l];
+  }
+  alignas(32) int32_t parts[8];
+  _mm256_store_si256((__m256i*)parts, vsum);
+  for (int l = 0; l < 8; ++l) sum += parts[l];
+#endif
+  for (; e < k; ++e) {
+    // Round half to even by the 1.5 * 2^23 trick (|v| <= 127.00002 here, far below 2^22; no libm).
+    float v = src[e] * scale;
+    v = (v + 12582912.0f) - 12582912.0f;
+    v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+    q[e] = (int8_t)(int32_t)v;
+    sum += (int32_t)q[e];
+  }
+  for (; e < kp; ++e) q[e] = 0;
+  return sum;
+}
+
 }  // namespace
 
 extern "C" {
@@ -551,6 +799,65 @@ int64_t BQ_EXPORT(peak_bitmacs)(int64_t reps) {
     sink = sink + sum;
   }
   return reps * Prim::MR * NR * 64 * 64;
+}
+
+
+// acc[m][n] = x[m][K] @ t[n][K]^T for int8 codes x (row stride ldx) and weight codes w [n][kp/4].
+void BQ_EXPORT(ternary_i8_gemm)(const int8_t* x, int64_t m, int64_t k, int64_t ldx, const uint8_t* w, int64_t n,
+                                int64_t kp, int32_t* out) {
+  const bool direct = k == kp && ldx == kp;
+  unsigned char* buffer = scratch_bytes((size_t)(m * (direct ? 0 : kp) + m * (int64_t)sizeof(int32_t)) + 64);
+  int32_t* xsum = (int32_t*)buffer;
+  int8_t* padded = (int8_t*)(buffer + m * sizeof(int32_t));
+  for (int64_t i = 0; i < m; ++i) {
+    const int8_t* row = x + i * ldx;
+    int32_t sum = 0;
+    for (int64_t e = 0; e < k; ++e) sum += row[e];
+    xsum[i] = sum;
+    if (!direct) {
+      memcpy(padded + i * kp, row, (size_t)k);
+      memset(padded + i * kp + k, 0, (size_t)(kp - k));
+    }
+  }
+  I8Plan p{direct ? x : padded, xsum, w, m, n, kp, 0, 0, 0, out, nullptr, nullptr, nullptr};
+  i8_run(p);
+}
+
+// Per-token absmax quantization of float rows (optionally after the parameter-free RMSNorm when
+// rms_eps >= 0): codes [m][k] (row stride ldq) and scales [m].  Returns the count of NaN/inf seen.
+int64_t BQ_EXPORT(quantize_i8)(const float* x, int64_t m, int64_t k, int64_t ldx, float rms_eps, int8_t* codes,
+                               int64_t ldq, float* scales) {
+  const int64_t kp = (k + I8_BLOCK - 1) / I8_BLOCK * I8_BLOCK;
+  unsigned char* buffer = scratch_bytes((size_t)(kp + k * (int64_t)sizeof(float)) + 64);
+  int8_t* row = (int8_t*)buffer;
+  float* normed = (float*)(buffer + (kp + 31) / 32 * 32);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    quantize_row(x + i * ldx, k, kp, rms_eps, row, scales + i, &bad, normed);
+    memcpy(codes + i * ldq, row, (size_t)k);
+  }
+  return bad;
+}
+
+// The whole BitLinear at inference: quantize each float row (as bq_quantize_i8), acc = codes @ t^T,
+// y[i][j] = (float)acc * (weight_scale / scale[i]) (+ bias[j]).  Returns the count of NaN/inf.
+int64_t BQ_EXPORT(ternary_i8_linear)(const float* x, int64_t m, int64_t k, int64_t ldx, float rms_eps,
+                                     const uint8_t* w, int64_t n, int64_t kp, float weight_scale, const float* bias,
+                                     float* out) {
+  unsigned char* buffer = scratch_bytes((size_t)(m * kp + m * 3 * (int64_t)sizeof(int32_t) + k * (int64_t)sizeof(float)) + 128);
+  int32_t* xsum = (int32_t*)buffer;
+  float* mul = (float*)(xsum + m);
+  float* scales = mul + m;
+  float* normed = scales + m;
+  int8_t* codes = (int8_t*)(normed + k);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    xsum[i] = quantize_row(x + i * ldx, k, kp, rms_eps, codes + i * kp, scales + i, &bad, normed);
+    mul[i] = weight_scale / scales[i];
+  }
+  I8Plan p{codes, xsum, w, m, n, kp, 0, 0, 0, nullptr, out, mul, bias};
+  i8_run(p);
+  return bad;
 }
 
 }  // extern "C"

@@ -1,0 +1,210 @@
+"""The int8-activation x ternary/binary-weight kernel of the native engine (BitNet b1.58 inference).
+
+Integers are compared exactly with a torch int64 reference, on every instruction set this machine
+runs; the per-token quantization exactly with BitNet's formula in torch; the fused layer bit for bit
+with its three steps done separately in torch.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import cpu_native, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with native.using_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(20261203)
+
+
+def ternary(n: int, k: int, gen, zeros: float = 1 / 3) -> torch.Tensor:
+    t = torch.randint(0, 2, (n, k), generator=gen).float() * 2 - 1
+    return t * (torch.rand(n, k, generator=gen) >= zeros)
+
+
+def codes(m: int, k: int, gen) -> torch.Tensor:
+    return torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+
+
+def reference(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (x.long() @ t.long().T).to(torch.int32)
+
+
+def bitnet_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58's activation_quant, in torch: scale = 127 / max|x|, codes = clamp(round(x s))."""
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return (x * scale).round().clamp(-128, 127).to(torch.int8), scale.squeeze(-1)
+
+
+# K not a multiple of 32 / 128, K < 32, M = 1 and M > 4 (microkernel rows), N odd and N % 4 != 0.
+SHAPES = [(1, 1, 1), (1, 5, 31), (1, 4, 128), (1, 7, 129), (2, 3, 100), (3, 17, 300), (4, 8, 256), (5, 9, 1000),
+          (7, 33, 383), (8, 768, 256), (9, 13, 1536), (33, 6, 65), (1, 1023, 384)]
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_matmul_equals_int64_reference(isa, gen, m, n, k):
+    t, x = ternary(n, k, gen), codes(m, k, gen)
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k)
+    assert weights.codes.shape == (n, -(-k // 128) * 32)  # 2 bits per weight, K padded to 128
+    assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x, t)), (isa, m, n, k)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 9, 200), (6, 5, 4096)])
+def test_extreme_activations_and_weights(isa, m, n, k):
+    """x = -128 everywhere (the value the abs/sign form gets wrong) against all -1, all +1, all 0 and
+    mixed rows; 4096 x 128 x 2 also fills the int16 partial sums to their limit (-32768)."""
+    t = torch.stack([torch.full((k,), v) for v in (-1.0, 1.0, 0.0, -1.0, 1.0)] +
+                    [torch.arange(k).remainder(3).float() - 1] * (n - 5))
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k)
+    for fill in (-128, 127):
+        x = torch.full((m, k), fill, dtype=torch.int8)
+        x[-1, ::2] = -128 if fill == 127 else 127  # the last row alternates -128 and 127
+        assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x, t)), (isa, fill)
+    assert cpu_native.ternary_i8_matmul(torch.full((1, k), -128, dtype=torch.int8), weights)[0, 0] == 128 * k
+
+
+def test_all_zero_weights(isa, gen):
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(torch.zeros(6, 300)), 300)
+    assert torch.equal(cpu_native.ternary_i8_matmul(codes(3, 300, gen), weights), torch.zeros(3, 6, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 5, 63), (3, 17, 64), (8, 12, 1000)])
+def test_binary_weights(isa, gen, m, n, k):
+    w, x = torch.randn(n, k, generator=gen), codes(m, k, gen)
+    signs = torch.where(w < 0, -1.0, 1.0)
+    weights = cpu_native.binary_i8_prepack(kernels.pack_bits(w), k)
+    assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x, signs))
+
+
+def test_threads_and_leading_dims(gen):
+    """A layer large enough to run on the worker threads, and a [B, T, K] input read in place."""
+    n, k = 1536, 1536
+    t = ternary(n, k, gen)
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for m in (1, 8):
+            x = codes(m, k, gen)
+            assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x, t)), m
+    finally:
+        torch.set_num_threads(threads)
+    x = codes(6, k, gen).reshape(2, 3, k)
+    assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x.reshape(6, k), t).reshape(2, 3, n))
+    strided = codes(k, 4, gen).T  # not contiguous
+    assert torch.equal(cpu_native.ternary_i8_matmul(strided, weights), reference(strided, t))
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 7), (3, 129), (8, 384), (2, 1536)])
+def test_quantize_equals_bitnet_formula(isa, gen, m, k):
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, m).unsqueeze(1)
+    got_codes, got_scale = cpu_native.quantize_i8(x)
+    want_codes, want_scale = bitnet_quant(x)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got_codes, want_codes), isa
+
+
+def test_quantize_ties_zeros_and_extremes(isa):
+    x = torch.tensor([[127.0, 2.5, -3.5, 0.5, 1.5, -0.5, -127.0, 126.5],  # scale 1: ties round to even
+                      [0.0] * 8,                                            # all zero: scale 127 / 1e-5
+                      [1e-7, -1e-7, 0, 0, 0, 0, 0, 0],                      # below the clamp
+                      [3e38, -3e38, 1.0, 0, 0, 0, 0, 0]])                   # huge but finite
+    got_codes, got_scale = cpu_native.quantize_i8(x)
+    want_codes, want_scale = bitnet_quant(x)
+    assert got_codes[0].tolist() == [127, 2, -4, 0, 2, 0, -127, 126]
+    assert torch.equal(got_codes, want_codes) and torch.equal(got_scale, want_scale)
+
+
+def test_quantize_after_rmsnorm(isa, gen):
+    x = torch.randn(5, 384, generator=gen) * 7
+    eps = 1e-6
+    got_codes, got_scale = cpu_native.quantize_i8(x, norm_eps=eps)
+    inv = (1.0 / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt()).float()
+    want_codes, want_scale = bitnet_quant(x * inv)
+    # The mean of squares is summed in another order than torch's: the scale may differ in the last
+    # bit, and a code then by one where x * scale lands next to a half.
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0)
+    assert (got_codes.int() - want_codes.int()).abs().max() <= 1
+    assert (got_codes != want_codes).float().mean() < 1e-3
+    plain_codes, _ = cpu_native.quantize_i8(x)
+    assert not torch.equal(got_scale, cpu_native.quantize_i8(x)[1])  # the norm did change the scale
+    assert (plain_codes.int() - got_codes.int()).abs().max() <= 1  # absmax codes are scale-invariant
+
+
+@pytest.mark.parametrize("m,n,k,with_bias", [(1, 768, 256, False), (8, 384, 1536, True), (3, 7, 100, True)])
+def test_fused_linear_equals_its_steps(isa, gen, m, n, k, with_bias):
+    t = ternary(n, k, gen)
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k)
+    gamma = torch.tensor(0.0371, dtype=torch.float32)
+    bias = torch.randn(n, generator=gen) if with_bias else None
+    x = torch.randn(m, k, generator=gen)
+    got = cpu_native.ternary_i8_linear(x, weights, float(gamma), bias)
+    x_codes, scale = bitnet_quant(x)
+    want = reference(x_codes, t).float() * (gamma / scale).unsqueeze(1)
+    if bias is not None:
+        want = want + bias
+    assert torch.equal(got, want), isa
+    # and what it stands for: the float layer on the dequantized activations and weights
+    dequantized = F.linear(x_codes.float() / scale.unsqueeze(1), t * gamma, bias)
+    torch.testing.assert_close(got, dequantized, rtol=1e-4, atol=1e-4)
+    layer = cpu_native.TernaryI8Linear(weights, float(gamma), bias)  # prepared once, called many times
+    assert torch.equal(layer(x), want)
+    assert torch.equal(layer(x[:1]), want[:1])
+    if bias is None:  # absmax codes are scale-invariant and a power of two scales exactly
+        assert torch.equal(layer(2 * x), 2 * want)
+    normed = cpu_native.ternary_i8_linear(x.reshape(1, m, k), weights, float(gamma), bias, norm_eps=1e-5)
+    assert normed.shape == (1, m, n)
+    assert not torch.equal(normed.reshape(m, n), got)  # the RMSNorm rescales the activations
+
+
+def test_layer_survives_pickling(gen, tmp_path):
+    """torch.save / load of a model holding the layer: the native struct is rebuilt, not copied."""
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary(10, 200, gen)), 200)
+    layer = cpu_native.TernaryI8Linear(weights, 0.25, torch.randn(10, generator=gen), norm_eps=1e-6)
+    torch.save(layer, tmp_path / "layer.pt")
+    del weights
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    x = torch.randn(3, 200, generator=gen)
+    assert torch.equal(loaded(x), layer(x))
+
+
+def test_bad_inputs_are_refused(gen):
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary(4, 64, gen)), 64)
+    with pytest.raises(ValueError, match="dtype torch.int8"):
+        cpu_native.ternary_i8_matmul(torch.zeros(1, 64), weights)
+    with pytest.raises(ValueError, match="last dimension 64"):
+        cpu_native.ternary_i8_matmul(torch.zeros(1, 65, dtype=torch.int8), weights)
+    with pytest.raises(ValueError, match="TernaryI8Weights"):
+        cpu_native.ternary_i8_matmul(torch.zeros(1, 64, dtype=torch.int8), kernels.pack_ternary(torch.zeros(4, 64)))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cpu_native.ternary_i8_linear(torch.tensor([[float("nan")] + [0.0] * 63]), weights, 1.0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        cpu_native.quantize_i8(torch.tensor([[float("inf"), 1.0]]))
+    with pytest.raises(ValueError, match=r"bias must be a tensor \[4\]"):
+        cpu_native.ternary_i8_linear(torch.zeros(1, 64), weights, 1.0, bias=torch.zeros(5))
+    layer = cpu_native.TernaryI8Linear(weights, 1.0)
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        layer(torch.zeros(1, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="last dimension 64"):
+        layer(torch.zeros(64, 1))
+    assert layer(torch.ones(64)).shape == (4,)  # one token, no batch dimension
+    with pytest.raises(ValueError, match="norm_eps"):
+        cpu_native.quantize_i8(torch.zeros(1, 64), norm_eps=-1.0)
+
+
+def test_weight_bytes_are_two_bits():
+    n, k = 384, 1536
+    weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(torch.zeros(n, k)), k)
+    assert weights.nbytes * 16 == n * k * 4  # 1/16 of float32
