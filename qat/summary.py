@@ -22,6 +22,11 @@ Size conventions (state them with any ratio):
 MACs come from one forward pass of a single sample (batch 1) and are split by precision:
 binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float or 8-bit inputs:
 BitNet's int8 activations are not binary; the "A bits" column tells them apart) and float.
+Attention's two products (``F.scaled_dot_product_attention``: q k^T and the weighted sum of v,
+L * S * (E + E_v) MACs per head for L queries, S keys, E/E_v features) have no weights of their own
+and are float; they are counted on a row of their own for the module that calls the function
+(e.g. ``blocks.0.attn``, kind ``Attention``, no parameters). A causal mask does not halve them:
+the dense product is what runs.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import kernels
 from kernels.sparse24 import group_codes, tap_major
@@ -154,13 +161,17 @@ def _count_macs(model: nn.Module, input_size, targets: dict[str, nn.Module]) -> 
     for name, module in targets.items():
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_hook(hook_for(name)))
+    calling = AttentionMacs(macs)
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(calling.enter(name)))
+        handles.append(module.register_forward_hook(calling.leave))
     reference = next(model.parameters(), None)
     x = torch.zeros(1, *input_size, device=reference.device if reference is not None else None,
                     dtype=reference.dtype if reference is not None else None)
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), calling:
             model(x)
     finally:
         for h in handles:
@@ -168,6 +179,33 @@ def _count_macs(model: nn.Module, input_size, targets: dict[str, nn.Module]) -> 
         for m, mode in was_training.items():
             m.training = mode
     return macs
+
+
+class AttentionMacs(TorchFunctionMode):
+    """Adds the MACs of every ``F.scaled_dot_product_attention`` call to ``macs[<calling module>]``
+    (the innermost module whose forward is running, tracked by the pre/post hooks ``enter``/``leave``)."""
+
+    def __init__(self, macs: dict[str, int]):
+        super().__init__()
+        self.macs = macs
+        self.stack: list[str] = []
+
+    def enter(self, name: str):
+        def hook(module, inputs):
+            self.stack.append(name)
+        return hook
+
+    def leave(self, module, inputs, output):
+        self.stack.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.stack:
+            query, key, value = (kwargs[n] if n in kwargs else args[i] for i, n in enumerate(("query", "key", "value")))
+            heads = math.prod(query.shape[:-2])  # batch 1: the heads
+            count = heads * query.shape[-2] * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+            self.macs[self.stack[-1]] = self.macs.get(self.stack[-1], 0) + count
+        return func(*args, **kwargs)
 
 
 @dataclass
@@ -251,4 +289,8 @@ def summary(model: nn.Module, input_size) -> ModelSummary:
         profile = profile_layer(name, module)
         profile.macs = macs.get(name, 0)
         profiles.append(profile)
-    return ModelSummary(profiles)
+    # modules without parameters of their own that called attention (its float products)
+    profiles += [LayerProfile(name, type(model.get_submodule(name)).__name__, macs=count)
+                 for name, count in macs.items() if name not in targets]
+    order = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    return ModelSummary(sorted(profiles, key=lambda profile: order[profile.name]))

@@ -16,6 +16,7 @@ from qat.models.mnist_cnn import mnist_cnn
 from qat.models.resnet_cifar import resnet18_cifar, resnet20
 from qat.models.resnet_imagenet import resnet18_imagenet
 from qat.models.vgg_small import vgg_small
+from qat.models.vit import vit
 
 ModelBuilder = Callable[..., nn.Module]
 
@@ -25,6 +26,7 @@ MODELS: dict[str, ModelBuilder] = {
     "resnet20": resnet20,
     "vgg_small": vgg_small,
     "mnist_cnn": mnist_cnn,
+    "vit": vit,
 }
 
 
