@@ -10,6 +10,7 @@ from conftest import CONFIGS, trained_like
 from qat import models
 from qat.export import PackedLayer, load_packed, pack_model, read_packed, save_packed
 from qat.models.vit import Attention
+from qat.train import report
 from qat.train.trainer import Trainer
 
 TINY = {"depth": 2, "width": 32, "heads": 2, "mlp_ratio": 2.0}
@@ -86,6 +87,8 @@ def test_experiment_trains_a_step_and_quantizes_what_the_recipe_says(method, com
     summary = trainer.fit()
     assert summary["steps"] == 1 and summary["model"] == "vit"
     assert not torch.equal(trainer.model.blocks[0].mlp.fc1.weight, before)
+    markdown, _ = report.write_report(tmp_path, tmp_path / "report")  # python -m qat.train.report
+    assert f"| vit | synthetic | {method} |" in markdown.read_text()
 
 
 def test_the_recipes_defaults(compose):
