@@ -6,7 +6,7 @@ from torch import nn
 
 import layers
 import qat
-from conftest import CONFIGS, trained_like
+from conftest import trained_like
 from qat import models
 from qat.export import PackedLayer, load_packed, pack_model, read_packed, save_packed
 from qat.models.vit import Attention
@@ -57,7 +57,7 @@ def test_attention_is_multi_head_softmax_attention():
     torch.testing.assert_close(attention(x), expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ternary", "bwn", "xnor"])
+@pytest.mark.parametrize("method", ["ternary", "bwn", "xnor", "bitnet158", "bitnet"])
 def test_quant_swaps_the_block_linears_only(method):
     model = qat.quantize_model(tiny_vit(), {"method": method, "keep_fp": ["first", "last"]})
     quantized = {n for n, m in model.named_modules() if isinstance(m, layers.QuantizedLayer)}
@@ -69,8 +69,6 @@ def test_quant_swaps_the_block_linears_only(method):
 
 @pytest.mark.parametrize("method", EXPERIMENTS)
 def test_experiment_trains_a_step_and_quantizes_what_the_recipe_says(method, compose, smoke_overrides, tmp_path):
-    if not (CONFIGS / "quant" / f"{method}.yaml").exists():
-        pytest.skip(f"configs/quant/{method}.yaml does not exist on this branch yet (the bitnet branch adds it)")
     tiny = [f"model.{k}={v}" for k, v in TINY.items()]
     cfg = compose([f"+experiment=vit_{method}", *smoke_overrides, *tiny])
     assert (cfg.experiment_name, cfg.quant.method, cfg.model.name) == (f"vit_{method}", method, "vit")
@@ -99,7 +97,7 @@ def test_the_recipes_defaults(compose):
     assert (cfg.model.depth, cfg.model.width, cfg.model.heads, cfg.model.patch) == (6, 256, 4, 4)
 
 
-@pytest.mark.parametrize("method", ["ternary", "xnor"])
+@pytest.mark.parametrize("method", ["ternary", "xnor", "bitnet158"])
 def test_packed_vit_reproduces_the_quantized_model_and_reloads_from_its_file(method, tmp_path):
     model = qat.quantize_model(tiny_vit(), {"method": method, "keep_fp": ["first", "last"]})
     model = trained_like(model, (3, 32, 32))
@@ -109,7 +107,8 @@ def test_packed_vit_reproduces_the_quantized_model_and_reloads_from_its_file(met
     with torch.no_grad():
         ref, out = model(x), packed(x)
     # ternary: the unpacked weight is bit-identical; xnor: the exact integer accumulators of the +-1
-    # token rows times alpha plus bias, in the training layer's float ops
+    # token rows times alpha plus bias, in the training layer's float ops; bitnet158: the same ops on
+    # the per-token int8 codes
     assert torch.equal(out, ref)
     path = save_packed(packed, tmp_path / "vit.safetensors")
     _, meta = read_packed(path)
