@@ -64,3 +64,16 @@ def test_cached_generation_equals_recomputing_and_is_deterministic():
     assert torch.equal(out, tiny().generate(prompt, 20))
     first, second = generate_text(model, "Hello", 8), generate_text(model, "Hello", 8)
     assert first.tokens == second.tokens and first.text.startswith("Hello") and first.new_tokens == 8
+
+
+def test_packed_ternary_gpt_generates_what_the_trained_model_does(tmp_path):
+    from qat.export import load_packed, pack_model, save_packed
+
+    model = qat.quantize_model(tiny(), {"method": "ternary", "keep_fp": ["last"]}).eval()
+    for parameter in model.parameters():  # weights away from init, so the codes are not all one value
+        parameter.data.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    qat.set_progress(model, 1.0)
+    path = save_packed(pack_model(model), tmp_path / "gpt.safetensors")
+    packed = load_packed(path)
+    assert generate_text(packed, "Hello", 24).tokens == generate_text(model, "Hello", 24).tokens
+    assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 4

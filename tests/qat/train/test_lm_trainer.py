@@ -134,3 +134,18 @@ def test_lm_experiments_have_equal_steps(compose):
     assert bitnet.quant.method == "bitnet158" and bitnet.sched.name == "bitnet_two_stage"
     for key in ("trainer.epochs", "data.windows_per_epoch", "data.batch_size", "data.block_size", "model"):
         assert OmegaConf.select(fp, key) == OmegaConf.select(bitnet, key), key
+
+
+def test_generate_command_from_a_run_and_from_its_packed_file(compose, tmp_path, capsys):
+    from qat.export import pack_model, save_packed
+    from qat.generate.__main__ import main, model_from_checkpoint
+
+    write_corpus(tmp_path / "data")
+    Trainer(compose(lm_overrides(tmp_path / "data", "quant=ternary", "trainer.max_steps=2")), tmp_path / "run").fit()
+    assert main([str(tmp_path / "run"), "--prompt", "The quick", "--tokens", "12"]) == 0
+    from_run = capsys.readouterr().out
+    assert from_run.startswith("The quick") and "tokens/s" in from_run and "CPU:" in from_run
+    save_packed(pack_model(model_from_checkpoint(tmp_path / "run")), tmp_path / "lm.safetensors")
+    assert main(["--packed", str(tmp_path / "lm.safetensors"), "--prompt", "The quick", "--tokens", "12"]) == 0
+    from_packed = capsys.readouterr().out
+    assert from_packed.split("\n\n[")[0] == from_run.split("\n\n[")[0]     # the same greedy text
