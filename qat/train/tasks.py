@@ -26,6 +26,7 @@ class Classification:
     best_metric = "acc1"          # chooses best.pt on the validation split
     higher_is_better = True
     sample_unit = "images"        # the step log's train/<unit>_per_second
+    progress_unit = "img"         # the progress line's <unit>/s
     #: (report column title, summary key) of the figures `qat.train.report` shows, and its plot's axis
     report_columns = (("best val top-1", "best_val_acc1"), ("test top-1", "test_acc1"))
     report_axis = "top-1 accuracy (%) (test, else best validation)"
@@ -81,6 +82,7 @@ class LanguageModel(Classification):
     best_metric = "bpb"
     higher_is_better = False
     sample_unit = "tokens"
+    progress_unit = "tok"
     report_columns = (("best val bits/byte", "best_val_bpb"), ("test bits/byte", "test_bpb"))
     report_axis = "bits per byte (test, else best validation; lower is better)"
 

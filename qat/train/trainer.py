@@ -360,7 +360,7 @@ class Trainer:
                                **step_metrics(self.optimizer)}
                     postfix = {"loss": f"{metrics['train/step_loss']:.3f}", "lr": f"{metrics['train/lr']:.2e}"}
                     self.logger.log_step(state.step, metrics)
-                self.progress.update(images.shape[0] * self.context.world_size, **postfix)
+                self.progress.update(self.task.samples(labels) * self.context.world_size, **postfix)
                 if state.step % diag_every == 0 and self.context.is_main:
                     self.logger.log_step(state.step, self.diagnostics.collect())
                 if max_steps and state.step >= max_steps:
@@ -414,7 +414,7 @@ class Trainer:
             self.run_total_steps(), state.step,
             enabled=self.context.is_main and bool(cfg.trainer.get("progress_bar", True)),
             refresh_interval=float(cfg.trainer.get("progress_interval", 0.5)),
-            log_interval=float(cfg.trainer.get("progress_log_interval", 30.0)))
+            log_interval=float(cfg.trainer.get("progress_log_interval", 30.0)), unit=self.task.progress_unit)
         try:
             self.interrupt.__enter__()
             max_steps = cfg.trainer.get("max_steps")
