@@ -149,3 +149,20 @@ def test_generate_command_from_a_run_and_from_its_packed_file(compose, tmp_path,
     assert main(["--packed", str(tmp_path / "lm.safetensors"), "--prompt", "The quick", "--tokens", "12"]) == 0
     from_packed = capsys.readouterr().out
     assert from_packed.split("\n\n[")[0] == from_run.split("\n\n[")[0]     # the same greedy text
+
+
+@pytest.mark.parametrize("method, latent_decay", [("ternary", 0.1), ("bwn", 0.0)])
+def test_adamw_latent_weight_policy_on_the_lm(compose, tmp_path, method, latent_decay):
+    write_corpus(tmp_path / "data")
+    trainer = Trainer(compose(lm_overrides(tmp_path / "data", f"quant={method}", "optim.weight_decay=0.1",
+                                           "sched=bitnet_two_stage")), tmp_path / "run")
+    model = trainer.model
+
+    def decay_of(parameter):
+        groups = trainer.optimizer.param_groups
+        return next(g["weight_decay"] for g in groups if any(p is parameter for p in g["params"]))
+
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    assert decay_of(model.blocks[0].attn.qkv.weight) == latent_decay      # binary latent weights: never decayed
+    assert decay_of(model.head.weight) == 0.1 and decay_of(model.tok_emb.weight) == 0.1
+    assert decay_of(model.blocks[0].ln1.weight) == 0.0 and decay_of(model.blocks[0].attn.qkv.bias) == 0.0
