@@ -46,7 +46,8 @@ def test_lm_run_logs_bits_per_byte_everywhere(compose, tmp_path, caplog):
 
 def test_resumed_lm_run_sees_the_same_windows(compose, tmp_path):
     write_corpus(tmp_path / "data")
-    base = lm_overrides(tmp_path / "data", "data.windows_per_epoch=16")
+    base = lm_overrides(tmp_path / "data", "data.windows_per_epoch=16", "sched=bitnet_two_stage",
+                        "optim.weight_decay=0.1")
     whole = Trainer(compose(base), tmp_path / "whole").fit()
     Trainer(compose([*base, "trainer.max_steps=2"]), tmp_path / "part").fit()
     resumed = Trainer(compose([*base, f"trainer.resume={tmp_path / 'part'}"]), tmp_path / "part").fit()
