@@ -145,7 +145,8 @@ def _counted_modules(model: nn.Module):
             yield name, module
 
 
-def _count_macs(model: nn.Module, input_size, targets: dict[str, nn.Module]) -> dict[str, int]:
+def _count_macs(model: nn.Module, input_size, targets: dict[str, nn.Module],
+                input_dtype: torch.dtype | None = None) -> dict[str, int]:
     macs: dict[str, int] = {}
     handles = []
 
@@ -166,8 +167,9 @@ def _count_macs(model: nn.Module, input_size, targets: dict[str, nn.Module]) -> 
         handles.append(module.register_forward_pre_hook(calling.enter(name)))
         handles.append(module.register_forward_hook(calling.leave))
     reference = next(model.parameters(), None)
-    x = torch.zeros(1, *input_size, device=reference.device if reference is not None else None,
-                    dtype=reference.dtype if reference is not None else None)
+    if input_dtype is None and reference is not None:
+        input_dtype = reference.dtype
+    x = torch.zeros(1, *input_size, device=reference.device if reference is not None else None, dtype=input_dtype)
     was_training = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -279,11 +281,12 @@ class ModelSummary:
         return "\n".join([line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]), footer])
 
 
-def summary(model: nn.Module, input_size) -> ModelSummary:
-    """Profile ``model`` for inputs of ``input_size`` = (C, H, W) or (features,), without batch dim."""
+def summary(model: nn.Module, input_size, input_dtype: torch.dtype | None = None) -> ModelSummary:
+    """Profile ``model`` for inputs of ``input_size`` = (C, H, W), (features,) or (tokens,), without batch
+    dim; ``input_dtype``: the inputs' dtype where it is not the parameters' (``torch.long`` token ids)."""
     input_size = tuple(int(s) for s in input_size)
     targets = dict(_counted_modules(model))
-    macs = _count_macs(model, input_size, targets)
+    macs = _count_macs(model, input_size, targets, input_dtype)
     profiles = []
     for name, module in targets.items():
         profile = profile_layer(name, module)

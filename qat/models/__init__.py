@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from qat.models.gpt import gpt
 from qat.models.mnist_cnn import mnist_cnn
 from qat.models.resnet_cifar import resnet18_cifar, resnet20
 from qat.models.resnet_imagenet import resnet18_imagenet
@@ -27,6 +28,7 @@ MODELS: dict[str, ModelBuilder] = {
     "vgg_small": vgg_small,
     "mnist_cnn": mnist_cnn,
     "vit": vit,
+    "gpt": gpt,
 }
 
 

@@ -4,7 +4,8 @@ A checkpoint is a dict of tensors, numbers, strings and lists only:
   format_version, model (state_dict), optimizer (state_dict), scheduler (state_dict),
   epoch (completed epochs), step (optimizer steps), batch_in_epoch (batches of `epoch` already done,
   > 0 only for a mid-epoch save such as Ctrl-C), train_sums (the interrupted epoch's metric sums),
-  best_val_acc1, train_seconds, config_yaml (the run's resolved config as YAML text),
+  best_val_acc1 (best_val_bpb for a language model: the task's best validation figure), train_seconds,
+  config_yaml (the run's resolved config as YAML text),
   identity {model, method, data, num_classes}, rng {torch, cuda, numpy_*, python} as tensors,
   init_from (the record of trainer.init_from, or None; qat.train.init_from).
 

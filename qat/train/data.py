@@ -27,10 +27,17 @@ configs default to 5,000 images for MNIST, Fashion-MNIST, CIFAR-10/100 and 2 % f
 trees, so best.pt is chosen on held-out training images and the test set only gives the final
 figure. Synthetic data instead draws a separate validation set of `data.num_val` images (default: as
 many as the test set) from the same distribution, so the tiny smoke configs keep every training image.
+
+Token datasets (a row with `task="language_model"`, e.g. `pydoc`): byte-level text from the files
+`<data.root>/<name>/{train,val,test}.txt` (`python -m qat.train.text_corpus` writes them), cut into
+windows of `data.block_size` bytes as `qat.train.tokens` describes (an epoch is
+`data.windows_per_epoch` random training windows); the bundle's inputs are int64 token ids of shape
+(block_size,), its classes the 256 byte values.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -72,9 +79,14 @@ class DataBundle:
     num_classes: int
     channels: int
     image_size: int
+    task: str = "classification"  # the row's task (qat.train.tasks): classification | language_model
+    input_shape: tuple[int, ...] | None = None  # one input without batch dim, where it is not (C, H, W)
+    input_dtype: torch.dtype | None = None  # the inputs' dtype where it is not the model's (token ids)
 
     @property
-    def input_size(self) -> tuple[int, int, int]:
+    def input_size(self) -> tuple[int, ...]:
+        if self.input_shape is not None:
+            return self.input_shape
         return (self.channels, self.image_size, self.image_size)
 
 
@@ -107,6 +119,7 @@ class DatasetSpec:
     torchvision_class: str | None = None  # its class in torchvision.datasets
     torchvision_folder: str | None = None  # the folder that class reads under data.root
     raw_files: bool = False  # torchvision's md5-listed raw .gz files, copied from data.source when missing
+    task: str = "classification"  # what the trainer does with it (qat.train.tasks): classification | language_model
 
 
 class TransformedSubset(Dataset):
@@ -365,6 +378,38 @@ def build_torchvision(spec: DatasetSpec, cfg: Any) -> BaseSplits:
                       load_torchvision(spec.name, root, False, bool(cfg.download)))
 
 
+def read_text_split(folder: Path, split: str, manifest: dict | None) -> torch.Tensor:
+    """The byte tokens of `<folder>/<split>.txt`, checked against the manifest's sha256 when there is one."""
+    from qat.train.tokens import encode
+
+    path = folder / f"{split}.txt"
+    if not path.is_file():
+        raise DatasetNotFoundError(f"no {path}: build the corpus with `python -m qat.train.text_corpus --out {folder}` "
+                                   f"(or set data.root / env QAT_DATA to the folder holding {folder.name}/)")
+    data = path.read_bytes()
+    expected = ((manifest or {}).get("files", {}).get(split) or {}).get("sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptDataError(f"{path} does not match the sha256 in {folder / 'manifest.json'}; rebuild the corpus "
+                               f"with `python -m qat.train.text_corpus --out {folder}`")
+    return encode(data.decode("utf-8"))
+
+
+def build_text_corpus(spec: DatasetSpec, cfg: Any) -> BaseSplits:
+    """Byte-level windows of `<data.root>/<name>/{train,val,test}.txt` (module docstring, qat.train.tokens)."""
+    from qat.train.tokens import ContiguousWindows, RandomWindows
+
+    folder = as_path(cfg.root) / spec.name
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    block_size, eval_windows = cfg.block_size, cfg.get("eval_windows")
+    train = RandomWindows(read_text_split(folder, "train", manifest), block_size, cfg.windows_per_epoch)
+    val = ContiguousWindows(read_text_split(folder, "val", manifest), block_size, eval_windows, "val")
+    test_path = folder / "test.txt"
+    test = (ContiguousWindows(read_text_split(folder, "test", manifest), block_size, eval_windows, "test")
+            if test_path.is_file() else None)
+    return BaseSplits(train, test, val)
+
+
 #: The dataset registry, the only place that lists datasets: `data.name` picks a row, and
 #: `configs/data/<name>.yaml` holds its defaults (a test checks the two agree).
 DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
@@ -385,6 +430,8 @@ DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
                 augment="imagenet"),
     # Shape defaults only: data.num_classes / channels / image_size draw any shape.
     DatasetSpec("synthetic", build_synthetic, classes=10, channels=3, image_size=32),
+    # English text of the Python 3.11 documentation (python -m qat.train.text_corpus), 256 byte values.
+    DatasetSpec("pydoc", build_text_corpus, classes=256, task="language_model"),
 )}
 
 
@@ -420,6 +467,14 @@ def torchvision_class(spec: DatasetSpec) -> type:
 def build_data(cfg: Any) -> DataBundle:
     """The train / val / test datasets described by a `configs/data/*.yaml` node."""
     spec = get_dataset(cfg.name)
+    if spec.task == "language_model":
+        bases = spec.build(spec, cfg)
+        block_size = int(cfg.block_size)
+        if int(cfg.num_classes) != spec.classes:
+            raise ValueError(f"data.num_classes={cfg.num_classes} but {spec.name} is byte-level: its vocabulary "
+                             f"has {spec.classes} tokens")
+        return DataBundle(bases.train, bases.val, bases.test, int(cfg.num_classes), channels=1,
+                          image_size=block_size, task=spec.task, input_shape=(block_size,), input_dtype=torch.long)
     channels, image_size, num_classes = int(cfg.channels), int(cfg.image_size), int(cfg.num_classes)
     train_tf = eval_tf = None
     if spec.normalization is not None:  # decoded images: ToTensor + Normalize, augmented for training

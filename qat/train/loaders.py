@@ -3,6 +3,9 @@
 Training order is a pure function of (seed, epoch): DistributedSampler(shuffle=True, seed) with
 set_epoch(epoch); the worker seeds come from a generator seeded with (seed, epoch). A resumed run can
 therefore skip the batches an interrupted epoch had already done and see the same remaining batches.
+A dataset whose items are drawn anew each epoch (`qat.train.tokens.RandomWindows`) has a
+`resample(seed, epoch)` method, called before the epoch's loader is iterated (so workers, started
+then, get the epoch's items), which keeps the same property.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ class TrainLoader:
     """A train DataLoader plus the bookkeeping to start epoch `e` at batch `b` reproducibly."""
 
     def __init__(self, dataset: Dataset, cfg, context: DistributedContext, seed: int, pin_memory: bool):
-        self.seed, self.batch_size = seed, int(cfg.batch_size)
+        self.seed, self.batch_size, self.dataset = seed, int(cfg.batch_size), dataset
         self.drop_last = bool(cfg.get("drop_last", True))
         self.sampler = ResumableSampler(dataset, context, seed, self.drop_last)
         self.generator = torch.Generator()
@@ -56,6 +59,9 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_batch: int = 0):
         """An iterator over epoch `epoch`'s batches from batch `start_batch` on."""
+        resample = getattr(self.dataset, "resample", None)
+        if callable(resample):
+            resample(self.seed, epoch)
         self.sampler.set_epoch(epoch, skip=start_batch * self.batch_size)
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         return iter(self.loader)

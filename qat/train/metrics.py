@@ -1,8 +1,11 @@
-"""Classification metrics kept as sums, so they all-reduce exactly across DDP ranks.
+"""Classification and language-model metrics kept as sums, so they all-reduce exactly across DDP ranks.
 
 top-k accuracy = 100 * #{i : label_i in the k highest logits_i} / N;  loss = sum_i CE_i / N.
+Language models (`TokenMetricSums`): the same loss per token, bits per byte and perplexity.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,3 +40,24 @@ class MetricSums:
         count = max(count, 1.0)
         return {f"{prefix}/loss": loss / count, f"{prefix}/acc1": 100 * correct1 / count,
                 f"{prefix}/acc5": 100 * correct5 / count}
+
+
+class TokenMetricSums:
+    """Language-model metrics as sums: [loss_sum, token count], loss in nats per token.
+
+    With tokens = bytes (qat.train.tokens): loss = sum_i CE_i / N, bits per byte = loss / ln 2,
+    perplexity = exp(loss)."""
+
+    def __init__(self, device):
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        count = targets.numel()
+        self.sums += torch.stack([loss.detach().double() * count,
+                                  torch.tensor(count, dtype=torch.float64, device=self.sums.device)])
+
+    def result(self, prefix: str) -> dict[str, float]:
+        loss, count = self.sums.tolist()
+        loss /= max(count, 1.0)
+        return {f"{prefix}/loss": loss, f"{prefix}/bpb": loss / math.log(2),
+                f"{prefix}/ppl": math.exp(min(loss, 700.0))}

@@ -13,7 +13,24 @@ with W = warmup_epochs * steps_per_epoch warm-up steps and T total steps:
   cosine:           f(s) = final + (1 - final) * (1 + cos(pi * (s - W) / (T - W))) / 2
   step:             f(s) = gamma ** (number of milestones m with s >= m * steps_per_epoch)
   constant:         f(s) = 1
+  bitnet_two_stage: with H = round(stage_split * T) (stage 2 starts at step H),
+                    s < H:  f(s) = 1 + (stage1_final - 1) * (s - W) / (H - W)      (stage 1: linear from the peak)
+                    s >= H: f(s) = stage2 + (final - stage2) * (s - H) / (T - H)   (stage 2: the sudden drop,
+                                                                                    then linear to `final`)
 `final` is `sched.final_lr_fraction` (0 = anneal to zero, as in IR-Net / BiBench).
+
+Weight-decay schedule (`bitnet_two_stage` only): every group's weight decay is its configured value
+(optim.weight_decay; 0 stays 0, so the latent-weight policy of `qat.latent.param_groups` holds) times
+
+    g(s) = (1 + cos(pi * s / H)) / 2   for s < H,        g(s) = 0   for s >= H,
+
+set before step s. BitNet b1.58's recipe ("The Era of 1-bit LLMs: Training Tips, Code and FAQ",
+Ma et al. 2024, section 2): a two-stage learning rate, high at first and decayed sharply half-way
+(its Table 2: 1.5e-3 then 1e-3 for 700M parameters, i.e. stage2 = 2/3), and weight decay on a
+cosine schedule with peak 0.1 in the first stage, disabled in the second. The FAQ does not give
+the shape of each stage's lr decay or the cosine's phase; here each stage decays linearly, stage 1
+from the peak to `stage1_final_fraction` (default 1: it keeps the peak), and the weight decay starts
+at its peak and follows a half cosine to 0 at the stage boundary.
 """
 from __future__ import annotations
 
@@ -27,7 +44,9 @@ from qat.train import bop
 
 OPTIMIZERS = ("adam", "adamw", "sgd")  # over parameter groups (build_optimizer)
 ROUTED_OPTIMIZERS = ("bop",)           # over a model's weights, routed by kind (optimizer_for)
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "constant", "bitnet_two_stage")
+#: schedules that also set each group's weight decay (`weight_decay_multiplier`)
+WEIGHT_DECAY_SCHEDULES = ("bitnet_two_stage",)
 
 
 def build_optimizer(cfg: Any, param_groups: list[dict]) -> torch.optim.Optimizer:
@@ -132,6 +151,9 @@ def lr_multiplier(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[
     final = float(cfg.get("final_lr_fraction", 0.0))
     milestones = [int(m * steps_per_epoch) for m in cfg.get("milestones", [])]
     gamma = float(cfg.get("gamma", 0.1))
+    boundary = stage_boundary(cfg, total_steps)
+    stage1_final = float(cfg.get("stage1_final_fraction", 1.0))
+    stage2 = float(cfg.get("stage2_fraction", 2 / 3))
 
     def multiplier(step: int) -> float:
         if step < warmup:
@@ -142,11 +164,63 @@ def lr_multiplier(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[
             return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
         if name == "step":
             return gamma ** sum(step >= m for m in milestones)
+        if name == "bitnet_two_stage":
+            if step < boundary:
+                return 1.0 + (stage1_final - 1.0) * (step - warmup) / max(1, boundary - warmup)
+            return stage2 + (final - stage2) * min(1.0, (step - boundary) / max(1, total_steps - boundary))
         return 1.0
 
     return multiplier
 
 
+def stage_boundary(cfg: Any, total_steps: int) -> int:
+    """The first step of BitNet's second stage: round(sched.stage_split * total_steps)."""
+    split = cfg.get("stage_split", 0.5)
+    if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split <= 1:
+        raise ValueError(f"sched.stage_split must be a fraction in (0, 1], got {split!r}")
+    return int(round(split * total_steps))
+
+
+def weight_decay_multiplier(cfg: Any, steps_per_epoch: int, total_steps: int) -> Callable[[int], float] | None:
+    """g(step) of the weight-decay schedule (module docstring), or None for a schedule without one."""
+    if cfg.name not in WEIGHT_DECAY_SCHEDULES:
+        return None
+    boundary = stage_boundary(cfg, total_steps)
+
+    def multiplier(step: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * step / boundary)) if step < boundary else 0.0
+
+    return multiplier
+
+
+class LrWeightDecayScheduler(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR that also sets every group's weight_decay = initial_weight_decay * g(step) at each step
+    (the group's configured decay is kept as `initial_weight_decay`, as LambdaLR keeps `initial_lr`).
+    Its state is LambdaLR's: g is a function of the step it counts."""
+
+    def __init__(self, optimizer, lr_lambda: Callable[[int], float], wd_lambda: Callable[[int], float]):
+        for group in optimizer.param_groups:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+        self.wd_lambda = wd_lambda
+        super().__init__(optimizer, lr_lambda)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.pop("wd_lambda", None)  # a function of the config, rebuilt with the scheduler
+        return state
+
+    def step(self, epoch=None):
+        super().step() if epoch is None else super().step(epoch)
+        factor = self.wd_lambda(self.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = group["initial_weight_decay"] * factor
+
+
 def build_scheduler(cfg: Any, optimizer, steps_per_epoch: int, total_steps: int):
-    """A LambdaLR stepped once per optimizer step; its state_dict holds only numbers."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, steps_per_epoch, total_steps))
+    """A LambdaLR stepped once per optimizer step (for a schedule with a weight-decay part, an
+    `LrWeightDecayScheduler`); its state_dict holds only numbers."""
+    lr_lambda = lr_multiplier(cfg, steps_per_epoch, total_steps)
+    wd_lambda = weight_decay_multiplier(cfg, steps_per_epoch, total_steps)
+    if wd_lambda is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return LrWeightDecayScheduler(optimizer, lr_lambda, wd_lambda)

@@ -3,7 +3,10 @@
 Finds every summary.json below the directory and writes
   report.md   one row per run (method, estimator, W/A bits, accuracy, size, compression, speed)
   report.png  accuracy against quantized model size (log x), one marker per W/A bit-width
-The accuracy plotted is test_acc1 when the run has a test split, else best_val_acc1.
+The accuracy plotted is test_acc1 when the run has a test split, else best_val_acc1. The figures are
+the run's task's (`qat.train.tasks`, the summary's `task`; classification when absent): for language
+models bits per byte (test_bpb, else best_val_bpb) instead of top-1. Runs of different tasks get one
+table each and one panel each in report.png.
 A missing directory, no summary.json or an unreadable one print one line and exit with status 2
 (`qat.train.cli`).
 """
@@ -15,11 +18,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COLUMNS = (("run", "run"), ("model", "model"), ("data", "data"), ("method", "method"),
-           ("estimator", "estimator"), ("W/A", "bits"), ("seed", "seed"), ("epochs", "epochs"),
-           ("best val top-1", "best_val_acc1"), ("test top-1", "test_acc1"),
-           ("quantized KiB", "quantized_kib"), ("compression", "compression"),
-           ("s/epoch", "seconds_per_epoch"))
+from qat.train.tasks import get_task
+
+LEADING_COLUMNS = (("run", "run"), ("model", "model"), ("data", "data"), ("method", "method"),
+                   ("estimator", "estimator"), ("W/A", "bits"), ("seed", "seed"), ("epochs", "epochs"))
+TRAILING_COLUMNS = (("quantized KiB", "quantized_kib"), ("compression", "compression"),
+                    ("s/epoch", "seconds_per_epoch"))
+
+
+def columns(task_name: str | None = None) -> tuple[tuple[str, str], ...]:
+    """(title, key) of the table's columns for runs of the task `task_name`."""
+    return LEADING_COLUMNS + get_task(task_name).report_columns + TRAILING_COLUMNS
+
+
+COLUMNS = columns()  # classification
 
 
 def load_runs(directory: Path) -> list[dict[str, Any]]:
@@ -39,7 +51,16 @@ def load_runs(directory: Path) -> list[dict[str, Any]]:
 
 
 def accuracy(run: dict[str, Any]) -> float | None:
-    return run.get("test_acc1") if run.get("test_acc1") is not None else run.get("best_val_acc1")
+    """The run's headline figure: top-1 (test, else best validation), or bits per byte for a language model."""
+    return get_task(run.get("task")).headline(run)
+
+
+def by_task(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The runs grouped by task name, classification first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(get_task(run.get("task")).name, []).append(run)
+    return dict(sorted(groups.items(), key=lambda item: item[0] != "classification"))
 
 
 def _cell(run: dict[str, Any], key: str) -> str:
@@ -57,10 +78,17 @@ def _cell(run: dict[str, Any], key: str) -> str:
 
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for title, _ in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    rows = ["| " + " | ".join(_cell(run, key) for _, key in COLUMNS) + " |" for run in runs]
-    return "\n".join([header, rule, *rows])
+    """One table per task (the task's name above it when there is more than one)."""
+    groups = by_task(runs)
+    tables = []
+    for task_name, group in groups.items():
+        table_columns = columns(task_name)
+        header = "| " + " | ".join(title for title, _ in table_columns) + " |"
+        rule = "|" + "|".join("---" for _ in table_columns) + "|"
+        rows = ["| " + " | ".join(_cell(run, key) for _, key in table_columns) + " |" for run in group]
+        title = [f"## {task_name.replace('_', ' ')}", ""] if len(groups) > 1 else []
+        tables.append("\n".join([*title, header, rule, *rows]))
+    return "\n\n".join(tables)
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -69,7 +97,16 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    groups = by_task(runs) or {"classification": []}
+    figure, panels = plt.subplots(1, len(groups), figsize=(7 * len(groups), 4.5), squeeze=False)
+    for axes, (task_name, group) in zip(panels[0], groups.items(), strict=True):
+        _plot_panel(axes, group, get_task(task_name).report_axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_panel(axes, runs: list[dict[str, Any]], ylabel: str) -> None:
     markers = "osD^v<>pPX*h"
     by_bits: dict[str, list[dict]] = {}
     for run in runs:
@@ -84,14 +121,11 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
                           xytext=(3, 3), textcoords="offset points")
     axes.set_xscale("log")
     axes.set_xlabel("quantized model size (KiB, log scale)")
-    axes.set_ylabel("top-1 accuracy (%) (test, else best validation)")
+    axes.set_ylabel(ylabel)
     axes.set_title("accuracy vs model size and bit-width")
     axes.grid(True, which="both", alpha=0.3)
     if by_bits:
         axes.legend(title="weights/activations")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def write_report(directory: Path, out: Path | None = None) -> tuple[Path, Path]:

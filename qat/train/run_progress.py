@@ -45,11 +45,12 @@ class RunProgress:
     enabled: False shows nothing. interactive: None = whether `stream` (default sys.stderr) is a
     terminal. refresh_interval: the bar's minimum redraw interval (seconds). log_interval: seconds
     between plain lines when not interactive (0 = a line at every step). clock: for tests.
+    unit: the label of what `update` counts (img; tok for a language model).
     """
 
     def __init__(self, total: int, initial: int = 0, *, enabled: bool = True, interactive: bool | None = None,
                  refresh_interval: float = 0.5, log_interval: float = 30.0, stream=None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, unit: str = "img"):
         if not log_interval >= 0:
             raise ValueError(f"trainer.progress_log_interval must be >= 0 seconds, got {log_interval!r}")
         self.initial = int(initial)
@@ -65,6 +66,7 @@ class RunProgress:
         self.started = self.last_line = clock()
         self.paused_seconds = 0.0
         self.images = 0
+        self.unit = unit  # what `update` counts, in the rate's label: img (images), tok (tokens)
         self.description = ""
         self.postfix: dict[str, str] = {}
         self.bar = None
@@ -101,7 +103,7 @@ class RunProgress:
         share = self.n / self.total if self.total else 1.0
         parts.append(f"step {self.n}/{self.total} ({share:.1%})")
         images_per_second = self.images_per_second()
-        parts.append(f"{images_per_second:.0f} img/s" if images_per_second else "? img/s")
+        parts.append(f"{images_per_second:.0f} {self.unit}/s" if images_per_second else f"? {self.unit}/s")
         parts.append(f"elapsed {format_seconds(self.elapsed())}")
         parts.append(f"ETA {format_seconds(self.eta())}")
         parts.extend(f"{key} {value}" for key, value in self.postfix.items())
@@ -124,7 +126,8 @@ class RunProgress:
         if self.bar is not None:
             rate = self.images_per_second()
             self.bar.set_postfix_str(", ".join([*(f"{k}={v}" for k, v in self.postfix.items()),
-                                                f"{rate:.0f} img/s" if rate else "? img/s"]), refresh=False)
+                                                f"{rate:.0f} {self.unit}/s" if rate else f"? {self.unit}/s"]),
+                                     refresh=False)
             self.bar.update(1)
             return
         now = self.clock()

@@ -5,10 +5,13 @@ weights, qat.train.init_from] -> optimizer (`qat.train.optim.optimizer_for`: lat
 without weight decay, `qat.latent.param_groups`; or Bop for binary weights) -> per-step schedule ->
 epochs of
   set_progress(step / total_steps) -> forward (bf16 autocast on CUDA) -> loss (cross-entropy, or
-  distillation from a teacher: qat.train.distill) -> backward -> step ->
+  distillation from a teacher: qat.train.distill; for a language model the token-level
+  cross-entropy, qat.train.tasks) -> backward -> [clip the global gradient norm to
+  trainer.grad_clip] -> step ->
   clip latent weights -> log
 with `trainer.act_compression` (none | exact | int8 | int4 | int2, qat.act_compression) compressing
-what the forward saves for backward, evaluation (loss, top-1, top-5) on validation and test after
+what the forward saves for backward, evaluation (loss, top-1, top-5; loss, bits per byte and
+perplexity for a language model: the dataset row's task, qat.train.tasks) on validation and test after
 every epoch, `last.pt` / `best.pt` checkpoints, W&B / CSV logging, and `summary.json` at the end
 (also after max_steps or Ctrl-C).
 
@@ -42,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import qat
@@ -54,14 +56,13 @@ from qat.train.allocator import return_freed_memory
 from qat.train.config import ConfigError, as_path, to_plain, validate
 from qat.train.data import build_data
 from qat.train.diagnostics import LayerDiagnostics
-from qat.train.distill import build_objective
 from qat.train.init_from import init_from
 from qat.train.interrupt import DeferredInterrupt, StopRequested
 from qat.train.loaders import TrainLoader, eval_loader
 from qat.train.loggers import build_logger, console_logging
-from qat.train.metrics import MetricSums
 from qat.train.optim import build_scheduler, optimizer_for, step_metrics
 from qat.train.run_progress import RunProgress
+from qat.train.tasks import finite_or_none, get_task
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class TrainState:
     epoch: int = 0           # completed epochs
     step: int = 0            # completed optimizer steps
     batch_in_epoch: int = 0  # batches of the current epoch already trained (mid-epoch resume)
-    best_val_acc1: float = -math.inf
+    best_val: float = -math.inf  # the task's best validation figure (top-1; bits per byte: starts at +inf)
     train_seconds: float = 0.0
 
 
@@ -140,6 +141,9 @@ class Trainer:
         self.w_bits, self.a_bits = qat.method_bits(self.method)
 
         self.data = build_data(cfg.data)
+        # What the run trains for (qat.train.tasks), decided by the dataset's registry row.
+        self.task = get_task(self.data.task)
+        self.grad_clip = grad_clip_setting(cfg)
         float_model = models.build_architecture(
             models.architecture(cfg.model, self.data.num_classes, self.data.channels))
         self.model = qat.quantize_model(float_model, to_plain(cfg.quant))
@@ -150,7 +154,7 @@ class Trainer:
             self.init_record = init_from(self.model, as_path(cfg.trainer.init_from),
                                          strict=cfg.trainer.get("init_strict", True))
         # The start-of-run figures; fit() reports those of the trained network (HQ prunes while training).
-        self.model_summary = qat.summary(self.model, self.data.input_size)
+        self.model_summary = qat.summary(self.model, self.data.input_size, self.data.input_dtype)
         self.model.to(self.device)
         # Compressed saved-for-backward tensors (qat.act_compression); `none` without overrides
         # installs nothing, so the default run is exactly PyTorch's.
@@ -166,9 +170,9 @@ class Trainer:
                 return_freed_memory()
 
         self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
-        # The training loss: cross-entropy, or distillation from a frozen teacher (qat.train.distill).
-        self.objective = build_objective(cfg.get("distill"), self.model, self.data.num_classes,
-                                         self.data.input_size, self.device, self.amp)
+        # The training loss: the task's cross-entropy, or distillation from a frozen teacher (qat.train.distill).
+        self.objective = self.task.objective(cfg.get("distill"), self.model, self.data.num_classes,
+                                             self.data.input_size, self.device, self.amp)
 
         pin = self.device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
         self.train_loader = TrainLoader(self.data.train, cfg.data, self.context, int(cfg.seed), pin)
@@ -189,7 +193,7 @@ class Trainer:
         self.total_steps = planned = int(cfg.trainer.epochs) * self.steps_per_epoch
         self.optimizer = optimizer_for(cfg.optim, self.model)
         self.scheduler = build_scheduler(cfg.sched, self.optimizer, self.steps_per_epoch, planned)
-        self.state = TrainState()
+        self.state = TrainState(best_val=-math.inf if self.task.higher_is_better else math.inf)
         self.resumed_sums: list[float] | None = None
         self.saved: SavedPoint | None = None
         self.resumed_from: Path | None = None
@@ -242,7 +246,7 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])
         self.state = TrainState(epoch=int(payload["epoch"]), step=int(payload["step"]),
                                 batch_in_epoch=int(payload["batch_in_epoch"]),
-                                best_val_acc1=float(payload["best_val_acc1"]),
+                                best_val=float(payload[self._best_key()]),
                                 train_seconds=float(payload["train_seconds"]))
         self.resumed_sums = payload.get("train_sums")
         self.init_record = payload.get("init_from")
@@ -269,7 +273,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "epoch": self.state.epoch,
             "step": self.state.step, "batch_in_epoch": self.state.batch_in_epoch,
-            "train_sums": train_sums, "best_val_acc1": self.state.best_val_acc1,
+            "train_sums": train_sums, self._best_key(): self.state.best_val,
             "train_seconds": self.state.train_seconds,
             "config_yaml": OmegaConf.to_yaml(self.cfg, resolve=True),
             "identity": self._identity(), "rng": ckpt.capture_rng_state(),
@@ -277,7 +281,18 @@ class Trainer:
         }
         ckpt.save_checkpoint(path, payload)
 
+    def _best_key(self) -> str:
+        """best_val_acc1 / best_val_bpb: the name of the best validation figure in checkpoints and logs."""
+        return f"best_val_{self.task.best_metric}"
+
     # ------------------------------------------------------------------------------- the loop
+    def _clip_gradients(self) -> torch.Tensor | None:
+        """trainer.grad_clip = c > 0: scale all gradients by min(1, c / ||g||) (one global L2 norm over
+        every parameter, torch.nn.utils.clip_grad_norm_) and return ||g|| before clipping; else None."""
+        if not self.grad_clip:
+            return None
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+
     def _set_progress(self, progress: float) -> None:
         qat.set_progress(self.model, min(1.0, max(0.0, progress)))
 
@@ -303,7 +318,7 @@ class Trainer:
         Returns (metrics, this rank's metric sums)."""
         cfg, state = self.cfg, self.state
         self.ddp_model.train()
-        sums = MetricSums(self.device)
+        sums = self.task.metric_sums(self.device)
         if state.batch_in_epoch and self.resumed_sums is not None:
             sums.sums += torch.tensor(self.resumed_sums, dtype=torch.float64, device=self.device)
         self.resumed_sums = None
@@ -312,7 +327,7 @@ class Trainer:
         log_every = int(cfg.logger.get("log_every", 50))
         diag_every = int(cfg.logger.get("diagnostics_every", 200))
         started, max_steps = time.perf_counter(), cfg.trainer.get("max_steps")
-        images_seen = 0
+        samples_seen = 0
         try:
             for images, labels in batches:
                 if state.batch_in_epoch >= self.steps_per_epoch:
@@ -328,25 +343,28 @@ class Trainer:
                 loss, loss_parts = self.objective(logits, labels, images)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                grad_norm = self._clip_gradients()
                 self.optimizer.step()
                 self.scheduler.step()
                 qat.latent.clip_latent_weights(self.model)
                 sums.update(loss, logits, labels)
                 state.step += 1
                 state.batch_in_epoch += 1
-                images_seen += images.shape[0]
+                samples_seen += self.task.samples(labels)
                 postfix = {}
                 if state.step % log_every == 0 and self.context.is_main:
                     elapsed = time.perf_counter() - started
                     metrics = {"train/step_loss": loss.item(),
                                "train/lr": self.optimizer.param_groups[0]["lr"],
                                "train/progress": state.step / self.total_steps,
-                               "train/images_per_second": images_seen * self.context.world_size / max(elapsed, 1e-9),
+                               f"train/{self.task.sample_unit}_per_second":
+                                   samples_seen * self.context.world_size / max(elapsed, 1e-9),
+                               **({"train/grad_norm": grad_norm.item()} if grad_norm is not None else {}),
                                **{key: part.item() for key, part in loss_parts.items()},
                                **step_metrics(self.optimizer)}
                     postfix = {"loss": f"{metrics['train/step_loss']:.3f}", "lr": f"{metrics['train/lr']:.2e}"}
                     self.logger.log_step(state.step, metrics)
-                self.progress.update(images.shape[0] * self.context.world_size, **postfix)
+                self.progress.update(self.task.samples(labels) * self.context.world_size, **postfix)
                 if state.step % diag_every == 0 and self.context.is_main:
                     self.logger.log_step(state.step, self.diagnostics.collect())
                 if max_steps and state.step >= max_steps:
@@ -367,13 +385,13 @@ class Trainer:
             for buffer in self.model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         self.model.eval()
-        sums = MetricSums(self.device)
+        sums = self.task.metric_sums(self.device)
         with self.progress.paused():
             for images, labels in self.progress.wrap(self.eval_loaders[split], split):
                 images, labels = images.to(self.device), labels.to(self.device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
                     logits = self.model(images)
-                sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
+                sums.update(self.task.loss(logits, labels), logits, labels)
         self.model.train()
         distributed.all_reduce_sum(sums.sums, self.context)
         return sums.result(split)
@@ -400,7 +418,7 @@ class Trainer:
             self.run_total_steps(), state.step,
             enabled=self.context.is_main and bool(cfg.trainer.get("progress_bar", True)),
             refresh_interval=float(cfg.trainer.get("progress_interval", 0.5)),
-            log_interval=float(cfg.trainer.get("progress_log_interval", 30.0)))
+            log_interval=float(cfg.trainer.get("progress_log_interval", 30.0)), unit=self.task.progress_unit)
         try:
             self.interrupt.__enter__()
             max_steps = cfg.trainer.get("max_steps")
@@ -411,11 +429,11 @@ class Trainer:
                 if completed:
                     state.epoch, state.batch_in_epoch = epoch + 1, 0
                 self.last_eval = self._evaluate_reached()
-                val_acc1 = self.last_eval.get(f"{self.val_source}/acc1") if self.val_source else None
-                improved = val_acc1 is not None and val_acc1 > state.best_val_acc1
+                val = self.last_eval.get(f"{self.val_source}/{self.task.best_metric}") if self.val_source else None
+                improved = val is not None and self.task.better(val, state.best_val)
                 if improved:
-                    state.best_val_acc1 = val_acc1
-                metrics = {**train_metrics, **self.last_eval, "best_val_acc1": state.best_val_acc1,
+                    state.best_val = val
+                metrics = {**train_metrics, **self.last_eval, self._best_key(): state.best_val,
                            "train/seconds": state.train_seconds}
                 self.logger.log_epoch(epoch + 1, state.step, metrics)
                 if self.context.is_main:
@@ -435,7 +453,8 @@ class Trainer:
             self.progress.close()
         # The trained network's figures (HQ's sparsity grows while training); after an abort, the
         # network in memory at the abort.
-        self.trained_summary = qat.summary(self.model, self.data.input_size) if self.context.is_main \
+        self.trained_summary = qat.summary(self.model, self.data.input_size, self.data.input_dtype) \
+            if self.context.is_main \
             else self.model_summary
         summary = self._write_summary(interrupted)
         if self.context.is_main:
@@ -469,10 +488,9 @@ class Trainer:
 
     def _epoch_line(self, epoch: int, metrics: dict[str, float]) -> str:
         parts = [f"epoch {epoch + 1}/{self.cfg.trainer.epochs}", f"step {self.state.step}",
-                 f"train loss {metrics['train/loss']:.4f} acc1 {metrics['train/acc1']:.2f}"]
+                 self.task.metrics_text(metrics, "train")]
         for split in self.eval_loaders:
-            parts.append(f"{split} loss {metrics[f'{split}/loss']:.4f} acc1 {metrics[f'{split}/acc1']:.2f} "
-                         f"acc5 {metrics[f'{split}/acc5']:.2f}")
+            parts.append(self.task.metrics_text(metrics, split))
         parts.append(f"{self.state.train_seconds:.1f}s train")
         return " | ".join(parts)
 
@@ -491,13 +509,10 @@ class Trainer:
             "method": self.method,
             "estimator": estimator_label(to_plain(cfg.quant).get("estimator"), self.method),
             "w_bits": self.w_bits, "a_bits": self.a_bits,
-            "model": cfg.model.name, "data": cfg.data.name, "seed": int(cfg.seed),
+            "model": cfg.model.name, "data": cfg.data.name, "task": self.task.name, "seed": int(cfg.seed),
             "epochs": round(epochs_trained, 4), "epochs_planned": int(cfg.trainer.epochs),
             "steps": state.step,
-            "best_val_acc1": state.best_val_acc1 if state.best_val_acc1 > -math.inf else None,
-            "val_source": self.val_source,
-            "val_acc1": evaluation.get("val/acc1"),
-            "test_acc1": evaluation.get("test/acc1"), "test_acc5": evaluation.get("test/acc5"),
+            **self.task.summary_metrics(finite_or_none(state.best_val), self.val_source, evaluation),
             "test_size": len(self.data.test) if self.data.test is not None else None,
             "seconds_per_epoch": state.train_seconds / epochs_trained if epochs_trained else None,
             "train_seconds": state.train_seconds,
@@ -521,6 +536,16 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
+
+
+def grad_clip_setting(cfg: DictConfig) -> float | None:
+    """trainer.grad_clip: None (also for 0, null or absent: no clipping) or the max global norm > 0."""
+    value = cfg.trainer.get("grad_clip")
+    if value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ConfigError(f"trainer.grad_clip must be null/0 (off) or the max global gradient norm > 0, got {value!r}")
+    return float(value)
 
 
 def act_compression_settings(cfg: DictConfig) -> tuple[str, dict[str, str]]:

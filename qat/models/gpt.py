@@ -1,0 +1,140 @@
+"""A GPT-style causal language model (Radford et al. 2019, GPT-2's pre-norm block) for byte tokens.
+
+    h_0 = E_tok[x_t] + E_pos[t]                                  (learned token and position embeddings)
+    h_l = h_{l-1}' + MLP(LN(h_{l-1}')),  h_{l-1}' = h_{l-1} + Attn(LN(h_{l-1}))      l = 1..depth
+    logits = W_head LN(h_depth)                                   ([B, T, vocab])
+
+Attn is multi-head causal self-attention, softmax(q k^T / sqrt(d_head) + causal mask) v through
+`F.scaled_dot_product_attention`, with one `qkv` Linear (width -> 3 width) and an output `proj`
+Linear; MLP is Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisation as GPT-2: every
+weight N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0.
+
+Quantization: `qat.quantize_model` swaps the block Linears (qkv, proj, fc1, fc2); the embeddings are
+not Linear and stay float, and the head is the model's last Linear, kept float by `keep_fp: [last]`
+(the LM experiments' setting; `first` would name blocks.0.attn.qkv). Softmax and LayerNorms stay float.
+
+`num_classes` is the vocabulary size; `in_channels` must be 1 (a token stream) and is taken only so
+the builder has the registry's signature. `generate` decodes greedily with a key/value cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width={width} is not divisible by heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """`cache` (generation): a dict holding the keys and values of the earlier positions; this
+        call's keys and values are appended to it. With earlier positions, `x` must be one position."""
+        batch, length, width = x.shape
+        q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+                   for t in self.qkv(x).split(width, dim=2))
+        causal = True
+        if cache is not None:
+            if "k" in cache:
+                if length != 1:
+                    raise ValueError("a cached attention call takes one new position at a time")
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                causal = False  # the one new query sees every cached position
+            cache["k"], cache["v"] = k, v
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and length > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(width)
+        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(width, mlp_ratio * width))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(mlp_ratio * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), cache))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab_size: int, block_size: int, depth: int, width: int, heads: int, mlp_ratio: int = 4,
+                 dropout: float = 0.0):
+        super().__init__()
+        for key, value in (("block_size", block_size), ("depth", depth), ("width", width), ("heads", heads),
+                           ("mlp_ratio", mlp_ratio)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"gpt: {key} must be an int >= 1, got {value!r}")
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.tok_emb = nn.Embedding(vocab_size, width)
+        self.pos_emb = nn.Embedding(block_size, width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size, bias=False)
+        self._init_weights(depth)
+
+    def _init_weights(self, depth: int) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn.proj", "mlp.fc2")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, caches: list[dict] | None = None, start: int = 0) -> torch.Tensor:
+        """Logits [B, T, vocab] of token ids `idx` [B, T] at positions start .. start + T - 1."""
+        length = idx.shape[1]
+        if start + length > self.block_size:
+            raise ValueError(f"gpt: {start + length} positions, more than block_size={self.block_size}")
+        positions = torch.arange(start, start + length, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        for index, block in enumerate(self.blocks):
+            x = block(x, caches[index] if caches is not None else None)
+        return self.head(self.ln_f(x))
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """`idx` [B, T] followed by `new_tokens` greedily decoded ones (argmax of the next-token logits).
+
+        While the sequence fits the context, a key/value cache makes each new token cost one
+        position; past block_size tokens the window slides, and since the position embeddings are
+        absolute, each further token is computed afresh from the last block_size tokens."""
+        out = idx
+        caches: list[dict] | None = None
+        for _ in range(new_tokens):
+            length = out.shape[1]
+            if length > self.block_size:  # sliding window: no cache
+                logits = self(out[:, -self.block_size:])
+                caches = None
+            elif caches is None:  # the prompt (or a window that just stopped sliding)
+                caches = [{} for _ in self.blocks]
+                logits = self(out, caches)
+            else:
+                logits = self(out[:, -1:], caches, start=length - 1)
+            next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out = torch.cat([out, next_token], dim=1)
+            if out.shape[1] > self.block_size:
+                caches = None
+        return out
+
+
+def gpt(num_classes: int = 256, in_channels: int = 1, block_size: int = 256, depth: int = 4, width: int = 256,
+        heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0) -> GPT:
+    """A GPT of `depth` blocks of `width` (default: 4 x 256, context 256, 3.3M parameters for 256 tokens)."""
+    if in_channels != 1:
+        raise ValueError(f"gpt reads a token stream: in_channels must be 1, got {in_channels}")
+    return GPT(num_classes, block_size, depth, width, heads, mlp_ratio, dropout)

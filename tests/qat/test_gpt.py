@@ -1,0 +1,79 @@
+"""The GPT language model (qat.models.gpt): shapes, causality, quantization layout, greedy generation."""
+import pytest
+import torch
+from torch import nn
+
+import qat
+from layers import QuantizedLayer
+from qat import models
+from qat.generate import generate_text
+
+
+def tiny(**options):
+    torch.manual_seed(0)
+    config = dict(num_classes=256, in_channels=1, block_size=16, depth=2, width=32, heads=2)
+    return models.build("gpt", **{**config, **options}).eval()
+
+
+def test_default_size_is_a_few_million_parameters():
+    model = models.build("gpt", num_classes=256, in_channels=1)
+    # 4 blocks x (12 w^2 + 13 w) + token and position tables + final norm + head, w = 256, context 256
+    assert sum(p.numel() for p in model.parameters()) == 4 * (12 * 256**2 + 13 * 256) + 3 * 256 * 256 + 2 * 256
+    assert model(torch.zeros(1, 256, dtype=torch.long)).shape == (1, 256, 256)
+
+
+def test_changing_a_later_token_leaves_earlier_logits_alone():
+    model = tiny()
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    changed = x.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 256
+    with torch.no_grad():
+        a, b = model(x), model(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_quantization_swaps_block_linears_and_keeps_embeddings_and_head_float():
+    model = qat.quantize_model(tiny(), {"method": "ternary", "keep_fp": ["last"]})
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    assert quantized == {f"blocks.{i}.{n}" for i in range(2) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert type(model.head) is nn.Linear and type(model.tok_emb) is nn.Embedding
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match="in_channels must be 1"):
+        models.build("gpt", num_classes=256, in_channels=3)
+    with pytest.raises(ValueError, match="not divisible"):
+        models.build("gpt", num_classes=256, in_channels=1, width=30, heads=4)
+
+
+def reference_greedy(model, idx, steps):
+    """Greedy decoding without the cache: the whole (last block_size) context every step."""
+    for _ in range(steps):
+        logits = model(idx[:, -model.block_size:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_cached_generation_equals_recomputing_and_is_deterministic():
+    model = tiny()
+    prompt = torch.tensor([[72, 101, 108, 108, 111]])
+    with torch.no_grad():
+        out = model.generate(prompt, 20)     # runs past block_size = 16: the window slides
+        assert torch.equal(out, reference_greedy(model, prompt, 20))
+    assert torch.equal(out, tiny().generate(prompt, 20))
+    first, second = generate_text(model, "Hello", 8), generate_text(model, "Hello", 8)
+    assert first.tokens == second.tokens and first.text.startswith("Hello") and first.new_tokens == 8
+
+
+def test_packed_ternary_gpt_generates_what_the_trained_model_does(tmp_path):
+    from qat.export import load_packed, pack_model, save_packed
+
+    model = qat.quantize_model(tiny(), {"method": "ternary", "keep_fp": ["last"]}).eval()
+    for parameter in model.parameters():  # weights away from init, so the codes are not all one value
+        parameter.data.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    qat.set_progress(model, 1.0)
+    path = save_packed(pack_model(model), tmp_path / "gpt.safetensors")
+    packed = load_packed(path)
+    assert generate_text(packed, "Hello", 24).tokens == generate_text(model, "Hello", 24).tokens
+    assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 4
