@@ -21,6 +21,7 @@ labels, and the tests' method lists. Adding a method is its quantizer, one row h
 | reactnet        | mean|W_c| sign(W), detached    | sign(x - a_c)   | clipped_ste / approx_sign | no wd (stage 2)     |
 | reactnet_stage1 | float                          | sign(x - a_c)   | - / approx_sign      | wd (stage 1: 1e-5)       |
 | dirnet          | IMB (Libra-PB) 2^s_c sign(W^_c)| sign(x)         | dte                  | wd (standardised)        |
+| multibit        | S_b c_b, c_b top b bits of u_8 | float           | identity             | wd                       |
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from . import quantizers as q
 from .dirnet import IMBWeight
 from .irnet import LibraWeight
+from .multibit import MultiBitWeight
 from .options import Option, validate_options
 from .reactnet import RSign
 from .sparse_ternary import SparseTernary24Weight
@@ -134,6 +136,9 @@ ROWS = (
     Method("dirnet", "DIR-Net: IMB weights 2^s_c sign(W^_c) and sign(x), DTE backward (RBD: qat.rbd).", "DIRNet",
            IMBWeight, q.SignActivation, "dte", weights_only="irnet_w", clip_latent=None,
            latent_weight_decay=True),
+    Method("multibit", "Vertical-layered multi-bit weights: 8/4/2-bit, ternary, binary codes cascaded from one "
+           "8-bit code (qat.multibit selects the width), float inputs.", "MultiBit",
+           MultiBitWeight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in ROWS}
