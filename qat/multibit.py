@@ -50,5 +50,5 @@ def bits(model: nn.Module, width):
     try:
         yield
     finally:
-        for quantizer, old in zip(quantizers, previous):
+        for quantizer, old in zip(quantizers, previous, strict=True):
             quantizer.set_width(old)
