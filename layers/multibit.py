@@ -15,17 +15,28 @@ Formulas (per tensor; ``per_channel=True`` computes S per output channel instead
     u_8    = round((W / S + 1) / 2 * 255)  in [0, 255]  the unsigned 8-bit code               [I]
     u_4    = floor(u_8 / 2^4),  u_2 = floor(u_4 / 2^2),  u_1 = floor(u_2 / 2)  (bits dropped)   [V]
     c_b    = 2 u_b - (2^b - 1)  odd, in [-(2^b - 1), 2^b - 1]    (binary: c_1 = +-1)
-    W_b    = (S / (2^b - 1)) * c_b                     the b-bit weight: scale_b * code_b
-    t      = sign(c_2) * 1[|c_2| = 3]  in {-1, 0, +1}  W_ternary = S * t                     [I]
+    t      = sign(c_2) * 1[|c_2| = 3]  in {-1, 0, +1}  (the ternary code)                    [I]
+    W_b    = a_b * c_b                                  the b-bit weight: scale_b * code_b, with
+    a_b    = <W, c_b> / <c_b, c_b>     (scale="fit", default: the least-squares scale of the code)  [I]
+    a_b    = S / (2^b - 1)             (scale="range": the grid's own step; ternary: S)          [I]
 
 The b-bit code is the b most significant bits of the 8-bit code, so c_b = 2 c_{b-1} + (2 e_b - 1)
 with e_b the dropped (enhance) bit: every width is the basic layer plus its enhance bits. The
 levels are mid-rise (DoReFa / Any-Precision style: u maps to 2u/(2^b-1) - 1 in [-1, 1]), which is
 what makes bit dropping symmetric: dropping a bit halves the code and adds -+1/2, no bias toward a
 sign. Ternary is not a bit width of this ladder; it is taken from the 2-bit code by zeroing its
-inner levels (+-1 -> 0, +-3 -> +-1): W_ternary equals W_2 where |c_2| = 3 and 0 elsewhere, and
-sign(t) = c_1 wherever t != 0 (the binary code is the ternary code's sign where it has one). So the
-codes nest: c_8 -> c_4 -> c_2 -> {t, c_1}, each computed from the one before it.
+inner levels (+-1 -> 0, +-3 -> +-1): t is nonzero exactly where |c_2| = 3, and sign(t) = c_1
+there (the binary code is the ternary code's sign where it has one). So the codes nest:
+c_8 -> c_4 -> c_2 -> {t, c_1}, each computed from the one before it.
+
+The scale. The vertical layers are the codes' bits; each width's scale is one float per layer
+(per channel) stored beside them. With the grid's own step (scale="range", W_ternary = W_2 where t
+!= 0) the widths' weights differ in magnitude by up to max|W| / mean|W| (binary: S sign(W)), and
+the BatchNorm statistics the widths share (running means and variances, updated by every width's
+forward) then fit none of them: on Fashion-MNIST the 8-bit network scored below the 2-bit one. The
+default (scale="fit") gives each code its least-squares scale, so every width approximates W
+itself (binary: BWN's mean|W|; ternary: TWN's mean of the kept |W|) and the shared statistics fit
+all widths; the codes, and so the vertical layering, are the same [I: the paper's scales unknown].
 
 Backward: straight-through (the estimator, ``identity`` by default) from W_b to W for every width,
 S a constant [I: the paper's "once QAT" with STE, as DoReFa/Any-Precision]. The active width is a
@@ -102,7 +113,9 @@ class MultiBitWeight(Quantizer):
     docstring). ``bits`` (the stored bits of the active width) and ``packed_format`` follow it."""
 
     bits = 8  # the stored precision of the full code; an instance follows its active width
-    options = (Option("per_channel", bool, False, "S = max|W_c| per output channel instead of max|W| per layer"),)
+    options = (Option("per_channel", bool, False, "S and a_b per output channel instead of per layer"),
+               Option("scale", str, "fit", "a_b: the code's least-squares scale (fit) or the grid step (range)",
+                      choices=("fit", "range")))
 
     def __init__(self, estimator, **options):
         super().__init__(estimator, **options)
@@ -130,13 +143,21 @@ class MultiBitWeight(Quantizer):
         """(code_b, scale_b) at ``width`` (default: the active one), code_b shaped like W, scale_b
         shaped [C_out] (per channel) or [1]: W_b = scale_b * code_b exactly."""
         width = self.width if width is None else parse_width(width)
-        scale = self.range_scale(w)
-        code = cascade_codes(w, scale)[width]
-        return code, code_scale(scale, width).reshape(-1)
+        code, scale = self._code_and_scale(w, width)
+        return code, scale.reshape(-1)
+
+    def _code_and_scale(self, w: torch.Tensor, width) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.detach()
+        grid = self.range_scale(w)
+        code = cascade_codes(w, grid)[width]
+        if self.scale == "range":
+            return code, code_scale(grid, width)
+        reduce = (lambda t: per_channel(torch.sum, t)) if self.per_channel else torch.sum
+        return code, reduce(w * code) / reduce(code * code).clamp(min=1)
 
     def project(self, w: torch.Tensor) -> torch.Tensor:
-        scale = self.range_scale(w)
-        return cascade_codes(w, scale)[self.width] * code_scale(scale, self.width)
+        code, scale = self._code_and_scale(w, self.width)
+        return code * scale
 
     def forward(self, w):
         return self.estimator.quantize(w, self.project)
@@ -145,4 +166,4 @@ class MultiBitWeight(Quantizer):
         return weight.shape[0] if self.per_channel else 1
 
     def extra_repr(self):
-        return f"width={self.width}, per_channel={self.per_channel}"
+        return f"width={self.width}, per_channel={self.per_channel}, scale={self.scale}"
