@@ -29,6 +29,13 @@ The bitnet rows (``layers.bitnet``): one weight scale per layer (gamma = mean|W|
 inputs absmax-quantized to int8 per token after a parameter-free norm (``input_norm``). Their
 first-layer fallback is ``fp``: BitNet keeps embeddings float, and a norm over an image's 1-3
 channels per pixel would all but binarize it.
+
+| method          | weights                        | inputs          | default estimator    | latent weights           |
+|-----------------|--------------------------------|-----------------|----------------------|--------------------------|
+| multibit        | S_b c_b, c_b top b bits of u_8 | float           | identity             | wd                       |
+
+The multibit row (``layers.multibit``): one latent weight, whose 8/4/2-bit, ternary and binary
+codes are cascaded from one 8-bit code; ``qat.multibit`` selects the active width.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from . import quantizers as q
 from .bitnet import AbsMaxActivation, AbsMeanTernaryWeight, CenteredSignWeight, LayerNormAbsMaxActivation
 from .dirnet import IMBWeight
 from .irnet import LibraWeight
+from .multibit import MultiBitWeight
 from .options import Option, validate_options
 from .reactnet import RSign
 from .sparse_ternary import SparseTernary24Weight
@@ -158,6 +166,9 @@ ROWS = (
            "absmax inputs after a parameter-free LayerNorm, STE.", "BitNet",
            CenteredSignWeight, LayerNormAbsMaxActivation, "identity", weights_only="fp", clip_latent=None,
            latent_weight_decay=True),
+    Method("multibit", "Vertical-layered multi-bit weights: 8/4/2-bit, ternary, binary codes cascaded from one "
+           "8-bit code (qat.multibit selects the width), float inputs.", "MultiBit",
+           MultiBitWeight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in ROWS}

@@ -303,7 +303,9 @@ class QuantizedLayer:
 
     @property
     def weight_bits(self) -> int:
-        return self.method_spec.weight_bits
+        """The stored bits of the weight the forward uses now: the method's, or a multi-bit
+        quantizer's active width (``layers.multibit``)."""
+        return self.weight_quantizer.bits
 
     @property
     def input_bits(self) -> int:

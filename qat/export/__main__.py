@@ -3,7 +3,9 @@
 Rebuilds the trained quantized model from a training checkpoint (its stored config names the model,
 data shape and quantization spec), finishes its schedules (``set_progress(1.0)``), packs it, checks
 the packed model against it on random inputs, writes the safetensors file and, with
-``--benchmark``, times packed against float inference side by side.
+``--benchmark``, times packed against float inference side by side. A multi-bit model
+(``quant=multibit``) is exported at ``--bits`` (8, 4, 2, ternary or 1), by default at the first of
+the run's ``multibit.train_bits`` (8 when the run names none).
 
 Exit status: 0, 1 when the packed model's top-1 differs from the float one, 2 for bad input (a
 missing or corrupt checkpoint, a model that cannot be packed, an unwritable output: one line, see
@@ -22,6 +24,7 @@ import kernels
 import kernels.cpu_matmul
 import kernels.native
 import qat
+import qat.multibit
 from qat import models
 from qat.train import checkpoint, cli
 from qat.train.config import to_plain
@@ -39,6 +42,9 @@ def trained_model_from_checkpoint(path):
     model = qat.quantize_model(models.build_architecture(architecture), to_plain(cfg.quant))
     checkpoint.load_model_state(model, payload["model"], path)
     qat.set_progress(model, 1.0)
+    if qat.multibit.multibit_quantizers(model):  # the width the run trained first (a baseline's only one)
+        train_bits = to_plain(cfg.get("multibit") or {}).get("train_bits") or [8]
+        qat.multibit.set_bits(model, train_bits[0])
     input_shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
     return model.eval(), architecture, input_shape
 
@@ -50,8 +56,13 @@ def main(argv=None) -> int:
     parser.add_argument("--benchmark", action="store_true", help="time packed vs float inference")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--bits", default=None,
+                        help="multi-bit models: the width to export (8, 4, 2, ternary, 1)")
     args = parser.parse_args(argv)
     model, architecture, input_shape = trained_model_from_checkpoint(args.source)
+    if args.bits is not None:
+        qat.multibit.set_bits(model, args.bits)
+        print(f"multi-bit model exported at width {qat.multibit.width_label(args.bits)}")
     packed = pack_model(model)
     x = torch.randn(8, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

@@ -7,7 +7,9 @@ words along K = C_in/groups * kh * kw, bit 1 = -1; 2:4-sparse ternary layers, wh
 plus one float32 scale per output channel (one per layer for per-layer TWN), and nothing else of
 the latent weight. Every quantized weight has
 the form ``W_q[c] = scale[c] * code[c]`` with code in {-1, +1} (BWN, XNOR, FDA) or {-1, 0, +1}
-(TWN, HQ); ``pack_model`` checks that the codes and scales rebuild ``quantized_weight()`` exactly.
+(TWN, HQ), or odd b-bit integers (the multi-bit method at 8, 4 or 2 bits: ``qat.export.intcodes``,
+stored at b bits per weight and unpacked to the float op); ``pack_model`` checks that the codes and
+scales rebuild ``quantized_weight()`` exactly.
 
 How a packed layer computes:
 - binary inputs (XNOR, FDA): the exact integer accumulator of the +-1 inputs and weights,
@@ -62,6 +64,7 @@ from layers.bitnet import absmax_codes, normalize
 from layers.quantized import conv_input_scale, linear_input_scale
 
 from ..modules import replace_submodule
+from .intcodes import int_format_bits, pack_int_codes, row_bytes, unpack_int_codes
 
 FORMAT = "bitqat-packed/1"
 
@@ -71,7 +74,7 @@ class PackedSpec:
     """Everything needed to rebuild one packed layer (stored as JSON in the file's metadata)."""
 
     kind: str  # "conv" | "linear"
-    code: str  # "binary" | "ternary" | "ternary24"
+    code: str  # "binary" | "ternary" | "ternary24" | "int8" | "int4" | "int2" (qat.export.intcodes)
     in_features: int
     out_features: int
     bias: bool
@@ -115,9 +118,10 @@ class PackedLayer(nn.Module):
     def __init__(self, spec: PackedSpec):
         super().__init__()
         self.spec = spec
-        if spec.code == "ternary24":
-            self.register_buffer("weight_codes",
-                                 torch.zeros(spec.out_features, ternary24_row_bytes(spec.k), dtype=torch.uint8))
+        int_bits = int_format_bits(spec.code)
+        if spec.code == "ternary24" or int_bits:
+            width = row_bytes(spec.k, int_bits) if int_bits else ternary24_row_bytes(spec.k)
+            self.register_buffer("weight_codes", torch.zeros(spec.out_features, width, dtype=torch.uint8))
         else:
             words = kernels.packed_words(spec.k)
             planes = ("weight_bits",) if spec.code == "binary" else ("weight_sign", "weight_nonzero")
@@ -141,15 +145,22 @@ class PackedLayer(nn.Module):
                              f"its weight is dense ternary, not 2:4; call qat.set_progress(model, 1.0) before packing")
         with torch.no_grad():
             quantized = layer.quantized_weight().detach().float().flatten(1)
-        code = torch.sign(quantized) if layer.weight_bits == 2 else sign(quantized)
-        scale = quantized.abs().amax(dim=1)
-        if spec.shared_scale:
-            scale = scale.amax().reshape(1)
+        int_bits = int_format_bits(spec.code)
+        if int_bits:  # multi-bit codes: the quantizer's own (code, scale), checked below like the others
+            code, scale = layer.weight_quantizer.codes(layer.weight.detach())
+            code, scale = code.float().flatten(1), scale.float()
+        else:
+            code = torch.sign(quantized) if layer.weight_bits == 2 else sign(quantized)
+            scale = quantized.abs().amax(dim=1)
+            if spec.shared_scale:
+                scale = scale.amax().reshape(1)
         if not torch.equal(code * scale.unsqueeze(1), quantized):
             raise ValueError(f"{type(layer).__name__}'s quantized weight is not scale[c] * code with "
-                             f"code in {{-1, 0, +1}}; it cannot be packed")
+                             f"code in {'odd integers' if int_bits else '{-1, 0, +1}'}; it cannot be packed")
         packed = cls(spec)
-        if spec.code == "binary":
+        if int_bits:
+            packed.weight_codes.copy_(pack_int_codes(code, int_bits))
+        elif spec.code == "binary":
             packed.weight_bits.copy_(kernels.pack_bits(code))
         elif spec.code == "ternary24":
             packed.weight_codes.copy_(kernels.pack_ternary24(tap_major(code.view(spec.weight_shape))))
@@ -180,7 +191,10 @@ class PackedLayer(nn.Module):
         return spec
 
     def codes(self, dtype=torch.float32) -> torch.Tensor:
-        """The weight codes [C_out, K] in {-1, +1} or {-1, 0, +1}."""
+        """The weight codes [C_out, K] in {-1, +1}, {-1, 0, +1} or odd b-bit integers."""
+        int_bits = int_format_bits(self.spec.code)
+        if int_bits:
+            return unpack_int_codes(self.weight_codes, int_bits, self.spec.k, dtype=dtype)
         if self.spec.code == "binary":
             return kernels.unpack_bits(self.weight_bits, self.spec.k, dtype=dtype)
         if self.spec.code == "ternary24":

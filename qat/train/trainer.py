@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -60,6 +61,7 @@ from qat.train.init_from import init_from
 from qat.train.interrupt import DeferredInterrupt, StopRequested
 from qat.train.loaders import TrainLoader, eval_loader
 from qat.train.loggers import build_logger, console_logging
+from qat.train.multibit import Widths
 from qat.train.optim import build_scheduler, optimizer_for, step_metrics
 from qat.train.run_progress import RunProgress
 from qat.train.tasks import finite_or_none, get_task
@@ -173,6 +175,8 @@ class Trainer:
         # The training loss: the task's cross-entropy, or distillation from a frozen teacher (qat.train.distill).
         self.objective = self.task.objective(cfg.get("distill"), self.model, self.data.num_classes,
                                              self.data.input_size, self.device, self.amp)
+        # Multi-bit models: the losses of every trained width summed, every width evaluated (qat.train.multibit).
+        self.widths = Widths.from_config(cfg.get("multibit"), self.model)
 
         pin = self.device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
         self.train_loader = TrainLoader(self.data.train, cfg.data, self.context, int(cfg.seed), pin)
@@ -337,12 +341,9 @@ class Trainer:
                 self._set_progress(state.step / self.total_steps)
                 images = images.to(self.device, non_blocking=True)
                 labels = labels.to(self.device, non_blocking=True)
-                with self._saving(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp), \
-                        self.objective.student_forward():
-                    logits = self.ddp_model(images)
-                loss, loss_parts = self.objective(logits, labels, images)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, logits, loss_parts = self.widths.train_step(
+                    functools.partial(self._forward_backward, images, labels))
                 grad_norm = self._clip_gradients()
                 self.optimizer.step()
                 self.scheduler.step()
@@ -378,6 +379,15 @@ class Trainer:
         distributed.all_reduce_sum(sums.sums, self.context)
         return sums.result("train"), local_sums
 
+    def _forward_backward(self, images, labels):
+        """(loss, logits, loss parts) of one forward, objective and backward (gradients accumulate)."""
+        with self._saving(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp), \
+                self.objective.student_forward():
+            logits = self.ddp_model(images)
+        loss, loss_parts = self.objective(logits, labels, images)
+        loss.backward()
+        return loss, logits, loss_parts
+
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
         """Loss, top-1 and top-5 of the (unwrapped) model on `split`, summed over all ranks."""
@@ -399,7 +409,8 @@ class Trainer:
     def _evaluate_reached(self) -> dict[str, float]:
         """Every evaluation split, with the network at the progress the run has reached."""
         self._set_progress(self.state.step / self.total_steps)
-        return {k: v for split in self.eval_loaders for k, v in self.evaluate(split).items()}
+        return {k: v for split in self.eval_loaders
+                for k, v in self.widths.evaluate(functools.partial(self.evaluate, split)).items()}
 
     def run_total_steps(self) -> int:
         """The step this run stops at: the planned total, or max_steps when that comes first."""
@@ -531,6 +542,8 @@ class Trainer:
             "act_compression": self._act_compression_facts(),
             # distill=kd: the teacher's source and the loss settings (qat.train.distill)
             "distill": self.objective.describe(),
+            # quant=multibit: the widths trained and evaluated, and each width's figures (qat.train.multibit)
+            "multibit": self.widths.describe(evaluation),
         }
         if self.context.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

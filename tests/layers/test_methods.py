@@ -42,7 +42,7 @@ def test_the_table_is_consistent():
             assert fallback == "fp" or layers.METHODS[fallback].weight_bits == method.weight_bits
         else:
             assert fallback is None and layers.weights_only_method(name) == name
-        assert method.weight_bits in (1, 2, 32) and method.input_bits in (1, 8, 32)
+        assert method.weight_bits in (1, 2, 8, 32) and method.input_bits in (1, 8, 32)  # W8: multibit's full code
         assert method.options is not None  # raises when two quantizers declare clashing options
 
 

@@ -1,0 +1,122 @@
+"""Training and evaluating a multi-bit model at several widths (``layers.multibit``, Wu et al. TPAMI
+2023's "once QAT"): config block ``multibit`` (top level, set by the multi-bit experiments),
+
+    multibit:
+      train_bits: [8, 4, 2, ternary, 1]   # the widths whose losses are summed every step
+      eval_bits: [8, 4, 2, ternary, 1]    # the widths every evaluation reports
+
+both defaulting to every width (8, 4, 2, ternary, 1) for a model with multi-bit layers.
+
+Training step: L = sum_{b in train_bits} L_b, L_b the objective (cross-entropy or distillation) of
+the network at width b. The paper's multi-objective optimization weighs the widths' losses; its
+weights could not be read (docs/multibit_notes.md), so they are equal [I]. Computed as one forward
+and backward per width on the same batch, gradients accumulating in the shared latent weights:
+the gradient of the sum, with one width's activations in memory at a time. The step's logits (for
+the train accuracy) are those of the first width in train_bits; its loss is the sum, and each
+width's loss is logged as train/loss@<width>. ``train_bits: [w]`` is a single-width run of the same
+quantizer: the per-width baseline at the same budget.
+
+Evaluation: every split at every width of eval_bits, as <split>/<metric>@<width> (val/acc1@4b,
+test/acc1@ternary); the plain <split>/<metric> (which chooses best.pt and fills summary.json's
+val_acc1/test_acc1) is the mean over train_bits. The model is left at the first train width.
+A model without multi-bit layers, or with no ``multibit`` block, trains and evaluates as before,
+except that a ``multibit`` block for such a model is a ConfigError.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import qat.multibit as mb
+from qat.train.config import ConfigError, to_plain
+
+Step = Callable[[], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def _widths(cfg: dict, key: str) -> list:
+    value = cfg.get(key)
+    if value is None:
+        return list(mb.WIDTHS)
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"multibit.{key} must be a non-empty list of widths from 8, 4, 2, ternary, 1, "
+                          f"got {value!r}")
+    try:
+        widths = [mb.parse_width(v) for v in value]
+    except ValueError as error:
+        raise ConfigError(f"multibit.{key}: {error}") from None
+    if len(set(widths)) != len(widths):
+        raise ConfigError(f"multibit.{key} names a width twice: {value!r}")
+    return widths
+
+
+class Widths:
+    """The widths a run trains and evaluates; a single pass (``train_bits = eval_bits = [None]``)
+    for a model without multi-bit layers."""
+
+    def __init__(self, model: nn.Module, train_bits: list, eval_bits: list):
+        self.model, self.train_bits, self.eval_bits = model, train_bits, eval_bits
+        if self.active:
+            mb.set_bits(model, train_bits[0])
+
+    @classmethod
+    def from_config(cls, cfg: Any, model: nn.Module) -> "Widths":
+        block = to_plain(cfg) if cfg is not None else None
+        if block is not None and not isinstance(block, dict):
+            raise ConfigError(f"multibit must be a mapping with train_bits and eval_bits, got {block!r}")
+        block = block or {}
+        unknown = set(block) - {"train_bits", "eval_bits"}
+        if unknown:
+            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; valid: train_bits, eval_bits")
+        if not mb.multibit_quantizers(model):
+            if block:
+                raise ConfigError("multibit.train_bits/eval_bits need a model with multi-bit layers (quant=multibit)")
+            return cls(model, [None], [None])
+        return cls(model, _widths(block, "train_bits"), _widths(block, "eval_bits"))
+
+    @property
+    def active(self) -> bool:
+        return self.train_bits != [None]
+
+    def train_step(self, forward_backward: Step) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(summed loss, first width's logits, loss parts) of ``forward_backward()`` (forward, loss,
+        backward; returns (loss, logits, parts)) run once per train width."""
+        if not self.active:
+            return forward_backward()
+        total, first_logits, parts = None, None, {}
+        for width in self.train_bits:
+            mb.set_bits(self.model, width)
+            loss, logits, width_parts = forward_backward()
+            label = mb.width_label(width)
+            parts[f"train/loss@{label}"] = loss.detach()
+            parts.update({f"{key}@{label}": value for key, value in width_parts.items()})
+            total = loss.detach() if total is None else total + loss.detach()
+            first_logits = logits if first_logits is None else first_logits
+        mb.set_bits(self.model, self.train_bits[0])
+        return total, first_logits, parts
+
+    def evaluate(self, evaluate_split: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """``evaluate_split()`` (one split's {split/metric: value}) at every eval width, labelled,
+        plus the plain metrics averaged over the train widths."""
+        if not self.active:
+            return evaluate_split()
+        results: dict[str, float] = {}
+        per_width = {}
+        for width in dict.fromkeys([*self.eval_bits, *self.train_bits]):
+            mb.set_bits(self.model, width)
+            per_width[width] = evaluate_split()
+            if width in self.eval_bits:
+                results.update({f"{key}@{mb.width_label(width)}": v for key, v in per_width[width].items()})
+        mb.set_bits(self.model, self.train_bits[0])
+        for key in per_width[self.train_bits[0]]:
+            results[key] = sum(per_width[w][key] for w in self.train_bits) / len(self.train_bits)
+        return results
+
+    def describe(self, evaluation: dict[str, float]) -> dict | None:
+        """summary.json's ``multibit``: the widths trained and evaluated and every per-width figure of
+        ``evaluation`` ({'val/acc1@4b': ..}); None without multi-bit layers."""
+        if not self.active:
+            return None
+        return {"train_bits": [str(w) for w in self.train_bits], "eval_bits": [str(w) for w in self.eval_bits],
+                "evaluation": {key: value for key, value in evaluation.items() if "@" in key}}

@@ -1,0 +1,135 @@
+"""Training a multi-bit model (qat.train.multibit): the summed per-width loss and its gradient, the
+per-width evaluation, the config checks, and a run of experiment=mnist_bnn_multibit exported at a
+chosen width by ``python -m qat.export --bits``."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qat
+import qat.multibit as mb
+from qat.export import load_packed
+from qat.export.__main__ import main as export_main
+from qat.export.__main__ import trained_model_from_checkpoint
+from qat.train import cli
+from qat.train.config import ConfigError
+from qat.train.multibit import Widths
+from qat.train.trainer import Trainer
+
+TINY_RUN = ["data.channels=1", "data.image_size=28", "trainer.max_steps=2"]
+
+
+def model_and_batch():
+    torch.manual_seed(0)
+    model = qat.quantize_model(nn.Sequential(nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)),
+                               {"method": "multibit", "keep_fp": []})
+    return model, torch.randn(10, 12), torch.randint(0, 3, (10,))
+
+
+def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
+    model, x, y = model_and_batch()
+    widths = Widths.from_config({"train_bits": [8, "ternary", 1]}, model)
+
+    def forward_backward():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss, logits, {}
+
+    loss, logits, parts = widths.train_step(forward_backward)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    separate = []
+    for width in (8, "ternary", 1):
+        with mb.bits(model, width):
+            separate.append(F.cross_entropy(model(x), y))
+    torch.stack(separate).sum().backward()  # one graph through the three widths
+    assert torch.allclose(loss, sum(separate).detach(), rtol=1e-6, atol=0)
+    assert all(torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7) for g, p in zip(grads, model.parameters(), strict=True))
+    assert set(parts) == {"train/loss@8b", "train/loss@ternary", "train/loss@1b"}
+    assert torch.equal(parts["train/loss@ternary"], separate[1].detach())
+    with mb.bits(model, 8):
+        assert torch.equal(logits, model(x))  # the first width's logits
+    assert mb.active_width(model) == 8
+
+
+def test_evaluation_reports_every_width_and_the_mean_of_the_trained_ones():
+    model, x, y = model_and_batch()
+    widths = Widths.from_config({"train_bits": [4, 1], "eval_bits": [8, 4, "ternary"]}, model)
+
+    def evaluate_split():
+        with torch.no_grad():
+            return {"val/loss": float(F.cross_entropy(model(x), y))}
+
+    results = widths.evaluate(evaluate_split)
+    separate = {}
+    for width in (8, 4, "ternary", 1):
+        with mb.bits(model, width):
+            separate[width] = evaluate_split()["val/loss"]
+    assert set(results) == {"val/loss@8b", "val/loss@4b", "val/loss@ternary", "val/loss"}
+    assert results["val/loss@ternary"] == separate["ternary"]
+    assert results["val/loss"] == pytest.approx((separate[4] + separate[1]) / 2)
+    assert mb.active_width(model) == 4
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"train_bits": [8, 1.58]}, "ternary is written 'ternary'"),
+    ({"train_bits": [4, 4]}, "names a width twice"),
+    ({"train_bits": []}, "non-empty list"),
+    ({"eval_bits": 2}, "non-empty list"),
+    ({"train_width": [2]}, "unknown key"),
+])
+def test_bad_width_settings_are_config_errors(block, message):
+    model, _, _ = model_and_batch()
+    with pytest.raises(ConfigError, match=message):
+        Widths.from_config(block, model)
+
+
+def test_a_multibit_block_needs_multibit_layers():
+    assert not Widths.from_config(None, nn.Linear(2, 2)).active
+    with pytest.raises(ConfigError, match="quant=multibit"):
+        Widths.from_config({"train_bits": [2]}, nn.Linear(2, 2))
+
+
+def test_run_reports_each_width_and_exports_a_chosen_one(compose, smoke_overrides, tmp_path):
+    cfg = compose(["+experiment=mnist_bnn_multibit", *smoke_overrides, *TINY_RUN, "logger=csv"])
+    trainer = Trainer(cfg, tmp_path)
+    summary = trainer.fit()
+    evaluation = summary["multibit"]["evaluation"]
+    assert summary["multibit"]["train_bits"] == ["8", "4", "2", "ternary", "1"]
+    for label in ("8b", "4b", "2b", "ternary", "1b"):
+        assert f"val/acc1@{label}" in evaluation and f"test/acc1@{label}" in evaluation
+    mean = sum(evaluation[f"val/acc1@{label}"] for label in ("8b", "4b", "2b", "ternary", "1b")) / 5
+    assert summary["val_acc1"] == pytest.approx(mean)
+    steps = (tmp_path / "epochs.csv").read_text()
+    assert "val/acc1@ternary" in steps
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["multibit"]["evaluation"] == pytest.approx(evaluation)
+
+    out = tmp_path / "m2.safetensors"
+    assert export_main([str(tmp_path), "--out", str(out), "--bits", "2"]) == 0
+    model, _, input_shape = trained_model_from_checkpoint(tmp_path)
+    mb.set_bits(model, 2)
+    packed = load_packed(out)
+    x = torch.randn(4, *input_shape)
+    with torch.no_grad():
+        assert torch.equal(packed(x), model(x))
+        mb.set_bits(model, 1)
+        assert not torch.equal(packed(x), model(x))
+    bad = [str(tmp_path), "--out", str(tmp_path / "bad.safetensors"), "--bits", "3"]
+    assert cli.guard(lambda: export_main(bad), "python -m qat.export") == 2  # one line, status 2
+
+
+def test_single_width_baseline_trains_and_exports_its_width(compose, smoke_overrides, tmp_path):
+    cfg = compose(["+experiment=mnist_bnn_multibit", *smoke_overrides, *TINY_RUN, "multibit.train_bits=[ternary]",
+                   "multibit.eval_bits=[ternary]"])
+    summary = Trainer(cfg, tmp_path).fit()
+    assert set(summary["multibit"]["evaluation"]) == {"val/loss@ternary", "val/acc1@ternary", "val/acc5@ternary",
+                                                      "test/loss@ternary", "test/acc1@ternary", "test/acc5@ternary"}
+    assert summary["val_acc1"] == summary["multibit"]["evaluation"]["val/acc1@ternary"]
+    model, _, _ = trained_model_from_checkpoint(tmp_path)
+    assert mb.active_width(model) == "ternary"  # export's default: the run's first train width
