@@ -380,38 +380,43 @@ def _refuse_nonfinite(bad: int) -> None:
 
 
 def quantize_i8(x: torch.Tensor, norm_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    r"""Per-token absmax 8-bit quantization (BitNet b1.58's ``activation_quant``) of float32 ``x[..., K]``.
+    r"""Per-token absmax 8-bit quantization (BitNet b1.58's ``activation_quant``) of float32 ``x[..., K]``,
+    bit for bit what the training layer computes (``layers.bitnet``: ``rms_norm``, ``absmax_codes``).
 
     With ``norm_eps`` (a float) the row is first normalized without parameters,
-    ``x / sqrt(mean(x^2) + eps)`` (mean of squares accumulated in double, then rounded once).  Then
+    ``n = x / sqrt(mean(x^2) + eps)``: float32 squares summed in float64 and rounded once to float32
+    (``layers.bitnet.mean_square``), the float32 add of ``eps``, the correctly rounded float32 square
+    root, a float32 division. Then, in float32 with round half to even,
 
-        scale = 127 / max(max_k |x_k|, 1e-5),   codes = clamp(round(x * scale), -128, 127)
+        step = max(max_k |n_k|, 1e-5) / 127,   codes = clamp(round(n / step), -128, 127),
 
-    (float32, round half to even), so ``x ~ codes / scale``.  The scale is rounded exactly as torch
-    evaluates BitNet's ``127 / x.abs().max(...).clamp(min=1e-5)``: ``Tensor.__rtruediv__`` takes the
-    reciprocal and then multiplies by 127 (two roundings), so the codes equal the training graph's.
-    Returns ``(codes int8 [..., K], scale float32 [...])``.  NaN or infinite inputs raise ValueError.
+    so ``n ~ codes * step``. Returns ``(codes int8 [..., K], step float32 [...])``. NaN or infinite
+    inputs raise ValueError.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise ValueError("x must be a float32 tensor [..., K]")
     k = x.shape[-1]
     rows, m = _rows(x, torch.float32, k, "x")
     codes = torch.empty(x.shape, dtype=torch.int8)
-    scales = torch.empty(x.shape[:-1], dtype=torch.float32)
+    steps = torch.empty(x.shape[:-1], dtype=torch.float32)
     bad = native.library().bq_quantize_i8(rows.data_ptr(), m, k, k, _rms_eps(norm_eps), codes.data_ptr(), k,
-                                          scales.data_ptr())
+                                          steps.data_ptr())
     _refuse_nonfinite(bad)
-    return codes, scales
+    return codes, steps
 
 
 class TernaryI8Linear:
     r"""A packed BitLinear at inference, prepared once: ``layer(x)`` maps float32 ``x[..., K]`` to
     ``y[..., N]`` in one native call,
 
-        codes, scale = quantize_i8(x, norm_eps)              (per token, in C++)
+        codes, step = quantize_i8(x, norm_eps)               (per token, in C++)
         acc = codes @ T^T                                     (exact int32)
-        y = float(acc) * (weight_scale / scale) (+ bias)      (float32: a division per row, then
+        y = float(acc) * (step * weight_scale) (+ bias)       (float32: a product per row, then
                                                                two roundings per output, no FMA)
+
+    the training layer's ``op(codes, code) * (step * s) + b`` (``layers.quantized._IntegerInputOp``)
+    with the same roundings, so the output is bit-identical to it (and to ``qat.export``'s
+    ``PackedLayer.int8_forward``).
 
     ``weight_scale`` is the dequantization multiplier of the weights (BitNet b1.58: ``mean|W|``, so
     ``W ~ weight_scale * T``); ``bias`` an optional ``[N]``; ``norm_eps`` (a float) puts the

@@ -43,6 +43,10 @@ The layer computes with the integer codes, ``layers.quantized._IntegerInputOp``:
 y = op(codes, code_W) * (step * s) + b, whose op sums integer products exactly in float32 while
 |sum| < 2^24 (in_features <= 131,072), so an int8 x ternary kernel with an int32 accumulator and the
 same float epilogue reproduces it bit for bit (``qat.export``'s packed layers run the same ops).
+So that the whole layer, normalization included, can be reproduced in C++ (``kernels.cpu_native``'s
+``TernaryI8Linear``, which packed RMSNorm and no-norm linears run), every rounding of RMSNorm is
+fixed independently of torch's reduction order and math library: ``mean_square`` sums in float64,
+``rms_norm`` takes a correctly rounded square root; the rest are single IEEE float operations.
 """
 from __future__ import annotations
 
@@ -67,9 +71,31 @@ def feature_dim(x: torch.Tensor) -> int:
     return 1 if x.dim() == 4 else -1
 
 
+def mean_square(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """mean(x^2) over ``dim`` (kept as 1) in x's dtype: x's squares (rounded in x's dtype), summed in
+    float64, divided by the count there and rounded once to x's dtype.
+
+    Why float64: a float32 sum depends on the order of its additions, and torch's (vectorized,
+    pairwise, per build and CPU) cannot be reproduced by a C++ loop, so the native kernel
+    (``kernels.cpu_native``) could not compute the same codes. A float64 sum of float32 squares
+    has a relative error of ~1e-16 in any order, so after the rounding to float32 every order gives
+    the same value, except when the float64 sum lies within ~1e-16 (relative) of a float32 rounding
+    boundary (a chance of about 1e-9 per token, not seen in the tests)."""
+    return x.square().sum(dim=dim, keepdim=True, dtype=torch.float64).div(x.shape[dim]).to(x.dtype)
+
+
 def rms_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps_n) over ``dim``, without a gain."""
-    return x / torch.sqrt(x.square().mean(dim=dim, keepdim=True) + NORM_EPS)
+    """x / sqrt(mean(x^2) + eps_n) over ``dim``, without a gain: the mean of squares by
+    ``mean_square``, the add and the division in x's dtype, the square root correctly rounded to
+    x's dtype.
+
+    The square root is taken in float64 and rounded to x's dtype: torch's float32 ``sqrt`` is not
+    correctly rounded on every build (this one's AVX2 kernel misses the IEEE result on ~20% of
+    inputs, and other CPUs differ), while any float64 square root within an ulp rounds to the
+    correctly rounded float32 one (the exact root of a float32 is never that close to a float32
+    half-way point), which a C++ ``sqrt`` gives too; for float64 x it is torch's float64 sqrt."""
+    root = torch.sqrt((mean_square(x, dim) + NORM_EPS).double()).to(x.dtype)
+    return x / root
 
 
 def layer_norm(x: torch.Tensor, dim: int) -> torch.Tensor:

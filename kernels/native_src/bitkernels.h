@@ -45,7 +45,7 @@ typedef struct {
 typedef struct {
   const uint8_t* codes;  // 2-bit weight codes [n][kp / 4] (bq_ternary_i8_prepack)
   int64_t n, k, kp;
-  float weight_scale;    // y = (float)acc * (weight_scale / scale[i]) (+ bias[j])
+  float weight_scale;    // y = (float)acc * (step[i] * weight_scale) (+ bias[j]), step[i] the row's absmax step
   float rms_eps;         // >= 0: parameter-free RMSNorm before the quantization; < 0: none
   const float* bias;     // [n] or NULL
 } BqI8Layer;

@@ -331,8 +331,8 @@ __attribute__((visibility("default"))) void bq_ternary_i8_gemm(const int8_t* x, 
 
 __attribute__((visibility("default"))) int64_t bq_quantize_i8(const float* x, int64_t m, int64_t k, int64_t ldx,
                                                               float rms_eps, int8_t* codes, int64_t ldq,
-                                                              float* scales) {
-  return g_isa->quantize_i8(x, m, k, ldx, rms_eps, codes, ldq, scales);
+                                                              float* steps) {
+  return g_isa->quantize_i8(x, m, k, ldx, rms_eps, codes, ldq, steps);
 }
 
 __attribute__((visibility("default"))) int64_t bq_ternary_i8_linear(const float* x, int64_t m, int64_t k,

@@ -628,18 +628,47 @@ unsigned char* scratch_bytes(size_t count) {
   return buffer;
 }
 
-// Per-token absmax quantization of one row (BitNet b1.58's activation_quant):
-//   (optional, rms_eps >= 0) x <- x * (1 / sqrt(mean(x^2) + eps))   [mean of squares in double]
-//   scale = 127 * (1 / max(max|x|, 1e-5));  q = clamp(round_half_even(x * scale), -128, 127)
-// Writes kp codes (pads 0) and returns the row's code sum; *scale_out = scale.  Counts NaN/inf.
-int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_t* q, float* scale_out,
+// Per-token absmax quantization of one row (BitNet b1.58's activation_quant), every rounding as
+// layers/bitnet.py's rms_norm and absmax_codes do it (their docstrings say why), so the codes and
+// the step are the training layer's bit for bit:
+//   (optional, rms_eps >= 0)  ms = (float)(sum_e (double)(float)(x_e * x_e) / k)   [float squares, double sum]
+//                             r = (float)sqrt((double)(ms + eps))   [float add; correctly rounded root]
+//                             n = x / r                              [float division]
+//   step = max(max|n|, 1e-5) / 127;   q = clamp(round_half_even(n / step), -128, 127)
+// Writes kp codes (pads 0) and returns the row's code sum; *step_out = step (n ~ q * step).  Counts
+// NaN/inf.  The float64 sum is in another order than torch's; both round to the same float except
+// within ~1e-16 (relative) of a float rounding boundary.
+int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_t* q, float* step_out,
                      int64_t* bad, float* normed) {
   const float* src = x;
   if (rms_eps >= 0.0f) {
     double squares = 0.0;
-    for (int64_t e = 0; e < k; ++e) squares += (double)x[e] * (double)x[e];
-    const float inv = (float)(1.0 / __builtin_sqrt(squares / (double)k + (double)rms_eps));
-    for (int64_t e = 0; e < k; ++e) normed[e] = x[e] * inv;
+    int64_t e = 0;
+#if defined(BQ_ISA_AVX2) || defined(BQ_ISA_AVX512)
+    __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+    for (; e + 8 <= k; e += 8) {
+      const __m256 v = _mm256_loadu_ps(x + e);
+      const __m256 sq = _mm256_mul_ps(v, v);  // the float square, then widened exactly
+      s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(sq)));
+      s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(sq, 1)));
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(s0, s1));
+    squares = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+    for (; e < k; ++e) {
+      const float sq = x[e] * x[e];
+      squares += (double)sq;
+    }
+    const float ms = (float)(squares / (double)k);
+    const float denominator = ms + rms_eps;
+    const float root = (float)__builtin_sqrt((double)denominator);
+    e = 0;
+#if defined(BQ_ISA_AVX2) || defined(BQ_ISA_AVX512)
+    const __m256 vr = _mm256_set1_ps(root);
+    for (; e + 8 <= k; e += 8) _mm256_storeu_ps(normed + e, _mm256_div_ps(_mm256_loadu_ps(x + e), vr));
+#endif
+    for (; e < k; ++e) normed[e] = x[e] / root;
     src = normed;
   }
   float amax = 0.0f;
@@ -663,17 +692,15 @@ int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_
     amax = a > amax ? a : amax;
   }
   *bad += nonfinite;
-  // As torch evaluates BitNet's `127 / x.abs().max().clamp(min=1e-5)`: a Python number divided by a
-  // tensor is reciprocal() then a multiply (Tensor.__rtruediv__), two roundings, not one division.
-  const float scale = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
-  *scale_out = scale;
+  const float step = (amax > 1e-5f ? amax : 1e-5f) / 127.0f;
+  *step_out = step;
   int32_t sum = 0;
   e = 0;
 #if defined(BQ_ISA_AVX2) || defined(BQ_ISA_AVX512)
-  const __m256 vs = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  const __m256 vs = _mm256_set1_ps(step), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
   __m256i vsum = _mm256_setzero_si256();
   for (; e + 8 <= k; e += 8) {
-    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(src + e), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(src + e), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
     const __m256i iv = _mm256_cvtps_epi32(v);
     vsum = _mm256_add_epi32(vsum, iv);
@@ -687,7 +714,7 @@ int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_
 #endif
   for (; e < k; ++e) {
     // Round half to even by the 1.5 * 2^23 trick (|v| <= 127.00002 here, far below 2^22; no libm).
-    float v = src[e] * scale;
+    float v = src[e] / step;
     v = (v + 12582912.0f) - 12582912.0f;
     v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
     q[e] = (int8_t)(int32_t)v;
@@ -824,36 +851,38 @@ void BQ_EXPORT(ternary_i8_gemm)(const int8_t* x, int64_t m, int64_t k, int64_t l
 }
 
 // Per-token absmax quantization of float rows (optionally after the parameter-free RMSNorm when
-// rms_eps >= 0): codes [m][k] (row stride ldq) and scales [m].  Returns the count of NaN/inf seen.
+// rms_eps >= 0): codes [m][k] (row stride ldq) and steps [m].  Returns the count of NaN/inf seen.
 int64_t BQ_EXPORT(quantize_i8)(const float* x, int64_t m, int64_t k, int64_t ldx, float rms_eps, int8_t* codes,
-                               int64_t ldq, float* scales) {
+                               int64_t ldq, float* steps) {
   const int64_t kp = (k + I8_BLOCK - 1) / I8_BLOCK * I8_BLOCK;
   unsigned char* buffer = scratch_bytes((size_t)(kp + k * (int64_t)sizeof(float)) + 64);
   int8_t* row = (int8_t*)buffer;
   float* normed = (float*)(buffer + (kp + 31) / 32 * 32);
   int64_t bad = 0;
   for (int64_t i = 0; i < m; ++i) {
-    quantize_row(x + i * ldx, k, kp, rms_eps, row, scales + i, &bad, normed);
+    quantize_row(x + i * ldx, k, kp, rms_eps, row, steps + i, &bad, normed);
     memcpy(codes + i * ldq, row, (size_t)k);
   }
   return bad;
 }
 
 // The whole BitLinear at inference: quantize each float row (as bq_quantize_i8), acc = codes @ t^T,
-// y[i][j] = (float)acc * (weight_scale / scale[i]) (+ bias[j]).  Returns the count of NaN/inf.
+// y[i][j] = (float)acc * (step[i] * weight_scale) (+ bias[j]): layers.quantized's
+// op(codes, code) * (step * s) + b, each product and the add rounded separately (no FMA:
+// -ffp-contract=off).  Returns the count of NaN/inf.
 int64_t BQ_EXPORT(ternary_i8_linear)(const float* x, int64_t m, int64_t k, int64_t ldx, float rms_eps,
                                      const uint8_t* w, int64_t n, int64_t kp, float weight_scale, const float* bias,
                                      float* out) {
   unsigned char* buffer = scratch_bytes((size_t)(m * kp + m * 3 * (int64_t)sizeof(int32_t) + k * (int64_t)sizeof(float)) + 128);
   int32_t* xsum = (int32_t*)buffer;
   float* mul = (float*)(xsum + m);
-  float* scales = mul + m;
-  float* normed = scales + m;
+  float* steps = mul + m;
+  float* normed = steps + m;
   int8_t* codes = (int8_t*)(normed + k);
   int64_t bad = 0;
   for (int64_t i = 0; i < m; ++i) {
-    xsum[i] = quantize_row(x + i * ldx, k, kp, rms_eps, codes + i * kp, scales + i, &bad, normed);
-    mul[i] = weight_scale / scales[i];
+    xsum[i] = quantize_row(x + i * ldx, k, kp, rms_eps, codes + i * kp, steps + i, &bad, normed);
+    mul[i] = steps[i] * weight_scale;
   }
   I8Plan p{codes, xsum, w, m, n, kp, 0, 0, 0, nullptr, out, mul, bias};
   i8_run(p);
