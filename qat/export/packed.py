@@ -33,7 +33,12 @@ How a packed layer computes:
   (``layers.bitnet``), the inputs an int8 x ternary/binary kernel takes; the layer then runs the
   training layer's ops on them and the unpacked code, ``op(codes, code) * (step * scale) + bias``
   (a linear layer's exact integer sums; ``QuantizedLayer.integer_input_output``), so outputs are
-  bit-identical to the training layer's.
+  bit-identical to the training layer's. A linear layer with RMSNorm or no norm, per-token steps and
+  one weight scale runs instead, on CPU with float32 inputs, the native engine's whole BitLinear
+  (``kernels.cpu_native.TernaryI8Linear``, built once per layer: the norm, the int8 codes, the
+  int8 x ternary/binary integer product and the same float epilogue in one call), which computes
+  every rounding as ``layers.bitnet`` does, so it is bit-identical too. LayerNorm (BitNet's),
+  per-tensor steps and convolutions keep the torch ops.
 Float layers (first/last, BatchNorm, ...) are kept as they are.
 
 ``save_packed`` writes one safetensors file: the packed codes, scales, every float parameter and
@@ -60,7 +65,7 @@ from estimators import sign
 from kernels import cpu_native, native
 from kernels.sparse24 import from_tap_major, tap_major, ternary24_row_bytes
 from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
-from layers.bitnet import absmax_codes, normalize
+from layers.bitnet import NORM_EPS, absmax_codes, normalize
 from layers.quantized import conv_input_scale, linear_input_scale
 
 from ..modules import replace_submodule
@@ -130,7 +135,7 @@ class PackedLayer(nn.Module):
         self.register_buffer("scale", torch.zeros(1 if spec.shared_scale else spec.out_features))
         self.register_buffer("bias", torch.zeros(spec.out_features) if spec.bias else None)
         self.register_buffer("input_threshold", torch.zeros(spec.in_features) if spec.input_threshold else None)
-        self._native = None  # native_weights() cache
+        self._native = None  # native_weights() / native_int8_layer() cache
 
     @classmethod
     def from_quantized(cls, layer: QuantizedLayer) -> "PackedLayer":
@@ -411,6 +416,36 @@ class PackedLinear(PackedLayer):
         return v
 
     integer_accumulator = staticmethod(QuantizedLinear.integer_accumulator)
+
+    #: 8-bit-input normalizations the native BitLinear computes (``kernels.cpu_native.quantize_i8``)
+    NATIVE_INT8_NORMS = {"rms": NORM_EPS, "": None}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.input_bits == 8 and self.runs_int8_natively(x):
+            return self.native_int8_layer()(x)
+        return super().forward(x)
+
+    def runs_int8_natively(self, x: torch.Tensor) -> bool:
+        """Whether ``forward`` runs the native BitLinear: float32 CPU input, the engine available,
+        RMSNorm or no norm, per-token steps, one weight scale, ternary or binary codes. It equals
+        ``int8_forward`` bit for bit; anything else runs ``int8_forward``."""
+        s = self.spec
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and s.input_norm in self.NATIVE_INT8_NORMS
+                and s.input_granularity == "token" and s.code in ("ternary", "binary") and self.scale.numel() == 1
+                and native.available())
+
+    def native_int8_layer(self) -> cpu_native.TernaryI8Linear:
+        """The native BitLinear of this layer: y = float(codes @ code^T) * (step * scale) + bias on
+        ``quantize_i8(x, eps)``'s codes and steps. Built on first use; rebuilt after a state-dict load."""
+        if self._native is None:
+            k = self.spec.k
+            if self.spec.code == "binary":
+                weights = cpu_native.binary_i8_prepack(self.weight_bits.cpu(), k)
+            else:
+                weights = cpu_native.ternary_i8_prepack((self.weight_sign.cpu(), self.weight_nonzero.cpu()), k)
+            self._native = cpu_native.TernaryI8Linear(weights, self.scale.item(), self.bias,
+                                                      self.NATIVE_INT8_NORMS[self.spec.input_norm])
+        return self._native
 
     def prepack_native(self):
         return cpu_native.prepack_linear(self.weight_bits, self.spec.k)

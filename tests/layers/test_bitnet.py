@@ -4,6 +4,7 @@ mean-|W| scale and LayerNorm for BitNet; the STE gradients; the input normalizat
 int8 codes; the float-Linear state_dict contract; and the packed export's exactness."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,9 @@ from torch import nn
 import layers
 import qat
 import qat.export
-from layers.bitnet import AbsMaxActivation, absmax_codes
+from kernels import cpu_native, native
+from layers.bitnet import AbsMaxActivation, absmax_codes, rms_norm
+from qat.export.packed import PackedLinear
 
 DIRECT_NORMS = {
     "rms": lambda x, d: x / torch.sqrt(x.pow(2).mean(d, keepdim=True) + 1e-5),
@@ -293,3 +296,148 @@ def test_the_activation_quantizer_is_the_methods():
     assert isinstance(layers.BitNet158Linear(4, 4).input_quantizer, AbsMaxActivation)
     with pytest.raises(ValueError, match="input_granularity must be one of token, tensor"):
         layers.BitNetLinear(4, 4, input_granularity="channel")
+
+
+# ---------------------------------------------------------------------------------------------
+# The packed BitLinear on the native engine: bit-identical to the training layer
+# ---------------------------------------------------------------------------------------------
+NATIVE_ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+
+class TinyGPT(nn.Module):
+    """Two pre-norm causal transformer blocks (float softmax and norms, as BitNet keeps them) whose
+    linears have K = 72 and 288, neither a multiple of the kernel's 128-wide blocks."""
+
+    def __init__(self, vocab=11, width=72, heads=3, depth=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.heads = heads
+        self.blocks = nn.ModuleList(nn.ModuleDict({
+            "norm1": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width),
+            "norm2": nn.LayerNorm(width), "up": nn.Linear(width, 4 * width, bias=False),
+            "down": nn.Linear(4 * width, width)}) for _ in range(depth))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        for block in self.blocks:
+            q, k, v = block["qkv"](block["norm1"](h)).unflatten(-1, (3, self.heads, -1)).unbind(-3)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            h = h + block["proj"](a.transpose(1, 2).flatten(-2))
+            h = h + block["down"](F.relu(block["up"](block["norm2"](h))).square())
+        return self.head(h)
+
+
+def trained_gpt(spec: dict, seed: int = 3) -> nn.Module:
+    """A TinyGPT quantized by ``spec`` after a few AdamW steps of next-token training on a random
+    sequence (so the latent weights are not their initialization)."""
+    torch.manual_seed(seed)
+    model = qat.quantize_model(TinyGPT(), spec)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = torch.randint(0, 11, (4, 17))
+    for _ in range(4):
+        loss = F.cross_entropy(model(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def hard_inputs(*lead: int, k: int, seed: int = 0) -> torch.Tensor:
+    """[*lead, k] activations: token magnitudes from 1e-30 to 1e25 (squares that underflow and that
+    overflow float32), an outlier feature, a zero token and a token below the 1e-5 clamp."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen)
+    rows = x.view(-1, k)
+    rows *= torch.logspace(-30, 25, rows.shape[0]).unsqueeze(1) if rows.shape[0] > 1 else 1.0
+    rows[:, 5] *= 30.0
+    if rows.shape[0] > 3:
+        rows[1] = 0.0
+        rows[2] = rows[2].sign() * 1e-7
+    return x
+
+
+def linear_inputs(k: int) -> list[torch.Tensor]:
+    """M = 1 (one token, with and without a batch dim) and M > 1 ([B, T, K], and a strided view)."""
+    wide = hard_inputs(3, k=2 * k, seed=k + 1)
+    return [hard_inputs(k=k), hard_inputs(1, 1, k=k, seed=1), hard_inputs(2, 9, k=k, seed=2),
+            hard_inputs(40, k=k, seed=3), wide[:, ::2]]
+
+
+@pytest.fixture(params=NATIVE_ISAS)
+def isa(request):
+    with native.using_isa(request.param):
+        yield request.param
+
+
+@needs_native
+@pytest.mark.parametrize("spec,code,norm", [
+    ({"method": "bitnet158"}, "ternary", "rms"),
+    ({"method": "bitnet158", "input_norm": False}, "ternary", ""),
+    ({"method": "bitnet", "input_norm": False}, "binary", ""),
+])
+def test_packed_linears_run_the_native_bitlinear_bit_identical_to_training(isa, spec, code, norm, monkeypatch):
+    model = trained_gpt(spec)
+    packed = qat.export.pack_model(model)
+    names = [name for name, module in packed.named_modules() if isinstance(module, PackedLinear)]
+    assert len(names) == 7  # every block linear but the first, which quantize_model keeps float
+    for name in names:
+        layer, trained = packed.get_submodule(name), model.get_submodule(name)
+        assert (layer.spec.input_bits, layer.spec.code, layer.spec.input_norm) == (8, code, norm)
+        for x in linear_inputs(layer.spec.in_features):
+            with torch.no_grad():
+                want = trained(x)
+                torch_path = layer.int8_forward(x)
+                with monkeypatch.context() as patch:  # the native layer computes it, not int8_forward
+                    patch.setattr(layer, "int8_forward", None)
+                    got = layer(x)
+            assert isinstance(layer._native, cpu_native.TernaryI8Linear)
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert torch.equal(got, want), (isa, name, tuple(x.shape))
+            assert torch.equal(got, torch_path), (isa, name, tuple(x.shape))
+    tokens = torch.randint(0, 11, (2, 13), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(packed(tokens), model(tokens))
+        assert torch.equal(packed(tokens[:1, :1]), model(tokens[:1, :1]))
+
+
+@needs_native
+def test_the_native_bitlinear_is_rebuilt_after_a_state_dict_load():
+    first, second = trained_gpt({"method": "bitnet158"}, seed=3), trained_gpt({"method": "bitnet158"}, seed=4)
+    packed, other = qat.export.pack_model(first), qat.export.pack_model(second)
+    x = hard_inputs(3, 4, k=72)
+    layer = packed.blocks[1].qkv
+    with torch.no_grad():
+        before = layer(x)
+        packed.load_state_dict(other.state_dict())
+        after = layer(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, second.blocks[1].qkv(x).detach())
+
+
+@needs_native
+@pytest.mark.parametrize("spec", [{"method": "bitnet"}, {"method": "bitnet158", "input_granularity": "tensor"}])
+def test_layernorm_and_per_tensor_steps_keep_the_torch_path(spec, monkeypatch):
+    model = trained_gpt(spec)
+    packed = qat.export.pack_model(model)
+    layer = packed.blocks[0].up
+    x = hard_inputs(2, 5, k=72)
+    assert not layer.runs_int8_natively(x)
+    calls = []
+    monkeypatch.setattr(layer, "int8_forward", lambda v: calls.append(v) or PackedLinear.int8_forward(layer, v))
+    with torch.no_grad():
+        assert torch.equal(layer(x), model.blocks[0].up(x))
+    assert len(calls) == 1 and layer._native is None
+    assert not layer.runs_int8_natively(x.double())  # float64 inputs: torch too
+
+
+def test_rms_norm_rounds_like_the_native_kernel():
+    """``rms_norm``'s roundings, written out with NumPy: float32 squares summed in float64, the
+    float32 add of eps, the correctly rounded float32 root, the float32 division."""
+    x = hard_inputs(64, k=300, seed=9)
+    with np.errstate(over="ignore"):  # the 1e25 token: its squares overflow to inf, as in torch
+        squares = (x.numpy() * x.numpy()).astype(np.float64)
+    ms = (squares.sum(axis=-1, keepdims=True) / 300).astype(np.float32)
+    root = np.sqrt((ms + np.float32(1e-5)).astype(np.float64)).astype(np.float32)
+    assert torch.equal(rms_norm(x, -1), torch.from_numpy(x.numpy() / root))
