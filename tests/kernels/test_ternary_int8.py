@@ -1,8 +1,10 @@
 """The int8-activation x ternary/binary-weight kernel of the native engine (BitNet b1.58 inference).
 
 Integers are compared exactly with a torch int64 reference, on every instruction set this machine
-runs; the per-token quantization exactly with BitNet's formula in torch; the fused layer bit for bit
-with its three steps done separately in torch.
+runs; the per-token quantization (RMSNorm included) exactly with the training layer's own functions
+(``layers.bitnet.rms_norm`` / ``absmax_codes``: one source of truth for its roundings); the fused
+layer bit for bit with its three steps done separately in torch (``tests/layers/test_bitnet.py``
+compares packed models with the training layers).
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+import layers.bitnet
 from kernels import cpu_native, native
+from layers.bitnet import NORM_EPS, absmax_codes, rms_norm
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
@@ -42,10 +46,11 @@ def reference(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (x.long() @ t.long().T).to(torch.int32)
 
 
-def bitnet_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BitNet b1.58's activation_quant, in torch: scale = 127 / max|x|, codes = clamp(round(x s))."""
-    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
-    return (x * scale).round().clamp(-128, 127).to(torch.int8), scale.squeeze(-1)
+def training_quant(x: torch.Tensor, norm: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, step [...]) of x as the training layer computes them (``layers.bitnet``), after
+    its RMSNorm with ``norm``: step = max|n| / 127, codes = clamp(round(n / step))."""
+    codes, step = absmax_codes(rms_norm(x, -1) if norm else x)
+    return codes.to(torch.int8), step.squeeze(-1)
 
 
 # K not a multiple of 32 / 128, K < 32, M = 1 and M > 4 (microkernel rows), N odd and N % 4 != 0.
@@ -107,12 +112,13 @@ def test_threads_and_leading_dims(gen):
     assert torch.equal(cpu_native.ternary_i8_matmul(strided, weights), reference(strided, t))
 
 
-@pytest.mark.parametrize("m,k", [(1, 1), (1, 7), (3, 129), (8, 384), (2, 1536)])
-def test_quantize_equals_bitnet_formula(isa, gen, m, k):
-    x = torch.randn(m, k, generator=gen) * torch.logspace(-3, 3, m).unsqueeze(1)
-    got_codes, got_scale = cpu_native.quantize_i8(x)
-    want_codes, want_scale = bitnet_quant(x)
-    assert torch.equal(got_scale, want_scale)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 7), (3, 129), (8, 384), (2, 1536), (64, 300)])
+def test_quantize_equals_the_training_layers(isa, gen, m, k, norm):
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-30, 25, m).unsqueeze(1)  # squares under/overflow
+    got_codes, got_step = cpu_native.quantize_i8(x, NORM_EPS if norm else None)
+    want_codes, want_step = training_quant(x, norm)
+    assert torch.equal(got_step, want_step), isa
     assert torch.equal(got_codes, want_codes), isa
 
 
@@ -121,26 +127,25 @@ def test_quantize_ties_zeros_and_extremes(isa):
                       [0.0] * 8,                                            # all zero: scale 127 / 1e-5
                       [1e-7, -1e-7, 0, 0, 0, 0, 0, 0],                      # below the clamp
                       [3e38, -3e38, 1.0, 0, 0, 0, 0, 0]])                   # huge but finite
-    got_codes, got_scale = cpu_native.quantize_i8(x)
-    want_codes, want_scale = bitnet_quant(x)
-    assert got_codes[0].tolist() == [127, 2, -4, 0, 2, 0, -127, 126]
-    assert torch.equal(got_codes, want_codes) and torch.equal(got_scale, want_scale)
+    got_codes, got_step = cpu_native.quantize_i8(x)
+    want_codes, want_step = training_quant(x)
+    assert got_codes[0].tolist() == [127, 2, -4, 0, 2, 0, -127, 126] and got_step[0] == 1.0
+    assert got_step[1] == torch.tensor(1e-5) / 127  # the clamp, then a float32 division
+    assert torch.equal(got_codes, want_codes) and torch.equal(got_step, want_step)
 
 
-def test_quantize_after_rmsnorm(isa, gen):
-    x = torch.randn(5, 384, generator=gen) * 7
-    eps = 1e-6
-    got_codes, got_scale = cpu_native.quantize_i8(x, norm_eps=eps)
-    inv = (1.0 / (x.double().pow(2).mean(-1, keepdim=True) + eps).sqrt()).float()
-    want_codes, want_scale = bitnet_quant(x * inv)
-    # The mean of squares is summed in another order than torch's: the scale may differ in the last
-    # bit, and a code then by one where x * scale lands next to a half.
-    torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0)
-    assert (got_codes.int() - want_codes.int()).abs().max() <= 1
-    assert (got_codes != want_codes).float().mean() < 1e-3
-    plain_codes, _ = cpu_native.quantize_i8(x)
-    assert not torch.equal(got_scale, cpu_native.quantize_i8(x)[1])  # the norm did change the scale
-    assert (plain_codes.int() - got_codes.int()).abs().max() <= 1  # absmax codes are scale-invariant
+@pytest.mark.parametrize("eps", [1e-6, 0.5])
+def test_quantize_after_rmsnorm_with_any_eps(isa, gen, eps, monkeypatch):
+    """The kernel's eps is the caller's: equal to ``rms_norm`` with that eps (torch adds it in float32)."""
+    x = torch.randn(5, 384, generator=gen) * torch.tensor([7.0, 1e-3, 1.0, 300.0, 1e-4]).unsqueeze(1)
+    got_codes, got_step = cpu_native.quantize_i8(x, norm_eps=eps)
+    monkeypatch.setattr(layers.bitnet, "NORM_EPS", eps)
+    want_codes, want_step = training_quant(x, norm=True)
+    assert torch.equal(got_step, want_step) and torch.equal(got_codes, want_codes), isa
+    plain_codes, plain_step = cpu_native.quantize_i8(x)
+    assert not torch.equal(got_step, plain_step)  # the norm did change the step
+    if eps == 1e-6:  # x's RMS far above sqrt(eps): absmax codes are nearly scale-invariant
+        assert (plain_codes[[0, 2, 3]].int() - got_codes[[0, 2, 3]].int()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("m,n,k,with_bias", [(1, 768, 256, False), (8, 384, 1536, True), (3, 7, 100, True)])
@@ -151,22 +156,25 @@ def test_fused_linear_equals_its_steps(isa, gen, m, n, k, with_bias):
     bias = torch.randn(n, generator=gen) if with_bias else None
     x = torch.randn(m, k, generator=gen)
     got = cpu_native.ternary_i8_linear(x, weights, float(gamma), bias)
-    x_codes, scale = bitnet_quant(x)
-    want = reference(x_codes, t).float() * (gamma / scale).unsqueeze(1)
+    x_codes, step = training_quant(x)
+    want = reference(x_codes, t).float() * (step * gamma).unsqueeze(1)  # the training layer's epilogue
     if bias is not None:
         want = want + bias
     assert torch.equal(got, want), isa
     # and what it stands for: the float layer on the dequantized activations and weights
-    dequantized = F.linear(x_codes.float() / scale.unsqueeze(1), t * gamma, bias)
+    dequantized = F.linear(x_codes.float() * step.unsqueeze(1), t * gamma, bias)
     torch.testing.assert_close(got, dequantized, rtol=1e-4, atol=1e-4)
     layer = cpu_native.TernaryI8Linear(weights, float(gamma), bias)  # prepared once, called many times
     assert torch.equal(layer(x), want)
     assert torch.equal(layer(x[:1]), want[:1])
     if bias is None:  # absmax codes are scale-invariant and a power of two scales exactly
         assert torch.equal(layer(2 * x), 2 * want)
-    normed = cpu_native.ternary_i8_linear(x.reshape(1, m, k), weights, float(gamma), bias, norm_eps=1e-5)
+    normed = cpu_native.ternary_i8_linear(x.reshape(1, m, k), weights, float(gamma), bias, norm_eps=NORM_EPS)
     assert normed.shape == (1, m, n)
     assert not torch.equal(normed.reshape(m, n), got)  # the RMSNorm rescales the activations
+    n_codes, n_step = training_quant(x, norm=True)
+    want = reference(n_codes, t).float() * (n_step * gamma).unsqueeze(1)
+    assert torch.equal(normed.reshape(m, n), want if bias is None else want + bias), isa
 
 
 def test_layer_survives_pickling(gen, tmp_path):
