@@ -7,7 +7,8 @@ a shared machine), with the same thread count for torch and the native engine:
   ``F.linear(x, W)`` against the whole packed layer ``kernels.cpu_native.ternary_i8_linear``
   (``TernaryI8Linear``, prepared once as a model holds it: per-token absmax quantization of x, the
   exact int32 product with 2-bit ternary weights, and the float output transform, one native call),
-  and the integer product alone (int8 codes given);
+  the same layer with the parameter-free RMSNorm first (what a packed ``bitnet158`` model's linears
+  run, ``qat.export.PackedLinear``), and the integer product alone (int8 codes given);
   weight bytes of each (float32 against 2-bit codes + one float scale);
 * a GPT block stack estimate: the per-token time of the linears of ``layers`` blocks of width
   ``d`` (qkv d -> 3d, attention output d -> d, MLP d -> 4d -> d), each layer called from Python as
@@ -34,6 +35,7 @@ sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages 
 import kernels  # noqa: E402
 from interleaved import interleaved_min  # noqa: E402
 from kernels import cpu_matmul, cpu_native, native  # noqa: E402
+from layers.bitnet import NORM_EPS  # noqa: E402
 
 SIZES = [(256, 768), (256, 1024), (1024, 256), (384, 1152), (384, 1536), (1536, 384)]
 
@@ -43,30 +45,34 @@ def block_shapes(d: int) -> list[tuple[int, int]]:
     return [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
 
 
-def packed_layer(k: int, n: int, gen: torch.Generator):
-    """(float weight, packed layer) of a random absmean-ternarized [n, k] weight (BitNet b1.58)."""
+def packed_layer(k: int, n: int, gen: torch.Generator, norm_eps: float | None = None):
+    """(float weight, packed layer) of a random absmean-ternarized [n, k] weight (BitNet b1.58);
+    ``norm_eps`` puts the parameter-free RMSNorm first."""
     weight = torch.randn(n, k, generator=gen) * 0.02
     gamma = weight.abs().mean()
     ternary = (weight / gamma).round().clamp(-1, 1)
     packed = cpu_native.ternary_i8_prepack(kernels.pack_ternary(ternary), k)
-    return weight, cpu_native.TernaryI8Linear(packed, float(gamma))
+    return weight, cpu_native.TernaryI8Linear(packed, float(gamma), norm_eps=norm_eps)
 
 
 def layer_table(rounds: int, gen: torch.Generator) -> list[str]:
     lines = ["| M | K -> N | F.linear fp32 (us) | TernaryI8Linear, whole layer (us) | speed vs fp32 | "
-             "int8 product only (us) | weight bytes fp32 | ours (2-bit + scale) | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "with RMSNorm (us) | speed vs fp32 | int8 product only (us) | weight bytes fp32 | ours (2-bit + scale) "
+             "| ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in (1, 8):
         for k, n in SIZES:
             weight, layer = packed_layer(k, n, gen)
+            normed = cpu_native.TernaryI8Linear(layer.weights, layer.weight_scale, norm_eps=NORM_EPS)
             x = torch.randn(m, k, generator=gen)
             codes, _ = cpu_native.quantize_i8(x)
             t = interleaved_min({"float": lambda: F.linear(x, weight),
                                  "ours": lambda: layer(x),
+                                 "normed": lambda: normed(x),
                                  "product": lambda: cpu_native.ternary_i8_matmul(codes, layer.weights)}, rounds)
             fp32_bytes, our_bytes = weight.numel() * 4, layer.weights.nbytes + 4
             lines.append(f"| {m} | {k} -> {n} | {t['float'] * 1e6:.1f} | {t['ours'] * 1e6:.1f} | "
-                         f"**{t['float'] / t['ours']:.2f}x** | {t['product'] * 1e6:.1f} | {fp32_bytes:,} | "
+                         f"**{t['float'] / t['ours']:.2f}x** | {t['normed'] * 1e6:.1f} | "
+                         f"{t['float'] / t['normed']:.2f}x | {t['product'] * 1e6:.1f} | {fp32_bytes:,} | "
                          f"{our_bytes:,} | 1/{fp32_bytes / our_bytes:.1f} |")
     return lines
 
