@@ -437,7 +437,7 @@ class PackedLinear(PackedLayer):
     def native_int8_layer(self) -> cpu_native.TernaryI8Linear:
         """The native BitLinear of this layer: y = float(codes @ code^T) * (step * scale) + bias on
         ``quantize_i8(x, eps)``'s codes and steps. Built on first use; rebuilt after a state-dict load."""
-        if self._native is None:
+        if not isinstance(self._native, cpu_native.TernaryI8Linear):
             k = self.spec.k
             if self.spec.code == "binary":
                 weights = cpu_native.binary_i8_prepack(self.weight_bits.cpu(), k)
