@@ -25,6 +25,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class KeyValueCache:
+    """One attention layer's keys and values of the positions decoded so far, for generation:
+    buffers of ``capacity`` positions allocated at the first call and filled in place, so a new
+    token costs a write of one position instead of a copy of all earlier ones (``torch.cat``)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.keys = self.values = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``, ``v`` [B, H, T, d] after the earlier positions; the keys and values of all
+        positions so far (views of the buffers)."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"key/value cache: {end} positions, more than its capacity {self.capacity}")
+        if self.keys is None:
+            shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float):
         super().__init__()
@@ -34,20 +58,19 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """`cache` (generation): a dict holding the keys and values of the earlier positions; this
-        call's keys and values are appended to it. With earlier positions, `x` must be one position."""
+    def forward(self, x: torch.Tensor, cache: KeyValueCache | None = None) -> torch.Tensor:
+        """`cache` (generation): the keys and values of the earlier positions, to which this call's
+        are appended. With earlier positions, `x` must be one position."""
         batch, length, width = x.shape
         q, k, v = (t.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
                    for t in self.qkv(x).split(width, dim=2))
         causal = True
         if cache is not None:
-            if "k" in cache:
+            if cache.length:
                 if length != 1:
                     raise ValueError("a cached attention call takes one new position at a time")
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
                 causal = False  # the one new query sees every cached position
-            cache["k"], cache["v"] = k, v
+            k, v = cache.append(k, v)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal and length > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
@@ -65,7 +88,7 @@ class Block(nn.Module):
         self.mlp.add_module("fc2", nn.Linear(mlp_ratio * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KeyValueCache | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -95,8 +118,10 @@ class GPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, caches: list[dict] | None = None, start: int = 0) -> torch.Tensor:
-        """Logits [B, T, vocab] of token ids `idx` [B, T] at positions start .. start + T - 1."""
+    def forward(self, idx: torch.Tensor, caches: list[KeyValueCache] | None = None, start: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, vocab] of token ids `idx` [B, T] at positions start .. start + T - 1 (with
+        `last_only`, [B, 1, vocab] of the last position only: what greedy decoding reads)."""
         length = idx.shape[1]
         if start + length > self.block_size:
             raise ValueError(f"gpt: {start + length} positions, more than block_size={self.block_size}")
@@ -104,7 +129,7 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
         for index, block in enumerate(self.blocks):
             x = block(x, caches[index] if caches is not None else None)
-        return self.head(self.ln_f(x))
+        return self.head(self.ln_f(x[:, -1:] if last_only else x))
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -114,17 +139,17 @@ class GPT(nn.Module):
         position; past block_size tokens the window slides, and since the position embeddings are
         absolute, each further token is computed afresh from the last block_size tokens."""
         out = idx
-        caches: list[dict] | None = None
+        caches: list[KeyValueCache] | None = None
         for _ in range(new_tokens):
             length = out.shape[1]
             if length > self.block_size:  # sliding window: no cache
-                logits = self(out[:, -self.block_size:])
+                logits = self(out[:, -self.block_size:], last_only=True)
                 caches = None
             elif caches is None:  # the prompt (or a window that just stopped sliding)
-                caches = [{} for _ in self.blocks]
-                logits = self(out, caches)
+                caches = [KeyValueCache(self.block_size) for _ in self.blocks]
+                logits = self(out, caches, last_only=True)
             else:
-                logits = self(out[:, -1:], caches, start=length - 1)
+                logits = self(out[:, -1:], caches, start=length - 1, last_only=True)
             next_token = logits[:, -1].argmax(dim=-1, keepdim=True)
             out = torch.cat([out, next_token], dim=1)
             if out.shape[1] > self.block_size:
