@@ -2,12 +2,16 @@
 
 Rebuilds the trained quantized model from a training checkpoint (its stored config names the model,
 data shape and quantization spec), finishes its schedules (``set_progress(1.0)``), packs it, checks
-the packed model against it on random inputs, writes the safetensors file and, with
-``--benchmark``, times packed against float inference side by side. A multi-bit model
+the packed model against it on inputs and by a check its task chooses (``qat.train.tasks``:
+``export_sample`` / ``export_check``; classification: 8 random images, identical top-1; language
+model: the first validation windows, identical greedy next bytes, and bits per byte of both), writes
+the safetensors file and, with ``--benchmark``, times packed against float inference side by side
+(image models; for a language model's generation speed see ``benchmarks/lm_generate.py``). A multi-bit model
 (``quant=multibit``) is exported at ``--bits`` (8, 4, 2, ternary or 1), by default at the first of
 the run's ``multibit.train_bits`` (8 when the run names none).
 
-Exit status: 0, 1 when the packed model's top-1 differs from the float one, 2 for bad input (a
+Exit status: 0, 1 when the check fails (the packed model's top-1, or greedy next byte, differs from
+the quantized model's), 2 for bad input (a
 missing or corrupt checkpoint, a model that cannot be packed, an unwritable output: one line, see
 `qat.train.cli`), 130 for Ctrl-C.
 """
@@ -27,7 +31,9 @@ import qat
 import qat.multibit
 from qat import models
 from qat.train import checkpoint, cli
-from qat.train.config import to_plain
+from qat.train.config import ConfigError, to_plain
+from qat.train.data import get_dataset
+from qat.train.tasks import get_task
 
 from .chains import fuse_binary_chains
 from .packed import pack_model, save_packed
@@ -36,17 +42,27 @@ from .timing import time_inference
 
 def trained_model_from_checkpoint(path):
     """(quantized model with the checkpoint's weights, its architecture dict, input shape)."""
+    model, architecture, cfg = trained_run(path)
+    return model, architecture, task_of(cfg).input_spec(cfg.data)[0]
+
+
+def task_of(cfg):
+    """What the run trained for (``qat.train.tasks``), from its dataset's registry row."""
+    return get_task(get_dataset(cfg.data.name).task)
+
+
+def trained_run(path):
+    """(quantized model with the checkpoint's weights, its architecture dict, the run's config)."""
     payload = checkpoint.load_checkpoint(path)
     cfg = OmegaConf.create(payload["config_yaml"])
-    architecture = models.architecture(cfg.model, cfg.data.num_classes, cfg.data.channels)
+    architecture = models.architecture(cfg.model, cfg.data.num_classes, cfg.data.get("channels", 1))
     model = qat.quantize_model(models.build_architecture(architecture), to_plain(cfg.quant))
     checkpoint.load_model_state(model, payload["model"], path)
     qat.set_progress(model, 1.0)
     if qat.multibit.multibit_quantizers(model):  # the width the run trained first (a baseline's only one)
         train_bits = to_plain(cfg.get("multibit") or {}).get("train_bits") or [8]
         qat.multibit.set_bits(model, train_bits[0])
-    input_shape = (int(cfg.data.channels), int(cfg.data.image_size), int(cfg.data.image_size))
-    return model.eval(), architecture, input_shape
+    return model.eval(), architecture, cfg
 
 
 def main(argv=None) -> int:
@@ -58,20 +74,25 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--bits", default=None,
                         help="multi-bit models: the width to export (8, 4, 2, ternary, 1)")
+    parser.add_argument("--data-root", default=None,
+                        help="where the run's data lives here, if not its data.root (the language-model check)")
     args = parser.parse_args(argv)
-    model, architecture, input_shape = trained_model_from_checkpoint(args.source)
+    model, architecture, cfg = trained_run(args.source)
+    task = task_of(cfg)
+    input_shape, input_dtype = task.input_spec(cfg.data)
+    if args.benchmark and input_dtype is not None:  # time_inference draws float inputs
+        raise ConfigError(f"--benchmark times float input batches, and a {task.name} run takes {input_dtype} "
+                          f"inputs; time its generation with `python benchmarks/lm_generate.py {args.source}`")
+    if args.data_root is not None:
+        cfg.data.root = args.data_root
     if args.bits is not None:
         qat.multibit.set_bits(model, args.bits)
         print(f"multi-bit model exported at width {qat.multibit.width_label(args.bits)}")
     packed = pack_model(model)
-    x = torch.randn(8, *input_shape, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        reference, output = model(x), packed(x)
-    same_top1 = bool(torch.equal(reference.argmax(1), output.argmax(1)))
-    print(f"packed {architecture['name']}: max |logit difference| {float((reference - output).abs().max()):.3g} "
-          f"on 8 random inputs, identical top-1: {same_top1}")
+    check = task.export_check(model, packed, task.export_sample(cfg.data))
+    print(f"packed {architecture['name']}: {check.text}")
     path = save_packed(packed, args.out, architecture=architecture)
-    summary = qat.summary(model, input_shape)
+    summary = qat.summary(model, input_shape, input_dtype)
     print(f"wrote {path}: {os.path.getsize(path):,} bytes (summary quantized_bytes {summary.quantized_bytes:,}, "
           f"float32 {summary.fp32_bytes:,}, {summary.fp32_bytes / os.path.getsize(path):.1f}x smaller)")
     if args.benchmark:
@@ -86,7 +107,7 @@ def main(argv=None) -> int:
         for row in rows:
             print(f"| {row['batch']} | {row['float_ms']:.2f} | {row['packed_ms']:.2f} | {row['fused_ms']:.2f} | "
                   f"{row['float_ms'] / row['fused_ms']:.2f}x |")
-    return 0 if same_top1 else 1
+    return 0 if check.passed else 1
 
 
 if __name__ == "__main__":

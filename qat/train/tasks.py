@@ -7,11 +7,20 @@ trainer, summary.json and `qat.train.report` ask instead of branching on the dat
                    metrics loss / bpb / ppl (`TokenMetricSums`: bits per byte = loss / ln 2 for byte
                    tokens); best.pt = lowest validation bits per byte; summary: best_val_bpb,
                    val_bpb, val_ppl, test_bpb, test_ppl. No distillation (distill must be none).
+
+Export (`python -m qat.export`) asks the task for its inputs and its check of the packed model against
+the quantized one (`input_spec`, `export_sample`, `export_check`):
+  classification   8 random float inputs (C, H, W); check: identical top-1, max |logit difference|.
+  language_model   the first 4 validation windows (int64 token ids, (block_size,)), random token ids
+                   when the run's val text is not on this machine; check: identical greedy next byte
+                   at every position, max |logit difference|, and both models' bits per byte on the
+                   windows (when they are validation text).
 """
 from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,6 +28,24 @@ import torch.nn.functional as F
 
 from qat.train.errors import ConfigError
 from qat.train.metrics import MetricSums, TokenMetricSums
+
+
+@dataclass
+class ExportSample:
+    """Inputs on which export compares the packed model with the quantized one."""
+    inputs: torch.Tensor
+    targets: torch.Tensor | None  # the true next tokens where the inputs are real text, else None
+    source: str                   # what the inputs are, for the check's line ("8 random inputs")
+
+
+@dataclass
+class ExportCheck:
+    passed: bool   # False: the packed model decides differently (export exits with status 1)
+    text: str      # one line: the figures compared
+
+
+def _max_difference(reference: torch.Tensor, output: torch.Tensor) -> float:
+    return float((reference.float() - output.float()).abs().max())
 
 
 class Classification:
@@ -59,6 +86,25 @@ class Classification:
     def headline(self, run: dict[str, Any]) -> float | None:
         """The figure a report plots for a run: test top-1, else best validation top-1."""
         return run.get("test_acc1") if run.get("test_acc1") is not None else run.get("best_val_acc1")
+
+    def input_spec(self, data_cfg: Any) -> tuple[tuple[int, ...], torch.dtype | None]:
+        """(one input's shape without batch dim, its dtype where it is not the model's) for a data config."""
+        size = int(data_cfg.image_size)
+        return (int(data_cfg.channels), size, size), None
+
+    def export_sample(self, data_cfg: Any, count: int = 8) -> ExportSample:
+        """`count` random N(0, 1) inputs, seeded (the check needs no data files)."""
+        shape, _ = self.input_spec(data_cfg)
+        inputs = torch.randn(count, *shape, generator=torch.Generator().manual_seed(0))
+        return ExportSample(inputs, None, f"{count} random inputs")
+
+    def export_check(self, reference: torch.nn.Module, packed: torch.nn.Module, sample: ExportSample) -> ExportCheck:
+        """Passes when the packed model's top-1 equals the quantized model's on every input."""
+        with torch.inference_mode():
+            expected, output = reference(sample.inputs), packed(sample.inputs)
+        same = bool(torch.equal(expected.argmax(1), output.argmax(1)))
+        return ExportCheck(same, f"max |logit difference| {_max_difference(expected, output):.3g} on "
+                                 f"{sample.source}, identical top-1: {same}")
 
 
 class _TokenCrossEntropy:
@@ -113,6 +159,38 @@ class LanguageModel(Classification):
 
     def headline(self, run: dict[str, Any]) -> float | None:
         return run.get("test_bpb") if run.get("test_bpb") is not None else run.get("best_val_bpb")
+
+    def input_spec(self, data_cfg: Any) -> tuple[tuple[int, ...], torch.dtype | None]:
+        return (int(data_cfg.block_size),), torch.long
+
+    def export_sample(self, data_cfg: Any, count: int = 4) -> ExportSample:
+        """The first `count` validation windows of the run's corpus; `count` seeded random token-id
+        windows when its text is not on this machine (then no bits per byte)."""
+        from qat.train.data import DatasetNotFoundError, build_data
+
+        try:
+            val = build_data(data_cfg).val
+        except DatasetNotFoundError as error:
+            (length,), _ = self.input_spec(data_cfg)
+            inputs = torch.randint(0, int(data_cfg.num_classes), (count, length),
+                                   generator=torch.Generator().manual_seed(0))
+            return ExportSample(inputs, None, f"{count} random token windows ({error}; no bits per byte)")
+        windows = [val[i] for i in range(min(count, len(val)))]
+        inputs, targets = (torch.stack(part) for part in zip(*windows, strict=True))
+        return ExportSample(inputs, targets, f"the first {len(windows)} {data_cfg.name} validation windows")
+
+    def export_check(self, reference: torch.nn.Module, packed: torch.nn.Module, sample: ExportSample) -> ExportCheck:
+        """Passes when the packed model's greedy next byte equals the quantized model's at every position;
+        reports both models' bits per byte on validation windows."""
+        with torch.inference_mode():
+            expected, output = reference(sample.inputs), packed(sample.inputs)
+        same = bool(torch.equal(expected.argmax(-1), output.argmax(-1)))
+        text = (f"max |logit difference| {_max_difference(expected, output):.3g} on {sample.source}, "
+                f"identical greedy next bytes: {same}")
+        if sample.targets is not None:
+            bpb = [float(self.loss(logits, sample.targets)) / math.log(2) for logits in (expected, output)]
+            text += f"; bits per byte: quantized {bpb[0]:.4f}, packed {bpb[1]:.4f}"
+        return ExportCheck(same, text)
 
 
 TASKS = {task.name: task for task in (Classification(), LanguageModel())}
