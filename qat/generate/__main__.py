@@ -6,6 +6,9 @@ with ``--packed FILE`` the packed model ``qat.export.load_packed`` rebuilds from
 ``qat.export.save_packed`` (no checkpoint needed then), and prints the text, then one line with the
 new tokens per second at batch 1 on this CPU.
 
+This entry point module (and only it: the library ``qat.generate`` does not) imports ``qat.train``,
+for the checkpoint reader and the command-line error handling, as ``python -m qat.export``'s does.
+
 Exit status: 0, 2 for bad input (missing or corrupt checkpoint or file, not a language model, empty
 prompt: one line, see `qat.train.cli`), 130 for Ctrl-C.
 """
