@@ -7,7 +7,8 @@ with ``--packed FILE`` the packed model ``qat.export.load_packed`` rebuilds from
 new tokens per second at batch 1 on this CPU.
 
 This entry point module (and only it: the library ``qat.generate`` does not) imports ``qat.train``,
-for the checkpoint reader and the command-line error handling, as ``python -m qat.export``'s does.
+for the command-line error handling and, through ``qat.export.__main__.trained_run`` (the model export
+would pack), the checkpoint reader.
 
 Exit status: 0, 2 for bad input (missing or corrupt checkpoint or file, not a language model, empty
 prompt: one line, see `qat.train.cli`), 130 for Ctrl-C.
@@ -18,25 +19,18 @@ import argparse
 import sys
 
 import torch
-from omegaconf import OmegaConf
 
-import qat
-from qat import models
-from qat.train import checkpoint, cli
-from qat.train.config import to_plain
+from qat.train import cli
 
 from . import generate_text
 
 
 def model_from_checkpoint(path) -> torch.nn.Module:
-    """The trained (quantized) model of a run directory or checkpoint, in eval mode at progress 1."""
-    payload = checkpoint.load_checkpoint(checkpoint.resolve_checkpoint_path(path))
-    cfg = OmegaConf.create(payload["config_yaml"])
-    architecture = models.architecture(cfg.model, cfg.data.num_classes, cfg.data.get("channels", 1))
-    model = qat.quantize_model(models.build_architecture(architecture), to_plain(cfg.quant))
-    checkpoint.load_model_state(model, payload["model"], path)
-    qat.set_progress(model, 1.0)
-    return model.eval()
+    """The trained (quantized) model of a run directory or checkpoint, in eval mode at progress 1: the
+    one ``python -m qat.export`` packs (``qat.export.__main__.trained_run``)."""
+    from qat.export.__main__ import trained_run
+
+    return trained_run(path)[0]
 
 
 def main(argv=None) -> int:
