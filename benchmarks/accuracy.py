@@ -112,17 +112,17 @@ def table(runs: list[dict], by_recipe: bool = False) -> str:
                         for name in sorted(by_task, key=order.index)) or task_table([], "classification")
 
 
-def goal_text(key: tuple, values: list[float], fp_values: list[float], task) -> str:
-    """The verdict of a row's goal (GOALS: an absolute top-1 over 3 seeds; FP_GAP_GOALS: within a gap
-    of fp's mean, seeds stated)."""
+def goal_text(key: tuple, method: str, values: list[float], fp_values: list[float], task) -> str:
+    """The verdict of a row's goal (GOALS, by the row's key: an absolute top-1 over 3 seeds; FP_GAP_GOALS,
+    by (model, data, method), in --by-recipe rows too: within a gap of fp's mean, seeds stated)."""
     if not values:
         return ""
     if key in GOALS:
         goal = GOALS[key]
         met = statistics.mean(values) >= goal and len(values) >= 3
         return f"≥ {goal} over 3 seeds: {'met' if met else 'not met' if len(values) >= 3 else 'open'}"
-    if key in FP_GAP_GOALS and not task.higher_is_better:
-        gap = FP_GAP_GOALS[key]
+    gap = FP_GAP_GOALS.get((*key[:2], method))
+    if gap is not None and not task.higher_is_better:
         if not fp_values:
             return f"≤ fp + {gap}: open (no fp runs)"
         difference = statistics.mean(values) - statistics.mean(fp_values)
@@ -154,7 +154,7 @@ def task_table(runs: list[dict], task_name: str, by_recipe: bool = False) -> str
         fp_seconds = statistics.mean(r["seconds_per_epoch"] for r in fp_runs) if fp_runs else None
         ratio = f"{seconds / fp_seconds:.2f}" if fp_seconds else "-"
         fp_values = [r[test_key] for r in fp_runs if r.get(test_key) is not None]
-        goal = goal_text(key, values, fp_values, task)
+        goal = goal_text(key, group[0]["method"], values, fp_values, task)
         validation = [r[val_key] for r in group if r.get("val_source") == "val" and r.get(val_key) is not None]
         lines.append(f"| {model} | {data} | {method} | {group[0]['w_bits']}/{group[0]['a_bits']} | "
                      f"{group[0]['epochs']:g} | {','.join(str(r['seed']) for r in group)} | "

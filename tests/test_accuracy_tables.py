@@ -91,6 +91,7 @@ def test_by_recipe_table_of_lm_runs(tmp_path, capsys):
     assert "test bits/byte (mean ± sd)" in text.splitlines()[0]
     (bitnet,) = lines_of(text, "bitnet158 (lm_bitnet158)")
     assert "| 2.418 ± 0.046 | 2.385 / 2.450 | 2.400 ± 0.071 |" in bitnet
+    assert bitnet.endswith("| ≤ fp + 0.1: not met (+0.118, 2 vs 2 seeds) |")  # the method's goal, any recipe
     assert lines_of(text, "| fp (lm_fp) |")
 
 
