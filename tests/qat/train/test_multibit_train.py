@@ -59,7 +59,7 @@ def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
 
 def test_evaluation_reports_every_width_and_the_mean_of_the_trained_ones():
     model, x, y = model_and_batch()
-    widths = Widths.from_config({"train_bits": [4, 1], "eval_bits": [8, 4, "ternary"]}, model)
+    widths = Widths.from_config({"train_bits": [4, 1], "eval_bits": [8, 4, "ternary"], "bn": "shared"}, model)
 
     def evaluate_split():
         with torch.no_grad():
