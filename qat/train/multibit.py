@@ -75,10 +75,12 @@ class Widths:
         block = block or {}
         unknown = set(block) - {"train_bits", "eval_bits", "bn"}
         if unknown:
-            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; valid: train_bits, eval_bits, bn")
+            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"valid: train_bits, eval_bits, bn")
         if not mb.multibit_quantizers(model):
             if block:
-                raise ConfigError("multibit.train_bits/eval_bits/bn need a model with multi-bit layers (quant=multibit)")
+                raise ConfigError("multibit.train_bits/eval_bits/bn need a model with multi-bit layers "
+                                  "(quant=multibit)")
             return cls(model, [None], [None])
         bn = block.get("bn", "per_width")
         if bn not in mb.BN_MODES:
@@ -88,9 +90,9 @@ class Widths:
         eval_bits = train_bits if bn == "per_width" and block.get("eval_bits") is None else _widths(block, "eval_bits")
         untrained = [mb.width_label(w) for w in eval_bits if w not in train_bits]
         if bn == "per_width" and untrained:
-            raise ConfigError(f"multibit.eval_bits has width(s) {', '.join(untrained)} not in multibit.train_bits: with "
-                              f"multibit.bn=per_width their BatchNorm statistics would never be estimated; train them "
-                              f"too or set multibit.bn=shared")
+            raise ConfigError(f"multibit.eval_bits has width(s) {', '.join(untrained)} not in multibit.train_bits: "
+                              f"with multibit.bn=per_width their BatchNorm statistics would never be estimated; "
+                              f"train them too or set multibit.bn=shared")
         widths = cls(model, train_bits, eval_bits)
         if bn == "per_width":
             mb.per_width_batchnorm(model)
