@@ -6,6 +6,19 @@
 
 The width lives on each layer's quantizer (``MultiBitWeight.width``) and nowhere else: these
 functions only walk the model, so two models never share a width.
+
+Per-width BatchNorm statistics ("switchable BN": slimmable networks, Yu et al. ICLR 2019; Any-Precision
+DNNs, Yu et al. AAAI 2021). ``per_width_batchnorm(model)`` gives every BatchNorm of a multi-bit model
+its own running statistics per width: buffers ``running_mean_<w>``, ``running_var_<w>``,
+``num_batches_tracked_<w>`` (w = 8b, 4b, 2b, ternary, 1b; these are the state-dict keys), of which
+the active width's stand as the module's ``running_mean`` / ``running_var`` / ``num_batches_tracked``
+(the same tensors, so BatchNorm's in-place updates in training reach that width's buffers). The
+BatchNorm follows ``set_bits`` (which sets it with the quantizers) and, before every forward, re-selects
+its width's buffers (a pre-hook: safe after ``.to(device)``, which copies aliases apart). The affine
+gamma and beta stay shared by all widths (docs/multibit_notes.md: why). Without ``per_width_batchnorm``
+(``multibit.bn: shared``) a model is exactly as before: one set of statistics updated by every width.
+``keep_active_width(model)`` turns the BatchNorms back into plain ones holding the active width's
+statistics (what a packed export of one width stores).
 """
 from __future__ import annotations
 
@@ -15,7 +28,14 @@ from torch import nn
 
 from layers.multibit import WIDTHS, MultiBitWeight, parse_width, width_label
 
-__all__ = ["WIDTHS", "bits", "set_bits", "multibit_quantizers", "active_width", "parse_width", "width_label"]
+__all__ = ["WIDTHS", "BN_MODES", "bits", "set_bits", "multibit_quantizers", "active_width", "parse_width",
+           "width_label", "per_width_batchnorm", "per_width_batchnorms", "keep_active_width", "stored_batchnorm_mode"]
+
+#: multibit.bn: private running statistics per width (default), or one set shared by all widths
+BN_MODES = ("per_width", "shared")
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+#: the attribute holding a per-width BatchNorm's active width (set only by set_bits / the pre-hook's owner)
+WIDTH_ATTRIBUTE = "multibit_width"
 
 
 def multibit_quantizers(model: nn.Module) -> list[MultiBitWeight]:
@@ -31,11 +51,16 @@ def set_bits(model: nn.Module, width) -> None:
         raise ValueError("the model has no multi-bit layers (quant.method=multibit); a width cannot be chosen")
     for quantizer in quantizers:
         quantizer.set_width(width)
+    for bn in per_width_batchnorms(model):
+        _select(bn, width)
 
 
 def active_width(model: nn.Module):
-    """The width every multi-bit layer of ``model`` computes at (ValueError if they differ or there are none)."""
+    """The width every multi-bit layer (and per-width BatchNorm) of ``model`` computes at (ValueError
+    if they differ or there are none)."""
     widths = {q.width for q in multibit_quantizers(model)}
+    if widths:
+        widths |= {getattr(bn, WIDTH_ATTRIBUTE) for bn in per_width_batchnorms(model)}
     if len(widths) != 1:
         raise ValueError(f"expected one active multi-bit width, found {sorted(map(str, widths)) or 'none'}")
     return widths.pop()
@@ -44,11 +69,83 @@ def active_width(model: nn.Module):
 @contextmanager
 def bits(model: nn.Module, width):
     """``set_bits(model, width)`` inside the block; each layer's previous width is restored after it."""
-    quantizers = multibit_quantizers(model)
+    quantizers, norms = multibit_quantizers(model), per_width_batchnorms(model)
     previous = [q.width for q in quantizers]
+    previous_norms = [getattr(bn, WIDTH_ATTRIBUTE) for bn in norms]
     set_bits(model, width)
     try:
         yield
     finally:
         for quantizer, old in zip(quantizers, previous, strict=True):
             quantizer.set_width(old)
+        for bn, old in zip(norms, previous_norms, strict=True):
+            _select(bn, old)
+
+
+# ------------------------------------------------------------------ per-width BatchNorm statistics
+
+def _buffer_name(statistic: str, width) -> str:
+    return f"{statistic}_{width_label(width)}"
+
+
+def _select(bn: nn.Module, width) -> None:
+    """Stand ``width``'s statistics as ``bn``'s running_mean / running_var / num_batches_tracked."""
+    setattr(bn, WIDTH_ATTRIBUTE, width)
+    for statistic in STATISTICS:
+        bn._buffers[statistic] = bn._buffers[_buffer_name(statistic, width)]
+
+
+def _select_before_forward(bn: nn.Module, args) -> None:
+    _select(bn, getattr(bn, WIDTH_ATTRIBUTE))
+
+
+def per_width_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorms of ``model`` that ``per_width_batchnorm`` gave per-width statistics."""
+    return [m for m in model.modules() if hasattr(m, WIDTH_ATTRIBUTE)]
+
+
+def per_width_batchnorm(model: nn.Module) -> int:
+    """Give every BatchNorm (with running statistics) of multi-bit ``model`` private running statistics
+    per width, each starting as a copy of the current ones, the active width selected; return how many
+    BatchNorms. Idempotent. ValueError for a model without multi-bit layers."""
+    width = active_width(model)  # raises for a model without multi-bit layers
+    count = 0
+    for bn in model.modules():
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
+            continue
+        count += 1
+        if hasattr(bn, WIDTH_ATTRIBUTE):
+            continue
+        for statistic in STATISTICS:
+            current = getattr(bn, statistic)
+            for w in WIDTHS:
+                bn.register_buffer(_buffer_name(statistic, w), current.detach().clone())
+            bn._non_persistent_buffers_set.add(statistic)  # saved once, under the width's name
+        _select(bn, width)
+        bn.register_forward_pre_hook(_select_before_forward)
+    return count
+
+
+def keep_active_width(model: nn.Module) -> nn.Module:
+    """Make every per-width BatchNorm of ``model`` a plain one (in place) holding the active width's
+    statistics, as persistent buffers; the other widths' are dropped. Returns ``model``."""
+    for bn in per_width_batchnorms(model):
+        _select(bn, getattr(bn, WIDTH_ATTRIBUTE))
+        for statistic in STATISTICS:
+            kept = bn._buffers[statistic]
+            for w in WIDTHS:
+                del bn._buffers[_buffer_name(statistic, w)]
+            bn._non_persistent_buffers_set.discard(statistic)
+            bn._buffers[statistic] = kept
+        for key, hook in list(bn._forward_pre_hooks.items()):
+            if hook is _select_before_forward:
+                del bn._forward_pre_hooks[key]
+        delattr(bn, WIDTH_ATTRIBUTE)
+    return model
+
+
+def stored_batchnorm_mode(state_dict: dict) -> str:
+    """"per_width" when a state dict holds per-width BatchNorm statistics (``running_mean_8b``), else
+    "shared": what a checkpoint's model needs before it loads."""
+    marker = "." + _buffer_name("running_mean", WIDTHS[0])
+    return "per_width" if any(key.endswith(marker) or key == marker[1:] for key in state_dict) else "shared"

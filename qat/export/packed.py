@@ -69,6 +69,7 @@ from layers.bitnet import NORM_EPS, absmax_codes, normalize
 from layers.quantized import conv_input_scale, linear_input_scale
 
 from ..modules import replace_submodule
+from ..multibit import keep_active_width
 from .intcodes import int_format_bits, pack_int_codes, row_bytes, unpack_int_codes
 
 FORMAT = "bitqat-packed/1"
@@ -493,6 +494,7 @@ def pack_model(model: nn.Module, fold_batchnorm: bool = True) -> nn.Module:
     ``nn.Identity``. Models that cannot be traced are packed without folding.
     """
     packed = copy.deepcopy(model).eval()
+    keep_active_width(packed)  # a multi-bit model with per-width BatchNorm: the exported width's statistics
     targets = [(n, m) for n, m in packed.named_modules() if isinstance(m, QuantizedLayer)]
     for name, layer in targets:
         cls = PackedConv2d if isinstance(layer, QuantizedConv2d) else PackedLinear

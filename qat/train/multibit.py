@@ -4,8 +4,15 @@
     multibit:
       train_bits: [8, 4, 2, ternary, 1]   # the widths whose losses are summed every step
       eval_bits: [8, 4, 2, ternary, 1]    # the widths every evaluation reports
+      bn: per_width                       # BatchNorm running statistics per width, or shared by all
 
-both defaulting to every width (8, 4, 2, ternary, 1) for a model with multi-bit layers.
+train_bits defaulting to every width (8, 4, 2, ternary, 1) for a model with multi-bit layers, bn to
+per_width, eval_bits to train_bits (bn: per_width) or every width (bn: shared). With per_width,
+every BatchNorm keeps private running statistics per width (``qat.multibit.per_width_batchnorm``,
+"switchable BN"), selected with the width by ``set_bits``, so training at width b updates only b's
+statistics and evaluation at b uses exactly them; gamma and beta are shared; every
+evaluated width must be trained (an untrained width's statistics would be the initial ones).
+``bn: shared`` is the model as before: one set of statistics updated by every width's forward.
 
 Training step: L = sum_{b in train_bits} L_b, L_b the objective (cross-entropy or distillation) of
 the network at width b. The paper's multi-objective optimization weighs the widths' losses; its
@@ -66,14 +73,30 @@ class Widths:
         if block is not None and not isinstance(block, dict):
             raise ConfigError(f"multibit must be a mapping with train_bits and eval_bits, got {block!r}")
         block = block or {}
-        unknown = set(block) - {"train_bits", "eval_bits"}
+        unknown = set(block) - {"train_bits", "eval_bits", "bn"}
         if unknown:
-            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; valid: train_bits, eval_bits")
+            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"valid: train_bits, eval_bits, bn")
         if not mb.multibit_quantizers(model):
             if block:
-                raise ConfigError("multibit.train_bits/eval_bits need a model with multi-bit layers (quant=multibit)")
+                raise ConfigError("multibit.train_bits/eval_bits/bn need a model with multi-bit layers "
+                                  "(quant=multibit)")
             return cls(model, [None], [None])
-        return cls(model, _widths(block, "train_bits"), _widths(block, "eval_bits"))
+        bn = block.get("bn", "per_width")
+        if bn not in mb.BN_MODES:
+            raise ConfigError(f"multibit.bn must be one of {', '.join(mb.BN_MODES)} (BatchNorm statistics per width "
+                              f"or shared by all widths), got {bn!r}")
+        train_bits = _widths(block, "train_bits")
+        eval_bits = train_bits if bn == "per_width" and block.get("eval_bits") is None else _widths(block, "eval_bits")
+        untrained = [mb.width_label(w) for w in eval_bits if w not in train_bits]
+        if bn == "per_width" and untrained:
+            raise ConfigError(f"multibit.eval_bits has width(s) {', '.join(untrained)} not in multibit.train_bits: "
+                              f"with multibit.bn=per_width their BatchNorm statistics would never be estimated; "
+                              f"train them too or set multibit.bn=shared")
+        widths = cls(model, train_bits, eval_bits)
+        if bn == "per_width":
+            mb.per_width_batchnorm(model)
+        return widths
 
     @property
     def active(self) -> bool:

@@ -59,7 +59,7 @@ def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
 
 def test_evaluation_reports_every_width_and_the_mean_of_the_trained_ones():
     model, x, y = model_and_batch()
-    widths = Widths.from_config({"train_bits": [4, 1], "eval_bits": [8, 4, "ternary"]}, model)
+    widths = Widths.from_config({"train_bits": [4, 1], "eval_bits": [8, 4, "ternary"], "bn": "shared"}, model)
 
     def evaluate_split():
         with torch.no_grad():
@@ -133,3 +133,69 @@ def test_single_width_baseline_trains_and_exports_its_width(compose, smoke_overr
     assert summary["val_acc1"] == summary["multibit"]["evaluation"]["val/acc1@ternary"]
     model, _, _ = trained_model_from_checkpoint(tmp_path)
     assert mb.active_width(model) == "ternary"  # export's default: the run's first train width
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"bn": "private"}, "multibit.bn must be one of per_width, shared"),
+    ({"train_bits": [8, 1], "eval_bits": [8, 2]}, "2b not in multibit.train_bits"),
+])
+def test_bad_batchnorm_settings_are_config_errors(block, message):
+    model, _, _ = model_and_batch()
+    with pytest.raises(ConfigError, match=message):
+        Widths.from_config(block, model)
+
+
+def test_per_width_batchnorm_is_the_default_and_shared_installs_nothing():
+    model = qat.quantize_model(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)),
+                               {"method": "multibit", "keep_fp": []})
+    shared_keys = set(model.state_dict())
+    Widths.from_config({"train_bits": [4, 1], "bn": "shared"}, model)
+    assert set(model.state_dict()) == shared_keys and not mb.per_width_batchnorms(model)
+    widths = Widths.from_config({"train_bits": [4, 1]}, model)
+    assert widths.eval_bits == [4, 1]  # per_width: the trained widths are the evaluated ones
+    assert "1.running_var_ternary" in model.state_dict() and "1.running_var" not in model.state_dict()
+
+
+MULTIBIT_RESUME = ["+experiment=mnist_bnn_multibit", "data=synthetic", "data.num_train=16", "data.num_test=8",
+                   "data.batch_size=8", "data.eval_batch_size=8", "data.channels=1", "data.image_size=28",
+                   "logger=none", "trainer.progress_bar=false", "trainer.threads=1", "device=cpu",
+                   "trainer.epochs=2", "multibit.train_bits=[8,1]"]
+
+
+def test_resume_with_per_width_statistics_equals_uninterrupted_training(compose, tmp_path):
+    straight = Trainer(compose(MULTIBIT_RESUME), tmp_path / "straight").fit()
+    Trainer(compose([*MULTIBIT_RESUME, "trainer.max_steps=2"]), tmp_path / "first").fit()
+    resumed = Trainer(compose([*MULTIBIT_RESUME, f"trainer.resume={tmp_path / 'first'}"]), tmp_path / "resumed").fit()
+    assert straight["multibit"]["evaluation"] == resumed["multibit"]["evaluation"]
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "features.2.num_batches_tracked_1b" in a and int(a["features.2.num_batches_tracked_1b"]) == 4
+    assert int(a["features.2.num_batches_tracked_4b"]) == 0  # not trained: never updated
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_training_steps_are_the_same_with_per_width_or_shared_statistics():
+    """Training-mode BatchNorm normalizes with the batch's statistics, so the BN setting changes only
+    which running statistics the steps update (and evaluation reads), not the gradients."""
+    def model_with_bn():
+        torch.manual_seed(0)
+        return qat.quantize_model(nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3)),
+                                  {"method": "multibit", "keep_fp": []})
+
+    x, y = torch.randn(10, 12), torch.randint(0, 3, (10,))
+    grads, stats = {}, {}
+    for bn in ("per_width", "shared"):
+        model = model_with_bn()
+        widths = Widths.from_config({"train_bits": [8, "ternary", 1], "bn": bn}, model)
+
+        def forward_backward(model=model):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            return loss, logits, {}
+
+        widths.train_step(forward_backward)
+        grads[bn] = [p.grad for p in model.parameters()]
+        stats[bn] = model[1]
+    assert all(torch.equal(a, b) for a, b in zip(grads["per_width"], grads["shared"], strict=True))
+    assert int(stats["shared"].num_batches_tracked) == 3 and int(stats["per_width"].num_batches_tracked_1b) == 1
