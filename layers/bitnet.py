@@ -184,7 +184,22 @@ class LayerNormAbsMaxActivation(AbsMaxActivation):
     options = _activation_options("parameter-free LayerNorm (SubLN) over the token's features before quantizing")
 
 
-class AbsMeanTernaryWeight(Quantizer):
+class _PerTensorCodeWeight(Quantizer):
+    """A BitNet weight: ``factors(W)`` = (code, one scale for the whole matrix), forward
+    W_q = scale * code with the estimator's backward around it (identity: the reference code's STE)."""
+
+    def project(self, w):
+        code, scale = self.factors(w)
+        return code * scale
+
+    def forward(self, w):
+        return self.estimator.quantize(w, self.project)
+
+    def scale_count(self, weight):
+        return 1
+
+
+class AbsMeanTernaryWeight(_PerTensorCodeWeight):
     """BitNet b1.58 weights, absmean ternary with one scale per weight matrix (the reference code's
     ``weight_quant``):
 
@@ -206,18 +221,9 @@ class AbsMeanTernaryWeight(Quantizer):
         gamma = w.abs().mean().clamp(min=SCALE_EPS).reshape([1] * w.dim())
         return torch.div(w, gamma).round_().clamp_(-1, 1), gamma
 
-    def project(self, w):
-        code, gamma = self.factors(w)
-        return code * gamma
-
-    def forward(self, w):
-        return self.estimator.quantize(w, self.project)
-
-    def scale_count(self, weight):
-        return 1
 
 
-class CenteredSignWeight(Quantizer):
+class CenteredSignWeight(_PerTensorCodeWeight):
     """The original BitNet's binary weights (Wang et al. 2023, BitLinear), one scale per weight matrix:
 
         alpha = mean(W),   W~ = sign(W - alpha),   beta = ||W||_1 / (n m) = mean |W|,   W_q = beta W~,
@@ -237,12 +243,3 @@ class CenteredSignWeight(Quantizer):
         w = w.detach()
         return sign(w - w.mean()), w.abs().mean().reshape([1] * w.dim())
 
-    def project(self, w):
-        code, beta = self.factors(w)
-        return code * beta
-
-    def forward(self, w):
-        return self.estimator.quantize(w, self.project)
-
-    def scale_count(self, weight):
-        return 1
