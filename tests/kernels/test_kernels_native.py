@@ -1,6 +1,6 @@
 """The native CPU engine (kernels/native, kernels/cpu_native.py) against the NumPy / float64 reference.
 
-Every instruction set this machine runs is tested (``ISAS`` in conftest.py): the CI machine's CPU decides which
+Every instruction set this machine runs is tested (``ISAS``): the CI machine's CPU decides which
 (an AVX2 x86 runs avx2, popcnt and scalar; an AVX-512 VPOPCNTDQ one adds avx512; ARM runs neon and
 scalar).  Integers are compared exactly; the float output bit for bit with ``kernels.epilogue``.
 """
@@ -21,7 +21,19 @@ from kernels import cpu_native, native
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
                                 f"{native.unavailable_reason() if not native.available() else ''}")
 
+ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with native.using_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(20261203)
 
 
 def signs(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +202,7 @@ def run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
 
 
 def test_forcing_an_instruction_set_by_environment():
-    forced = [name for name, runs in native.isas() if runs][-1]  # the portable one
+    forced = ISAS[-1]  # the portable one
     done = run_python("from kernels import native; print(native.isa())", BITQAT_CPU_ISA=forced)
     assert done.returncode == 0 and done.stdout.strip() == forced, done.stderr
     bad = run_python("from kernels import native; native.isa()", BITQAT_CPU_ISA="sse9")
