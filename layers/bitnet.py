@@ -55,7 +55,7 @@ import torch
 from estimators.base import sign
 
 from .options import Option
-from .quantizers import Quantizer
+from .quantizers import ProjectedWeight, Quantizer
 
 #: the reference code's floor under the absmean and absmax scales (``clamp_(min=1e-5)``)
 SCALE_EPS = 1e-5
@@ -184,19 +184,13 @@ class LayerNormAbsMaxActivation(AbsMaxActivation):
     options = _activation_options("parameter-free LayerNorm (SubLN) over the token's features before quantizing")
 
 
-class _PerTensorCodeWeight(Quantizer):
+class _PerTensorCodeWeight(ProjectedWeight):
     """A BitNet weight: ``factors(W)`` = (code, one scale for the whole matrix), forward
     W_q = scale * code with the estimator's backward around it (identity: the reference code's STE)."""
 
     def project(self, w):
         code, scale = self.factors(w)
         return code * scale
-
-    def forward(self, w):
-        return self.estimator.quantize(w, self.project)
-
-    def scale_count(self, weight):
-        return 1
 
 
 class AbsMeanTernaryWeight(_PerTensorCodeWeight):

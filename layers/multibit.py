@@ -49,7 +49,7 @@ from __future__ import annotations
 import torch
 
 from .options import Option
-from .quantizers import Quantizer, per_channel
+from .quantizers import ProjectedWeight, per_channel
 
 #: the widths a multi-bit layer provides, widest first; "ternary" is the 3-level {-1, 0, +1} code
 WIDTHS: tuple = (8, 4, 2, "ternary", 1)
@@ -108,7 +108,7 @@ def code_scale(scale: torch.Tensor, width) -> torch.Tensor:
     return scale if width == TERNARY else scale / (2 ** width - 1)
 
 
-class MultiBitWeight(Quantizer):
+class MultiBitWeight(ProjectedWeight):
     """Vertical-layered multi-bit weights: W_b = scale_b * code_b at the active ``width`` (module
     docstring). ``bits`` (the stored bits of the active width) and ``packed_format`` follow it."""
 
@@ -158,12 +158,6 @@ class MultiBitWeight(Quantizer):
     def project(self, w: torch.Tensor) -> torch.Tensor:
         code, scale = self._code_and_scale(w, self.width)
         return code * scale
-
-    def forward(self, w):
-        return self.estimator.quantize(w, self.project)
-
-    def scale_count(self, weight):
-        return weight.shape[0] if self.per_channel else 1
 
     def extra_repr(self):
         return f"width={self.width}, per_channel={self.per_channel}, scale={self.scale}"

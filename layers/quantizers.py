@@ -120,7 +120,25 @@ class ScaledSignWeight(Quantizer):
         return code * scale
 
 
-class TernaryWeight(Quantizer):
+class ProjectedWeight(Quantizer):
+    """A weight quantizer defined by a projection ``project(W)`` = W_q (code times scale): forward is
+    W_q, backward the estimator's ``quantize`` around it (dL/dW = dL/dW_q * est'(W); identity = STE).
+    The stored form has one float32 scale per output channel with ``per_channel``, else one per layer.
+    """
+
+    per_channel: bool = False
+
+    def project(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, w):
+        return self.estimator.quantize(w, self.project)
+
+    def scale_count(self, weight):
+        return weight.shape[0] if self.per_channel else 1
+
+
+class TernaryWeight(ProjectedWeight):
     """TWN (Li, Zhang, Liu 2016): W ~ alpha * T with
 
         delta = 0.7 * E|W|,   T_i = sign(W_i) 1[|W_i| > delta],   alpha = mean_{i: |W_i| > delta} |W_i|,
@@ -145,12 +163,6 @@ class TernaryWeight(Quantizer):
         kept = (magnitude > delta).to(w.dtype)
         alpha = self._reduce(magnitude * kept) / self._reduce(kept).clamp(min=1)
         return alpha * sign(w) * kept
-
-    def forward(self, w):
-        return self.estimator.quantize(w, self.project)
-
-    def scale_count(self, weight):
-        return weight.shape[0] if self.per_channel else 1
 
     def extra_repr(self):
         return f"threshold_factor={self.threshold_factor:g}, per_channel={self.per_channel}"
