@@ -62,6 +62,35 @@ def python():
     return sys.executable
 
 
+def native_isas() -> list[str]:
+    """The native kernels' instruction sets this CPU runs, best first ([] when they are unavailable)."""
+    from kernels import native
+
+    return [name for name, runs in native.isas() if runs] if native.available() else []
+
+
+def pytest_generate_tests(metafunc):
+    """A test asking for ``isa`` runs once per instruction set of :func:`native_isas` (the CI machine's
+    CPU decides which); the native library is loaded only for such tests."""
+    if "isa" in metafunc.fixturenames:
+        metafunc.parametrize("isa", native_isas(), indirect=True)
+
+
+@pytest.fixture
+def isa(request):
+    """The kernels switched to instruction set ``request.param`` for the test (see pytest_generate_tests)."""
+    from kernels import native
+
+    with native.using_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator for random test inputs."""
+    return torch.Generator().manual_seed(20261203)
+
+
 def trained_like(model, input_shape):
     """Give BatchNorm non-trivial running statistics, then switch to eval."""
     model.train()

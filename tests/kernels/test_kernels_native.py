@@ -16,24 +16,13 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from conftest import native_isas
 from kernels import cpu_native, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
                                 f"{native.unavailable_reason() if not native.available() else ''}")
 
-ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with native.using_isa(request.param):
-        yield request.param
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(20261203)
 
 
 def signs(x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +191,7 @@ def run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
 
 
 def test_forcing_an_instruction_set_by_environment():
-    forced = ISAS[-1]  # the portable one
+    forced = native_isas()[-1]  # the portable one
     done = run_python("from kernels import native; print(native.isa())", BITQAT_CPU_ISA=forced)
     assert done.returncode == 0 and done.stdout.strip() == forced, done.stderr
     bad = run_python("from kernels import native; native.isa()", BITQAT_CPU_ISA="sse9")

@@ -19,20 +19,6 @@ from layers.bitnet import NORM_EPS, absmax_codes, rms_norm
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
-ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    with native.using_isa(request.param):
-        yield request.param
-
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(20261203)
-
-
 def ternary(n: int, k: int, gen, zeros: float = 1 / 3) -> torch.Tensor:
     t = torch.randint(0, 2, (n, k), generator=gen).float() * 2 - 1
     return t * (torch.rand(n, k, generator=gen) >= zeros)

@@ -301,8 +301,6 @@ def test_the_activation_quantizer_is_the_methods():
 # ---------------------------------------------------------------------------------------------
 # The packed BitLinear on the native engine: bit-identical to the training layer
 # ---------------------------------------------------------------------------------------------
-NATIVE_ISAS = [name for name, runs in native.isas() if runs] if native.available() else []
-needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
 
 class TinyGPT(nn.Module):
@@ -358,17 +356,14 @@ def hard_inputs(*lead: int, k: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
+
+
 def linear_inputs(k: int) -> list[torch.Tensor]:
     """M = 1 (one token, with and without a batch dim) and M > 1 ([B, T, K], and a strided view)."""
     wide = hard_inputs(3, k=2 * k, seed=k + 1)
     return [hard_inputs(k=k), hard_inputs(1, 1, k=k, seed=1), hard_inputs(2, 9, k=k, seed=2),
             hard_inputs(40, k=k, seed=3), wide[:, ::2]]
-
-
-@pytest.fixture(params=NATIVE_ISAS)
-def isa(request):
-    with native.using_isa(request.param):
-        yield request.param
 
 
 @needs_native
