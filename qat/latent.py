@@ -3,7 +3,8 @@
 Sign+clip binarizers (BWN, XNOR; Hubara et al., Bi-Real, ReActNet) train with no weight decay on
 the binary latent weights and clip them to [-1, 1] after every step; the other methods keep weight
 decay (their papers train with it). Biases and normalisation parameters (1-D tensors) never get
-weight decay.
+weight decay, nor the parameters a model names in ``no_weight_decay()`` (timm's convention: a set of
+parameter names, e.g. a ViT's position embedding).
 
 A weight an optimizer trains without a latent copy (Bop, `qat.train.bop`: the weight *is* the
 binary value) is marked latent-free (`mark_latent_free`) and never clipped.
@@ -23,10 +24,19 @@ def _latent_weights_without_decay(model: nn.Module) -> set[int]:
             if isinstance(m, QuantizedLayer) and not m.method_spec.latent_weight_decay}
 
 
+def _named_without_decay(model: nn.Module) -> set[int]:
+    names = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else ()
+    parameters = dict(model.named_parameters())
+    unknown = sorted(set(names) - parameters.keys())
+    if unknown:
+        raise ValueError(f"{type(model).__name__}.no_weight_decay() names no parameter {unknown}")
+    return {id(parameters[name]) for name in names}
+
+
 def param_groups(model: nn.Module, weight_decay: float, exclude: Collection[nn.Parameter] = ()) -> list[dict]:
-    """Two optimizer groups: decayed parameters and the rest (binary latent weights, 1-D params),
-    leaving out `exclude` (parameters another optimizer trains)."""
-    no_decay_ids = _latent_weights_without_decay(model)
+    """Two optimizer groups: decayed parameters and the rest (binary latent weights, 1-D params,
+    the model's ``no_weight_decay()`` names), leaving out `exclude` (parameters another optimizer trains)."""
+    no_decay_ids = _latent_weights_without_decay(model) | _named_without_decay(model)
     excluded = {id(p) for p in exclude}
     decay, no_decay = [], []
     for p in model.parameters():

@@ -104,6 +104,11 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.out_channels, -1))
         nn.init.zeros_(self.patch_embed.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters trained without weight decay (``qat.latent.param_groups``): the position
+        embedding, as timm's and big_vision's ViT recipes do (decay would pull it towards zero)."""
+        return {"pos_embed"}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, tokens, width)
         tokens = self.blocks(self.pos_drop(tokens + self.pos_embed))

@@ -133,3 +133,19 @@ def test_latent_param_groups_and_clipping():
 def test_method_bits():
     assert qat.method_bits("xnor") == (1, 1) and qat.method_bits("ternary") == (2, 32)
     assert qat.method_bits("fp") == (32, 32) and qat.method_bits("fda") == (1, 1)
+
+
+def test_param_groups_honour_the_models_no_weight_decay_names():
+    vit = qat.models.build("vit", num_classes=10, depth=1, width=32, heads=2)
+    groups = qat.latent.param_groups(vit, weight_decay=0.05)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert id(vit.pos_embed) not in decayed                      # named by ViT.no_weight_decay()
+    assert id(vit.patch_embed.weight) in decayed and id(vit.head.weight) in decayed
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in vit.parameters())
+
+    class Misnamed(nn.Linear):
+        def no_weight_decay(self):
+            return {"pos_embedding"}
+
+    with pytest.raises(ValueError, match=r"names no parameter \['pos_embedding'\]"):
+        qat.latent.param_groups(Misnamed(2, 2), weight_decay=0.05)
