@@ -7,6 +7,7 @@ from torch import nn
 
 import layers
 import qat
+import qat.models
 
 
 @pytest.fixture(scope="module")
