@@ -7,7 +7,11 @@
 Attn is multi-head causal self-attention, softmax(q k^T / sqrt(d_head) + causal mask) v through
 `F.scaled_dot_product_attention`, with one `qkv` Linear (width -> 3 width) and an output `proj`
 Linear; MLP is Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisation as GPT-2: every
-weight N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0.
+weight N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0;
+``scaled_residual_init=False`` gives the residual projections N(0, 0.02) too, as LLaMA's (and so
+BitNet b1.58's) initialisation does. The scaling keeps a float residual stream's variance; an absmean
+quantized weight's output scale is mean |W| whatever its init, but a latent weight 1/sqrt(2 depth)
+smaller is that much smaller against the optimizer's steps (its codes flip that much more often).
 
 Quantization: `qat.quantize_model` swaps the block Linears (qkv, proj, fc1, fc2); the embeddings are
 not Linear and stay float, and the head is the model's last Linear, kept float by `keep_fp: [last]`
@@ -95,7 +99,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, depth: int, width: int, heads: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, scaled_residual_init: bool = True):
         super().__init__()
         for key, value in (("block_size", block_size), ("depth", depth), ("width", width), ("heads", heads),
                            ("mlp_ratio", mlp_ratio)):
@@ -108,12 +112,14 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
-        self._init_weights(depth)
+        self._init_weights(depth if scaled_residual_init else None)
 
-    def _init_weights(self, depth: int) -> None:
+    def _init_weights(self, depth: int | None) -> None:
+        """N(0, 0.02) weights, the residual projections' divided by sqrt(2 depth) unless depth is None."""
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = 0.02 / math.sqrt(2 * depth) if name.endswith(("attn.proj", "mlp.fc2")) else 0.02
+                residual = depth is not None and name.endswith(("attn.proj", "mlp.fc2"))
+                std = 0.02 / math.sqrt(2 * depth) if residual else 0.02
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -158,8 +164,10 @@ class GPT(nn.Module):
 
 
 def gpt(num_classes: int = 256, in_channels: int = 1, block_size: int = 256, depth: int = 4, width: int = 256,
-        heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0) -> GPT:
+        heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, scaled_residual_init: bool = True) -> GPT:
     """A GPT of `depth` blocks of `width` (default: 4 x 256, context 256, 3.3M parameters for 256 tokens)."""
     if in_channels != 1:
         raise ValueError(f"gpt reads a token stream: in_channels must be 1, got {in_channels}")
-    return GPT(num_classes, block_size, depth, width, heads, mlp_ratio, dropout)
+    if not isinstance(scaled_residual_init, bool):
+        raise ValueError(f"gpt: scaled_residual_init must be true or false, got {scaled_residual_init!r}")
+    return GPT(num_classes, block_size, depth, width, heads, mlp_ratio, dropout, scaled_residual_init)

@@ -47,6 +47,17 @@ def test_bad_options_are_named():
         models.build("gpt", num_classes=256, in_channels=1, width=30, heads=4)
 
 
+@pytest.mark.parametrize("scaled, residual_std", [(True, 0.02 / 8 ** 0.5), (False, 0.02)])
+def test_residual_projection_init_is_gpt2s_or_unscaled(scaled, residual_std):
+    model = tiny(width=128, depth=4, scaled_residual_init=scaled)
+    for block in model.blocks:
+        for weight in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert abs(weight.std().item() - residual_std) < 0.05 * residual_std
+        assert abs(block.attn.qkv.weight.std().item() - 0.02) < 0.001
+    with pytest.raises(ValueError, match="scaled_residual_init must be true or false"):
+        tiny(scaled_residual_init="no")
+
+
 def reference_greedy(model, idx, steps):
     """Greedy decoding without the cache: the whole (last block_size) context every step."""
     for _ in range(steps):
