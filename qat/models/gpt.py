@@ -10,8 +10,10 @@ Linear; MLP is Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisat
 weight N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0.
 
 Quantization: `qat.quantize_model` swaps the block Linears (qkv, proj, fc1, fc2); the embeddings are
-not Linear and stay float, and the head is the model's last Linear, kept float by `keep_fp: [last]`
-(the LM experiments' setting; `first` would name blocks.0.attn.qkv). Softmax and LayerNorms stay float.
+not Linear and stay float unless the spec says `embeddings: int8` (8-bit rows, `layers.embedding`),
+and the head is the model's last Linear, kept float by `keep_fp: [last]` (the LM experiments'
+setting; `first` would name blocks.0.attn.qkv) or made 8-bit by `overrides: {last: {method: int8}}`
+(lm_bitnet158_int8emb does both). Softmax and LayerNorms stay float.
 
 `num_classes` is the vocabulary size; `in_channels` must be 1 (a token stream) and is taken only so
 the builder has the registry's signature. `generate` decodes greedily with a key/value cache.
