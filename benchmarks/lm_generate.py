@@ -18,8 +18,9 @@ one warm-up each, then ``--repeats`` interleaved rounds); tokens/s of the fastes
 The packed model's greedy text is checked against the quantized model's (the checkpoint's).
 
 Sizes: the packed file against the float32 state dict of the same architecture, split into the
-quantized linears (codes + scales + biases in the file; their float32 weights and biases) and the float
-rest (embeddings, head, norms), plus the file's header and metadata.
+quantized linears (codes + scales + biases in the file; their float32 weights and biases), the 8-bit
+embeddings and head where the run has them (``quant.embeddings=int8``, head ``int8``: lm_bitnet158_int8emb),
+the float rest (norms, and embeddings and head left float), plus the file's header and metadata.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from qat import models  # noqa: E402
 from qat.export import load_packed, pack_model, read_packed, save_packed  # noqa: E402
 from qat.generate import generate_text, time_generation  # noqa: E402
 
-QUANTIZED, FLOAT_REST = "quantized linears", "embeddings, head, norms"
+QUANTIZED, EIGHT_BIT, FLOAT_REST = "quantized linears", "8-bit embeddings, head", "float: norms, embeddings, head"
 
 
 def untrained_model(experiment: str, overrides: list[str]):
@@ -65,16 +66,20 @@ def trained_model(run: str):
     return trained_run(run)
 
 
-def part_of(name: str, quantized_layers: set[str]) -> str:
-    return QUANTIZED if name.rsplit(".", 1)[0] in quantized_layers else FLOAT_REST
+def part_of(name: str, quantized_layers: dict[str, dict]) -> str:
+    spec = quantized_layers.get(name.rsplit(".", 1)[0])
+    if spec is None:
+        return FLOAT_REST
+    return EIGHT_BIT if spec["code"] == "sint8" else QUANTIZED
 
 
 def size_breakdown(path: Path, float_model: torch.nn.Module) -> dict[str, dict[str, int]]:
     """{"packed" | "float32": {part: bytes}} (module docstring); the packed side's "header" is the rest of the file."""
     tensors, meta = read_packed(path)
-    quantized_layers = set(meta["layers"])
-    sizes: dict[str, dict[str, int]] = {"packed": {QUANTIZED: 0, FLOAT_REST: 0},
-                                        "float32": {QUANTIZED: 0, FLOAT_REST: 0}}
+    quantized_layers = meta["layers"]
+    parts = (QUANTIZED, *([EIGHT_BIT] if any(s["code"] == "sint8" for s in quantized_layers.values()) else []),
+             FLOAT_REST)
+    sizes: dict[str, dict[str, int]] = {"packed": dict.fromkeys(parts, 0), "float32": dict.fromkeys(parts, 0)}
     for name, tensor in tensors.items():
         sizes["packed"][part_of(name, quantized_layers)] += tensor.numel() * tensor.element_size()
     sizes["packed"]["header and metadata"] = os.path.getsize(path) - sum(sizes["packed"].values())
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
           f"goal >= 2x")
     print(f"file size: 1/{float_bytes / file_bytes:.1f} of float32 (goal for ternary: <= 1/12)\n")
     print("| part | packed file (bytes) | float32 (bytes) | ratio |\n|---|---|---|---|")
-    for part in (QUANTIZED, FLOAT_REST, "header and metadata"):
+    for part in sizes["packed"]:
         packed_bytes, float32 = sizes["packed"].get(part, 0), sizes["float32"].get(part, 0)
         ratio = f"1/{float32 / packed_bytes:.1f}" if packed_bytes and float32 else "-"
         print(f"| {part} | {packed_bytes:,} | {float32:,} | {ratio} |")

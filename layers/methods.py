@@ -36,6 +36,14 @@ channels per pixel would all but binarize it.
 
 The multibit row (``layers.multibit``): one latent weight, whose 8/4/2-bit, ternary and binary
 codes are cascaded from one 8-bit code; ``qat.multibit`` selects the active width.
+
+| method          | weights                        | inputs          | default estimator    | latent weights           |
+|-----------------|--------------------------------|-----------------|----------------------|--------------------------|
+| int8            | s_r Clip(round(W_r / s_r)), per-row absmax int8 | float | identity     | wd                       |
+
+The int8 row (``layers.int8``): 8-bit weights for the layers a binary or ternary network keeps at
+high precision (``overrides: {last: {method: int8}}``: a language model's head), and the method of
+its embedding tables (``quant.embeddings: int8``, ``layers.embedding``).
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ from dataclasses import dataclass, field, replace
 from . import quantizers as q
 from .bitnet import AbsMaxActivation, AbsMeanTernaryWeight, CenteredSignWeight, LayerNormAbsMaxActivation
 from .dirnet import IMBWeight
+from .int8 import AbsMaxInt8Weight
 from .irnet import LibraWeight
 from .multibit import MultiBitWeight
 from .options import Option, validate_options
@@ -169,6 +178,9 @@ ROWS = (
     Method("multibit", "Vertical-layered multi-bit weights: 8/4/2-bit, ternary, binary codes cascaded from one "
            "8-bit code (qat.multibit selects the width), float inputs.", "MultiBit",
            MultiBitWeight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
+    Method("int8", "8-bit weights: per-row symmetric absmax int8 codes times one float scale per row, float "
+           "inputs, STE.", "Int8",
+           AbsMaxInt8Weight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in ROWS}

@@ -6,7 +6,8 @@ layer, ``ModelSummary`` adds them up, ``str(summary)`` renders the table.
 Size conventions (state them with any ratio):
 - fp32_bytes: every parameter at 32 bits (the float model of the same architecture).
 - quantized_bytes: binary weights at 1 bit, ternary at 2 bits (dense packing, rounded up to whole
-  bytes per layer), 2:4-sparse ternary (a quantizer with ``packed_format = "ternary24"``) at the
+  bytes per layer), 8-bit weights and quantized embedding tables (method ``int8``) at 8 bits,
+  2:4-sparse ternary (a quantizer with ``packed_format = "ternary24"``) at the
   bytes of its packed format (``kernels.ternary24_nbytes``: 4/3 bits per weight, each output
   channel rounded up to whole 16-bit units of 12 weights), their scales (one per output channel,
   one per layer for per-layer TWN) and every float parameter (biases, float layers, BatchNorm
@@ -20,8 +21,9 @@ Size conventions (state them with any ratio):
   -sum_c p_c log2 p_c per group, at most log2(33) / 4 = 1.26 bits per weight, never above the
   format's fixed 4/3.
 MACs come from one forward pass of a single sample (batch 1) and are split by precision:
-binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights x float or 8-bit inputs:
-BitNet's int8 activations are not binary; the "A bits" column tells them apart) and float.
+binary (1-bit weights x 1-bit inputs), low-bit weight (1/2-bit weights, or 8-bit ones of the int8
+and multibit methods, x float or 8-bit inputs: BitNet's int8 activations are not binary; the
+"W bits" and "A bits" columns tell them apart) and float. Embedding lookups are gathers: no MACs.
 Attention's two products (``F.scaled_dot_product_attention``: q k^T and the weighted sum of v,
 L * S * (E + E_v) MACs per head for L queries, S keys, E/E_v features) have no weights of their own
 and are float; they are counted on a row of their own for the module that calls the function
@@ -40,7 +42,10 @@ from torch.overrides import TorchFunctionMode
 
 import kernels
 from kernels.sparse24 import group_codes, tap_major
-from layers import QuantizedLayer
+from layers import QuantizedEmbedding, QuantizedLayer
+
+#: modules whose weight is stored quantized (their quantizer children are training machinery)
+QUANTIZED_MODULES = (QuantizedLayer, QuantizedEmbedding)
 
 
 @dataclass
@@ -114,7 +119,7 @@ def sparse24_entropy_bits(quantized_weight: torch.Tensor) -> float:
 def profile_layer(name: str, module: nn.Module) -> LayerProfile:
     own = [p for p in module.parameters(recurse=False)]
     params = sum(p.numel() for p in own)
-    if not isinstance(module, QuantizedLayer):
+    if not isinstance(module, QUANTIZED_MODULES):
         return LayerProfile(name, type(module).__name__, params=params, float_values=params)
     weight = module.weight
     profile = LayerProfile(name, type(module).__name__, module.weight_bits, module.input_bits, params,
@@ -138,7 +143,7 @@ def _counted_modules(model: nn.Module):
     for name, module in model.named_modules():
         if any(name.startswith(p) for p in skip_prefixes):
             continue
-        if isinstance(module, QuantizedLayer):
+        if isinstance(module, QUANTIZED_MODULES):
             skip_prefixes.append(f"{name}." if name else "")
             yield name, module
         elif isinstance(module, (nn.Conv2d, nn.Linear)) or any(True for _ in module.parameters(recurse=False)):

@@ -7,12 +7,17 @@ The spec (a dict or an OmegaConf node, what ``configs/quant/*.yaml`` holds):
     estimator: null (the method's default) | a registry name | {name: ..., **hyperparameters}
     keep_fp:   [first, last]  # also `downsample` (1x1 shortcut convs) and name globs
     overrides: {"layer4.*": {method: bwn}, first: {method: bwn}}   # name glob -> partial spec
+    embeddings: fp (default: nn.Embedding tables stay float) | int8 (``layers.QuantizedEmbedding``)
     <any other key>: a method hyperparameter passed to the layers (e.g. target_sparsity: 0.9)
 
 Resolution per layer: the base spec; ``fp`` if the layer is in keep_fp; then every override whose
 glob matches, in order (overrides win over keep_fp). ``first``/``last`` are the first/last
 Conv2d or Linear in registration order. A wrong method or estimator, a hyperparameter the method
 does not take, or a glob (in keep_fp or overrides) that matches no layer raises ValueError.
+
+``embeddings`` is the method of every exact ``nn.Embedding`` (a language model's token and position
+tables), which keep_fp and overrides do not name (they select Conv2d/Linear layers): ``int8``
+stores each row at 8 bits with the spec's estimator (default identity STE); ``fp`` leaves them.
 """
 from __future__ import annotations
 
@@ -21,13 +26,14 @@ import fnmatch
 from torch import nn
 
 import estimators
-from layers import LAYER_CLASSES, METHOD_NAMES, get_method
+from layers import LAYER_CLASSES, METHOD_NAMES, QuantizedEmbedding, get_method
+from layers.embedding import check_embedding_method
 
 from .modules import replace_submodule
 from .plain import to_plain
 
 SWAPPABLE = (nn.Conv2d, nn.Linear)
-SPEC_KEYS = ("method", "estimator", "keep_fp", "overrides")
+SPEC_KEYS = ("method", "estimator", "keep_fp", "overrides", "embeddings")
 KEYWORDS = ("first", "last", "downsample")
 DEFAULT_KEEP_FP = ("first", "last")
 
@@ -71,7 +77,7 @@ def resolve_layer_specs(model: nn.Module, spec) -> dict[str, dict]:
     _check_spec(spec, "quantization spec")
     keep_fp = list(spec.get("keep_fp", DEFAULT_KEEP_FP) or [])
     overrides = dict(spec.get("overrides") or {})
-    base = {k: v for k, v in spec.items() if k not in ("keep_fp", "overrides")}
+    base = {k: v for k, v in spec.items() if k not in ("keep_fp", "overrides", "embeddings")}
     layers_ = swappable_layers(model)
     if not layers_:
         return {}
@@ -139,12 +145,27 @@ def build_quantized_layer(float_layer: nn.Module, layer_spec: dict, name: str = 
     return new
 
 
+def embedding_method(spec) -> str:
+    """The spec's ``embeddings`` method ("fp" when absent); ValueError for one embeddings cannot take."""
+    method = (to_plain(spec) or {}).get("embeddings") or "fp"
+    check_embedding_method(method)
+    return method
+
+
 def quantize_model(model: nn.Module, spec) -> nn.Module:
-    """Swap every Conv2d/Linear of ``model`` as ``spec`` says (in place) and return the model."""
+    """Swap every Conv2d/Linear of ``model`` as ``spec`` says (in place), and every nn.Embedding
+    when ``spec["embeddings"]`` names a method; return the model."""
+    embeddings = embedding_method(spec)
     for name, layer_spec in resolve_layer_specs(model, spec).items():
         float_layer = model.get_submodule(name)
         new = build_quantized_layer(float_layer, layer_spec, name)
         if new is float_layer:
             continue
         model = replace_submodule(model, name, new)
+    if embeddings != "fp":
+        estimator = (to_plain(spec) or {}).get("estimator")
+        tables = [name for name, m in model.named_modules() if type(m) is nn.Embedding]
+        for name in tables:
+            model = replace_submodule(model, name, QuantizedEmbedding.from_float(model.get_submodule(name), embeddings,
+                                                                                 estimator))
     return model

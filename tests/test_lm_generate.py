@@ -54,3 +54,16 @@ def test_size_breakdown_splits_the_file_and_the_float32_state_dict(tmp_path):
     assert sizes["packed"][lm_generate.FLOAT_REST] == sizes["float32"][lm_generate.FLOAT_REST]  # kept float32
     # ternary codes at 2 bits plus float scales and biases: well under a quarter of the float32 linears
     assert sizes["packed"][lm_generate.QUANTIZED] < sizes["float32"][lm_generate.QUANTIZED] / 4
+
+
+def test_size_breakdown_counts_8_bit_embeddings_and_head_apart(tmp_path):
+    model, architecture, _ = lm_generate.untrained_model("lm_bitnet158_int8emb", [o for o in TINY if o != "--override"])
+    path = save_packed(pack_model(model), tmp_path / "lm.safetensors", architecture=architecture)
+    float_model = models.build_architecture(architecture)
+    sizes = lm_generate.size_breakdown(path, float_model)
+    assert sum(sizes["packed"].values()) == path.stat().st_size
+    tables = [float_model.tok_emb.weight, float_model.pos_emb.weight, float_model.head.weight]  # 256, 64, 256 rows
+    assert sizes["float32"][lm_generate.EIGHT_BIT] == 4 * sum(w.numel() for w in tables)
+    assert sizes["packed"][lm_generate.EIGHT_BIT] == sum(w.numel() + 4 * w.shape[0] for w in tables)  # codes + scales
+    norms = sum(p.numel() for m in float_model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters())
+    assert sizes["packed"][lm_generate.FLOAT_REST] == sizes["float32"][lm_generate.FLOAT_REST] == 4 * norms

@@ -4,6 +4,7 @@ from .chains import fuse_binary_chains
 from .packed import (
     FORMAT,
     PackedConv2d,
+    PackedEmbedding,
     PackedLayer,
     PackedLinear,
     PackedSpec,
@@ -14,5 +15,5 @@ from .packed import (
 )
 from .timing import time_inference
 
-__all__ = ["FORMAT", "PackedSpec", "PackedLayer", "PackedConv2d", "PackedLinear", "pack_model",
+__all__ = ["FORMAT", "PackedSpec", "PackedLayer", "PackedConv2d", "PackedLinear", "PackedEmbedding", "pack_model",
            "save_packed", "load_packed", "read_packed", "fuse_binary_chains", "time_inference"]

@@ -8,8 +8,9 @@ plus one float32 scale per output channel (one per layer for per-layer TWN), and
 the latent weight. Every quantized weight has
 the form ``W_q[c] = scale[c] * code[c]`` with code in {-1, +1} (BWN, XNOR, FDA) or {-1, 0, +1}
 (TWN, HQ), or odd b-bit integers (the multi-bit method at 8, 4 or 2 bits: ``qat.export.intcodes``,
-stored at b bits per weight and unpacked to the float op); ``pack_model`` checks that the codes and
-scales rebuild ``quantized_weight()`` exactly.
+stored at b bits per weight and unpacked to the float op), or signed 8-bit integers with one scale
+per row (the ``int8`` method, ``layers.int8``: format ``sint8``); ``pack_model`` checks that the
+codes and scales rebuild ``quantized_weight()`` exactly.
 
 How a packed layer computes:
 - binary inputs (XNOR, FDA): the exact integer accumulator of the +-1 inputs and weights,
@@ -39,7 +40,10 @@ How a packed layer computes:
   int8 x ternary/binary integer product and the same float epilogue in one call), which computes
   every rounding as ``layers.bitnet`` does, so it is bit-identical too. LayerNorm (BitNet's),
   per-tensor steps and convolutions keep the torch ops.
-Float layers (first/last, BatchNorm, ...) are kept as they are.
+- quantized embedding tables (``layers.QuantizedEmbedding``, method ``int8``): ``PackedEmbedding``
+  holds the int8 codes and one float32 scale per row, gathers the rows of the ids looked up and
+  computes code * scale, the training lookup's values (``quantized_weight()[idx]``) bit for bit.
+Float layers (first/last, BatchNorm, embeddings left float, ...) are kept as they are.
 
 ``save_packed`` writes one safetensors file: the packed codes, scales, every float parameter and
 buffer, and metadata: format tag, per-layer geometry, the model's ``qat.models`` architecture
@@ -64,13 +68,13 @@ import kernels
 from estimators import sign
 from kernels import cpu_native, native
 from kernels.sparse24 import from_tap_major, tap_major, ternary24_row_bytes
-from layers import QuantizedConv2d, QuantizedLayer, QuantizedLinear
+from layers import QuantizedConv2d, QuantizedEmbedding, QuantizedLayer, QuantizedLinear
 from layers.bitnet import NORM_EPS, absmax_codes, normalize
 from layers.quantized import conv_input_scale, linear_input_scale
 
 from ..modules import replace_submodule
 from ..multibit import keep_active_width
-from .intcodes import int_format_bits, pack_int_codes, row_bytes, unpack_int_codes
+from .intcodes import int_format_bits, is_signed_format, pack_int_codes, row_bytes, unpack_int_codes
 
 FORMAT = "bitqat-packed/1"
 
@@ -79,8 +83,8 @@ FORMAT = "bitqat-packed/1"
 class PackedSpec:
     """Everything needed to rebuild one packed layer (stored as JSON in the file's metadata)."""
 
-    kind: str  # "conv" | "linear"
-    code: str  # "binary" | "ternary" | "ternary24" | "int8" | "int4" | "int2" (qat.export.intcodes)
+    kind: str  # "conv" | "linear" | "embedding" (out_features = rows, in_features = embedding_dim)
+    code: str  # "binary" | "ternary" | "ternary24" | "int8" | "int4" | "int2" | "sint8" (qat.export.intcodes)
     in_features: int
     out_features: int
     bias: bool
@@ -107,13 +111,13 @@ class PackedSpec:
     @property
     def k(self) -> int:
         """Elements per output channel: C_in/groups * kh * kw, or in_features."""
-        if self.kind == "linear":
+        if self.kind != "conv":
             return self.in_features
         return self.in_features // self.groups * math.prod(self.kernel_size)
 
     @property
     def weight_shape(self) -> tuple:
-        if self.kind == "linear":
+        if self.kind != "conv":
             return (self.out_features, self.in_features)
         return (self.out_features, self.in_features // self.groups, *self.kernel_size)
 
@@ -161,11 +165,13 @@ class PackedLayer(nn.Module):
             if spec.shared_scale:
                 scale = scale.amax().reshape(1)
         if not torch.equal(code * scale.unsqueeze(1), quantized):
+            codes = ("signed integers" if is_signed_format(spec.code) else "odd integers") if int_bits \
+                else "{-1, 0, +1}"
             raise ValueError(f"{type(layer).__name__}'s quantized weight is not scale[c] * code with "
-                             f"code in {'odd integers' if int_bits else '{-1, 0, +1}'}; it cannot be packed")
+                             f"code in {codes}; it cannot be packed")
         packed = cls(spec)
         if int_bits:
-            packed.weight_codes.copy_(pack_int_codes(code, int_bits))
+            packed.weight_codes.copy_(pack_int_codes(code, int_bits, signed=is_signed_format(spec.code)))
         elif spec.code == "binary":
             packed.weight_bits.copy_(kernels.pack_bits(code))
         elif spec.code == "ternary24":
@@ -200,7 +206,8 @@ class PackedLayer(nn.Module):
         """The weight codes [C_out, K] in {-1, +1}, {-1, 0, +1} or odd b-bit integers."""
         int_bits = int_format_bits(self.spec.code)
         if int_bits:
-            return unpack_int_codes(self.weight_codes, int_bits, self.spec.k, dtype=dtype)
+            return unpack_int_codes(self.weight_codes, int_bits, self.spec.k, dtype=dtype,
+                                    signed=is_signed_format(self.spec.code))
         if self.spec.code == "binary":
             return kernels.unpack_bits(self.weight_bits, self.spec.k, dtype=dtype)
         if self.spec.code == "ternary24":
@@ -479,11 +486,44 @@ class PackedLinear(PackedLayer):
         return linear_input_scale(x)
 
 
+class PackedEmbedding(PackedLayer):
+    """Packed stand-in for a ``layers.QuantizedEmbedding``: codes [rows, embedding_dim] in the
+    quantizer's integer format (``sint8``) and one float32 scale per row. A lookup gathers the
+    packed rows of the ids, unpacks them and multiplies by their scales: code * scale, element by
+    element the value of the training table ``quantized_weight()`` (one float rounding each), so
+    the outputs are bit-identical; the table is never dequantized as a whole."""
+
+    @staticmethod
+    def spec_of(layer: QuantizedEmbedding) -> PackedSpec:
+        code = layer.weight_quantizer.packed_format
+        if not int_format_bits(code):
+            raise ValueError(f"{type(layer).__name__} stores its table as {code!r}; packed embeddings take integer "
+                             f"codes (method int8)")
+        return PackedSpec(kind="embedding", code=code, in_features=layer.embedding_dim,
+                          out_features=layer.num_embeddings, bias=False, binary_input=False, method=layer.method)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = idx.reshape(-1)
+        codes = unpack_int_codes(self.weight_codes[rows], int_format_bits(self.spec.code), self.spec.k,
+                                 dtype=self.scale.dtype, signed=is_signed_format(self.spec.code))
+        return (codes * self.scale[rows].unsqueeze(1)).reshape(*idx.shape, self.spec.k)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.out_features}, {self.spec.in_features}, method={self.spec.method}, code={self.spec.code}"
+
+
 class FoldedBatchNorm(nn.Identity):
     """Stands where a BatchNorm was folded into the preceding packed layer (``load_packed`` puts it back)."""
 
 
-PACKED_CLASSES = {"conv": PackedConv2d, "linear": PackedLinear}
+PACKED_CLASSES = {"conv": PackedConv2d, "linear": PackedLinear, "embedding": PackedEmbedding}
+
+
+def packed_class(layer: nn.Module) -> type[PackedLayer]:
+    """The packed stand-in class of a quantized layer or embedding."""
+    if isinstance(layer, QuantizedEmbedding):
+        return PackedEmbedding
+    return PackedConv2d if isinstance(layer, QuantizedConv2d) else PackedLinear
 
 
 def pack_model(model: nn.Module, fold_batchnorm: bool = True) -> nn.Module:
@@ -495,10 +535,9 @@ def pack_model(model: nn.Module, fold_batchnorm: bool = True) -> nn.Module:
     """
     packed = copy.deepcopy(model).eval()
     keep_active_width(packed)  # a multi-bit model with per-width BatchNorm: the exported width's statistics
-    targets = [(n, m) for n, m in packed.named_modules() if isinstance(m, QuantizedLayer)]
+    targets = [(n, m) for n, m in packed.named_modules() if isinstance(m, (QuantizedLayer, QuantizedEmbedding))]
     for name, layer in targets:
-        cls = PackedConv2d if isinstance(layer, QuantizedConv2d) else PackedLinear
-        packed = replace_submodule(packed, name, cls.from_quantized(layer))
+        packed = replace_submodule(packed, name, packed_class(layer).from_quantized(layer))
     if fold_batchnorm:
         for layer_name, bn_name in _batchnorms_after_binary_layers(packed):
             packed.get_submodule(layer_name).fold_batchnorm(packed.get_submodule(bn_name))

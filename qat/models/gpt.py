@@ -14,8 +14,10 @@ quantized weight's output scale is mean |W| whatever its init, but a latent weig
 smaller is that much smaller against the optimizer's steps (its codes flip that much more often).
 
 Quantization: `qat.quantize_model` swaps the block Linears (qkv, proj, fc1, fc2); the embeddings are
-not Linear and stay float, and the head is the model's last Linear, kept float by `keep_fp: [last]`
-(the LM experiments' setting; `first` would name blocks.0.attn.qkv). Softmax and LayerNorms stay float.
+not Linear and stay float unless the spec says `embeddings: int8` (8-bit rows, `layers.embedding`),
+and the head is the model's last Linear, kept float by `keep_fp: [last]` (the LM experiments'
+setting; `first` would name blocks.0.attn.qkv) or made 8-bit by `overrides: {last: {method: int8}}`
+(lm_bitnet158_int8emb does both). Softmax and LayerNorms stay float.
 
 `num_classes` is the vocabulary size; `in_channels` must be 1 (a token stream) and is taken only so
 the builder has the registry's signature. `generate` decodes greedily with a key/value cache.

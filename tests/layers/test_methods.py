@@ -84,7 +84,7 @@ def test_quant_config_exists_and_names_only_the_methods_options(method):
     assert path.is_file(), f"{method} has no configs/quant/{method}.yaml"
     cfg = yaml.safe_load(path.read_text())
     assert cfg["method"] == method
-    extra = set(cfg) - {"method", "keep_fp", "overrides"}
+    extra = set(cfg) - set(qat.swap.SPEC_KEYS)
     assert extra <= layers.METHODS[method].option_names()
 
 
