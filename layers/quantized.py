@@ -35,7 +35,7 @@ from torch import nn
 import estimators
 from estimators.base import sign
 
-from .bitpack import pack_flags, unpack_flags, unpack_signs
+from .bitpack import pack_compare, pack_flags, unpack_flags, unpack_signs
 from .methods import ESTIMATOR_OPTIONS, Method, quantizer_kwargs
 
 ACT_COMPRESSION_MODES = ("none", "exact")
@@ -158,7 +158,7 @@ class _PackedSignInputOp(torch.autograd.Function):
             y = layer.float_op(x_q, code, None).mul_(layer.channel_view(scale))
             if bias is not None:
                 y.add_(layer.channel_view(bias))
-        saved = [pack_flags(x_q < 0), scale, weight if code_is_sign else code]
+        saved = [pack_compare(x_q, "lt", 0.0), scale, weight if code_is_sign else code]
         if estimator.needs == "zeros":
             saved.append(pack_flags(estimator.zeros(x)))
         elif estimator.needs == "value":

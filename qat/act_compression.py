@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from layers import QuantizedLayer
-from layers.bitpack import pack_flags, unpack_flags
+from layers.bitpack import pack_compare, pack_flags, unpack_values
 from layers.quantized import INT16_MAX, INTEGER_FORM_ATTR, integer_form, is_weight_side
 
 MODES = ("none", "exact", "int8", "int4", "int2")
@@ -85,11 +85,7 @@ class _Mask:
     outside: float
 
     def unpack(self) -> torch.Tensor:
-        stopped = unpack_flags(self.words, self.shape)
-        table = torch.tensor([self.inside, self.outside], dtype=self.dtype, device=stopped.device)
-        if stopped.device.type == "cpu" and self.dtype != torch.bfloat16:  # one NumPy pass
-            return torch.from_numpy(np.take(table.numpy(), stopped.view(torch.uint8).numpy()))
-        return table[stopped.long()]
+        return unpack_values(self.words, self.shape, (self.inside, self.outside), self.dtype)
 
 
 @dataclass
@@ -114,22 +110,40 @@ class _Quantized:
     channels_last: bool
 
     def unpack(self) -> torch.Tensor:
-        codes = _unpack_codes(self.codes, self.bits)
-        values = codes.view(self.low.shape[0], -1).to(torch.float32).mul_(self.step).add_(self.low)
+        codes = _unpack_codes(self.codes, self.bits).view(self.low.shape[0], -1)
+        if codes.device.type == "cpu":  # the same two roundings, NumPy's broadcast loops are faster here
+            values = codes.numpy().astype(np.float32)
+            values *= self.step.numpy()
+            values += self.low.numpy()
+            values = torch.from_numpy(values)
+        else:
+            values = codes.to(torch.float32).mul_(self.step).add_(self.low)
         x = values.view(-1)[: self.shape.numel()].to(self.dtype).view(self.shape)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 # Sub-byte codes are packed by viewing 8 / b consecutive one-byte codes as one integer word
-# (little-endian) and OR-ing shifted copies: for b = 2, byte = c0 | c1 << 2 | c2 << 4 | c3 << 6 is
-# the low byte of w | w >> 6 | w >> 12 | w >> 18 with w = c0 + c1 << 8 + c2 << 16 + c3 << 24, since
-# every c_i < 4 (one pass over n / 4 words instead of a shift per code).
+# (little-endian). On CUDA shifted copies are OR-ed: for b = 2, byte = c0 | c1 << 2 | c2 << 4 | c3 << 6
+# is the low byte of w | w >> 6 | w >> 12 | w >> 18 with w = c0 + c1 << 8 + c2 << 16 + c3 << 24,
+# since every c_i < 4 (one pass over n / 4 words instead of a shift per code). On CPU one NumPy
+# multiply per word gathers them (unsigned, wrapping: only bits above 31 are lost): bits 18..25 of
+# w * (2^18 + 2^12 + 2^6 + 1) are that byte, c_i arriving through the term 2^(18 - 6i) and every other
+# product landing in a 2-bit field of its own below bit 18 or from bit 26 up (no carries); for
+# b = 4, bits 4..11 of w * 17 with w = c0 + c1 << 8. Unpacking on CPU reads a [256, 8 / b] table of
+# the codes in each byte (one gather).
 _WORD = {2: (torch.int32, (6, 12, 18), 0x03030303), 4: (torch.int16, (4,), 0x0F0F)}
+_GATHER = {2: (np.uint32, (1 << 18) + (1 << 12) + (1 << 6) + 1, 18), 4: (np.uint16, 17, 4)}
+_CODE_TABLES = {bits: ((np.arange(256)[:, None] >> np.arange(0, 8, bits)[None, :]) & (2 ** bits - 1)).astype(np.uint8)
+                for bits in (2, 4)}
 
 
 def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes
+    if codes.device.type == "cpu":
+        dtype, multiplier, shift = _GATHER[bits]
+        words = codes.numpy().view(dtype)
+        return torch.from_numpy(((words * dtype(multiplier)) >> dtype(shift)).astype(np.uint8))
     dtype, shifts, _ = _WORD[bits]
     w = codes.view(dtype)
     packed = w.clone()
@@ -141,6 +155,8 @@ def _pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def _unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.take(_CODE_TABLES[bits], packed.numpy(), axis=0).reshape(-1))
     dtype, shifts, mask = _WORD[bits]
     w = packed.to(dtype)
     words = w.clone()
@@ -168,9 +184,30 @@ def quantize_groups(t: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
     inverse = torch.where(step > 0, step.reciprocal(), torch.zeros((), device=step.device))
     noise = torch.randint(-2 ** 63, 2 ** 63 - 1, (groups.numel() // 8,), dtype=torch.int64,
                           device=groups.device, generator=generator).view(torch.uint8).view(groups.shape)
-    scaled = (groups - low).mul_(inverse).add_(noise, alpha=1 / 256).add_(1 / 512)
-    codes = scaled.clamp_(0, levels).to(torch.uint8)  # truncation of values >= 0 = floor
+    rounding = _round_groups_numpy if groups.device.type == "cpu" else _round_groups
+    codes = rounding(groups, low, inverse, noise, levels)
     return _Quantized(_pack_codes(codes.view(-1), bits), low, step, bits, t.shape, t.dtype, channels_last)
+
+
+def _round_groups(groups, low, inverse, noise, levels: int) -> torch.Tensor:
+    """``quantize_groups``' codes clamp(floor((x - lo) / s + u), 0, levels) as uint8, u = (r + 1/2) / 256."""
+    scaled = (groups - low).mul_(inverse).add_(noise, alpha=1 / 256).add_(1 / 512)
+    return scaled.clamp_(0, levels).to(torch.uint8)  # truncation of values >= 0 = floor
+
+
+def _round_groups_numpy(groups, low, inverse, noise, levels: int) -> torch.Tensor:
+    """``_round_groups`` on CPU: the same float32 operations in the same order, so the same codes
+    (r / 256 is exact, and PyTorch's add with alpha rounds once), in NumPy, whose one-thread loops
+    took about half the time of PyTorch's broadcast and mixed-dtype ones here. NaN gives 0."""
+    scaled = np.subtract(groups.numpy(), low.numpy())
+    np.multiply(scaled, inverse.numpy(), out=scaled)
+    u = noise.numpy().astype(np.float32)
+    u *= np.float32(1 / 256)
+    scaled += u
+    scaled += np.float32(1 / 512)
+    np.clip(scaled, 0, levels, out=scaled)
+    with np.errstate(invalid="ignore"):
+        return torch.from_numpy(scaled.astype(np.uint8))  # truncation of values >= 0 = floor
 
 
 @dataclass
@@ -369,10 +406,13 @@ class ActCompression:
     @staticmethod
     def _mask(t: torch.Tensor, module: nn.Module) -> _Mask:
         if isinstance(module, nn.ReLU):  # threshold_backward(g, y, 0): 0 where y <= 0
-            return _Mask(pack_flags(torch.le(t, 0)), t.shape, t.dtype, 1.0, 0.0)
+            return _Mask(pack_compare(t, "le", 0.0), t.shape, t.dtype, 1.0, 0.0)
         low, high = float(module.min_val), float(module.max_val)  # 0 where x <= min or x >= max
-        stopped = torch.ge(t.abs(), high) if low == -high else torch.le(t, low).logical_or_(torch.ge(t, high))
-        return _Mask(pack_flags(stopped), t.shape, t.dtype, (low + high) / 2, high)
+        if low == -high:
+            words = pack_compare(t, "ge", high, absolute=True)
+        else:
+            words = pack_flags(torch.le(t, low).logical_or_(torch.ge(t, high)))
+        return _Mask(words, t.shape, t.dtype, (low + high) / 2, high)
 
     @staticmethod
     def _unpack(packed):

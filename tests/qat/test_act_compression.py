@@ -14,8 +14,16 @@ import estimators
 import kernels
 import layers
 import qat
-from layers.bitpack import pack_flags, unpack_flags
-from qat.act_compression import MODES, ActCompression, _pack_codes, _unpack_codes, quantize_groups
+from layers.bitpack import pack_compare, pack_flags, unpack_flags, unpack_signs, unpack_values
+from qat.act_compression import (
+    MODES,
+    ActCompression,
+    _pack_codes,
+    _round_groups,
+    _round_groups_numpy,
+    _unpack_codes,
+    quantize_groups,
+)
 from qat.train.config import ConfigError
 from qat.train.trainer import Trainer, act_compression_settings
 
@@ -138,6 +146,42 @@ def test_packed_flags_are_the_kernels_format():
         words = pack_flags(flags)
         assert torch.equal(words, kernels.pack_bits(torch.where(flags, -1.0, 1.0)))
         assert torch.equal(unpack_flags(words, (n,)), flags)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_numpy_comparisons_and_table_unpacking_match_torch(dtype):
+    """The CPU fast paths of layers.bitpack (NumPy comparisons, the 256 x 8 byte table) give the
+    words and values of the plain PyTorch expressions, NaN, +-0 and values at the threshold included."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(1003, generator=generator) * 2).to(dtype)
+    x[:6] = torch.tensor([float("nan"), 0.0, -0.0, 1.0, -1.0, 1.5], dtype=dtype)
+    for op, threshold, absolute, expected in [("lt", 0.0, False, x < 0), ("le", 0.0, False, x <= 0),
+                                              ("ge", 1.0, True, x.abs() >= 1.0), ("ge", 0.3, False, x >= 0.3)]:
+        assert torch.equal(pack_compare(x, op, threshold, absolute=absolute), pack_flags(expected)), op
+    words = pack_flags(x < 0)
+    for n in (1, 7, 8, 1003):
+        flags = unpack_flags(words, (n,))
+        values = unpack_values(words, (n,), (0.5, -3.0), dtype)
+        assert values.dtype == dtype and torch.equal(values, torch.tensor([0.5, -3.0], dtype=dtype)[flags.long()])
+    assert torch.equal(unpack_signs(words, (1003,), dtype), kernels.unpack_bits(words, 1003, dtype))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_numpy_rounding_gives_the_torch_codes(bits):
+    """quantize_groups' CPU rounding (NumPy) and the PyTorch one (other devices) give the same codes."""
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randn(300, 64, generator=generator) * 5
+    groups[3] = 1.25  # a constant group: step 0, inverse 0
+    groups[4, 7] = float("nan")
+    low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
+    step = (high - low).div_(2 ** bits - 1)
+    inverse = torch.where(step > 0, step.reciprocal(), torch.zeros(()))
+    noise = torch.randint(0, 256, groups.shape, dtype=torch.uint8, generator=generator)
+    fast = _round_groups_numpy(groups, low, inverse, noise, 2 ** bits - 1)
+    plain = _round_groups(groups, low, inverse, noise, 2 ** bits - 1)
+    assert torch.equal(fast[5:], plain[5:]) and torch.equal(fast[:4], plain[:4])
+    assert int(fast.max()) == 2 ** bits - 1 and int(fast[3].max()) == 0
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
