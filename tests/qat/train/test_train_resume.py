@@ -234,3 +234,26 @@ def test_resume_with_the_same_settings_does_not_warn(compose, tmp_path, caplog):
     run(compose, tmp_path, "again", "quant=ternary", "trainer.max_steps=2", "trainer.progress_interval=1",
         "data.eval_batch_size=8", "trainer.progress_bar=true", f"trainer.resume={run_dir}")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_exact_mode_trains_bit_identically_and_int2_resumes_exactly(compose, tmp_path):
+    """Whole runs (8 steps of a ResNet-20 XNOR): `exact` reaches the very same weights as `none`
+    (the same loss curve); an int2 run stopped after 4 steps and resumed equals an uninterrupted
+    one (the stochastic rounding draws from the RNG the checkpoint restores)."""
+    def train(name, *overrides):
+        summary = Trainer(compose([*RESUME_OVERRIDES, "quant=xnor", *overrides]), tmp_path / name).fit()
+        return summary, final_state(tmp_path / name)["model"]
+
+    none, none_state = train("none")
+    exact, exact_state = train("exact", "trainer.act_compression=exact")
+    assert exact["act_compression"]["mode"] == "exact" and none["act_compression"]["mode"] == "none"
+    assert none["test_acc1"] == exact["test_acc1"]
+    for key, tensor in none_state.items():
+        assert torch.equal(tensor, exact_state[key]), key
+    _, straight = train("int2", "trainer.act_compression=int2")
+    train("int2-first", "trainer.act_compression=int2", "trainer.max_steps=4")
+    checkpoint = tmp_path / "int2-first" / "checkpoints" / "last.pt"
+    _, resumed = train("int2-resumed", "trainer.act_compression=int2", f"trainer.resume={checkpoint}")
+    for key, tensor in straight.items():
+        assert torch.equal(tensor, resumed[key]), key
+    assert any(not torch.equal(t, none_state[k]) for k, t in straight.items() if t.is_floating_point())
