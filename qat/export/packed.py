@@ -429,6 +429,9 @@ class PackedLinear(PackedLayer):
     NATIVE_INT8_NORMS = {"rms": NORM_EPS, "": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self._native
+        if type(layer) is cpu_native.TernaryI8Linear and x.dtype is torch.float32 and x.is_cpu:
+            return layer(x)  # built, so runs_int8_natively held: only its two checks on x are repeated
         if self.spec.input_bits == 8 and self.runs_int8_natively(x):
             return self.native_int8_layer()(x)
         return super().forward(x)
@@ -743,4 +746,12 @@ def load_packed(path, model: nn.Module | None = None, verify: bool = True) -> nn
     ``verify=False`` skips the checksum check (see ``read_packed``).
     """
     tensors, meta = read_packed(path, verify=verify)
-    return _assemble(tensors, meta, model, path).eval()
+    return _assemble({name: _aligned(tensor) for name, tensor in tensors.items()}, meta, model, path).eval()
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied to fresh memory (torch's allocator aligns it to 64 bytes) where its data is
+    not 64-byte aligned: safetensors places tensors at any byte offset of the file, and BLAS sums a
+    matrix at an unaligned address in another order than the aligned copy the trained model holds
+    (a float head's logits at batch 1 then differ in the last bit)."""
+    return tensor.clone() if tensor.data_ptr() % 64 else tensor

@@ -88,3 +88,47 @@ def test_packed_ternary_gpt_generates_what_the_trained_model_does(tmp_path):
     packed = load_packed(path)
     assert generate_text(packed, "Hello", 24).tokens == generate_text(model, "Hello", 24).tokens
     assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 4
+
+
+def test_packed_bitnet158_gpt_logits_equal_the_trained_models_bit_for_bit(tmp_path):
+    """export -> load -> generate of a bitnet158 GPT: every decoding step's logits (prompt, cached
+    single tokens, past block_size the sliding window) torch.equal to the quantized model's, on the
+    native BitLinear where the engine is available (the path generation takes on CPU)."""
+    from kernels import cpu_native, native
+    from qat.export import load_packed, pack_model, save_packed
+    from qat.export.packed import PackedLinear
+    from qat.models.gpt import KeyValueCache
+
+    model = qat.quantize_model(tiny(), {"method": "bitnet158", "keep_fp": ["last"]}).eval()
+    for parameter in model.parameters():
+        parameter.data.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+    qat.set_progress(model, 1.0)
+    packed = load_packed(save_packed(pack_model(model), tmp_path / "gpt.safetensors"))
+
+    def greedy_logits(m, prompt, steps):  # GPT.generate's decoding, keeping each step's logits
+        logits_seen, out, caches = [], prompt, None
+        with torch.inference_mode():
+            for _ in range(steps):
+                length = out.shape[1]
+                if length > m.block_size:
+                    logits, caches = m(out[:, -m.block_size:], last_only=True), None
+                elif caches is None:
+                    caches = [KeyValueCache(m.block_size) for _ in m.blocks]
+                    logits = m(out, caches, last_only=True)
+                else:
+                    logits = m(out[:, -1:], caches, start=length - 1, last_only=True)
+                logits_seen.append(logits)
+                out = torch.cat([out, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                caches = None if out.shape[1] > m.block_size else caches
+        return out, logits_seen
+
+    prompt = torch.tensor([[72, 101, 108, 108, 111]])
+    (want, want_logits), (got, got_logits) = greedy_logits(model, prompt, 20), greedy_logits(packed, prompt, 20)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_logits, want_logits, strict=True))
+    assert len(set(want[0, 5:].tolist())) > 1  # not a degenerate constant continuation
+    with torch.inference_mode():
+        assert torch.equal(packed.generate(prompt, 20), want) and torch.equal(packed(want[:, -16:]), model(want[:, -16:]))
+    if native.available():
+        linears = [m for m in packed.modules() if isinstance(m, PackedLinear)]
+        assert linears and all(isinstance(m._native, cpu_native.TernaryI8Linear) for m in linears)
