@@ -169,8 +169,9 @@ def test_resume_with_per_width_statistics_equals_uninterrupted_training(compose,
     assert straight["multibit"]["evaluation"] == resumed["multibit"]["evaluation"]
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert "features.2.num_batches_tracked_1b" in a and int(a["features.2.num_batches_tracked_1b"]) == 4
-    assert int(a["features.2.num_batches_tracked_4b"]) == 0  # not trained: never updated
+    # calibrated before the last evaluation: the 16 training images' 2 batches (not the 4 training steps)
+    assert "features.2.num_batches_tracked_1b" in a and int(a["features.2.num_batches_tracked_1b"]) == 2
+    assert int(a["features.2.num_batches_tracked_4b"]) == 0  # neither trained nor calibrated: never updated
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -199,3 +200,15 @@ def test_training_steps_are_the_same_with_per_width_or_shared_statistics():
         stats[bn] = model[1]
     assert all(torch.equal(a, b) for a, b in zip(grads["per_width"], grads["shared"], strict=True))
     assert int(stats["shared"].num_batches_tracked) == 3 and int(stats["per_width"].num_batches_tracked_1b) == 1
+
+
+def test_init_from_a_per_width_run_loads_every_width_statistics(compose, tmp_path):
+    """trainer.init_from builds the model whole (per-width BatchNorms included) before loading, so a
+    per-width run's checkpoint (keys running_mean_<w>) loads key for key into a new per-width run."""
+    Trainer(compose([*MULTIBIT_RESUME, "trainer.epochs=1"]), tmp_path / "source").fit()
+    source = torch.load(tmp_path / "source" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    trainer = Trainer(compose([*MULTIBIT_RESUME, f"trainer.init_from={tmp_path / 'source'}"]), tmp_path / "new")
+    assert trainer.init_record["loaded"] == len(source) and not trainer.init_record["missing"]
+    own = trainer.model.state_dict()
+    assert set(own) == set(source) and all(torch.equal(own[key], source[key]) for key in source)
+    assert int(own["features.2.num_batches_tracked_1b"]) > 0  # the source's statistics, not fresh ones
