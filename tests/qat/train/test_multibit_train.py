@@ -3,6 +3,7 @@ per-width evaluation, the config checks, and a run of experiment=mnist_bnn_multi
 chosen width by ``python -m qat.export --bits``."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -212,3 +213,30 @@ def test_init_from_a_per_width_run_loads_every_width_statistics(compose, tmp_pat
     own = trainer.model.state_dict()
     assert set(own) == set(source) and all(torch.equal(own[key], source[key]) for key in source)
     assert int(own["features.2.num_batches_tracked_1b"]) > 0  # the source's statistics, not fresh ones
+
+
+def test_run_calibrates_batchnorm_before_evaluating_and_trains_the_same_weights(compose, tmp_path):
+    """multibit.bn_calibration_batches: the checkpoint's per-width statistics are those of
+    qat.multibit.calibrate_batchnorm on the run's calibration batches at the final weights; the
+    training steps, and so every weight, are those of the run without calibration."""
+    overrides = [*MULTIBIT_RESUME, "data.num_train=24"]  # 3 batches of 8 per epoch, 2 epochs
+    plain = Trainer(compose([*overrides, "multibit.bn_calibration_batches=0"]), tmp_path / "plain").fit()
+    calibrated = Trainer(compose([*overrides, "multibit.bn_calibration_batches=2"]), tmp_path / "calibrated").fit()
+    assert plain["multibit"]["bn_calibration_batches"] == 0 and calibrated["multibit"]["bn_calibration_batches"] == 2
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "calibrated" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    statistics = {key for key in a if ".running_" in key or ".num_batches_tracked" in key}
+    assert all(torch.equal(a[key], b[key]) for key in set(a) - statistics)  # weights, gamma, beta
+    assert int(a["features.2.num_batches_tracked_1b"]) == 6 and int(b["features.2.num_batches_tracked_1b"]) == 2
+    assert not torch.equal(a["features.2.running_var_1b"], b["features.2.running_var_1b"])
+
+    model, _, _ = trained_model_from_checkpoint(tmp_path / "plain")
+    cfg = compose(overrides)
+    from qat.train.data import build_data
+    from qat.train.multibit import calibration_inputs
+
+    inputs = list(itertools.islice(calibration_inputs(build_data(cfg.data).train, 8, int(cfg.seed)), 2))
+    mb.calibrate_batchnorm(model, inputs, [8, 1])
+    by_library = model.state_dict()
+    assert all(torch.equal(by_library[key], b[key]) for key in statistics)
+    assert int(b["features.2.num_batches_tracked_4b"]) == 0  # not a train width: not calibrated
