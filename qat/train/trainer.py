@@ -411,12 +411,14 @@ class Trainer:
 
     def _calibrate_batchnorm(self) -> None:
         """multibit.bn_calibration_batches: re-estimate the multi-bit model's BatchNorm statistics at
-        its current weights (qat.train.multibit: Widths.calibrate, calibration_inputs), the run's random
-        state restored after it so that the training steps are those of a run without calibration."""
+        its current weights (qat.train.multibit: Widths.calibrate, calibration_inputs; the global random
+        state seeded by the run's seed, so the batches and their augmentation are the same every time),
+        the run's random state restored after it: the training steps are those of a run without calibration."""
         if not self.widths.calibration_batches:
             return
         rng = ckpt.capture_rng_state()
         try:
+            seed_everything(int(self.cfg.seed))  # random augmentation of the batches: a function of the seed
             inputs = calibration_inputs(self.data.train, int(self.cfg.data.batch_size), int(self.cfg.seed),
                                         int(self.cfg.data.get("num_workers", 0)), self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
