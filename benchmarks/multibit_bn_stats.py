@@ -40,6 +40,10 @@ def main() -> None:
     parser.add_argument("run", help="a run directory (its last.pt) or a checkpoint file")
     parser.add_argument("--batches", type=int, default=20, help="calibration batches (multibit.bn_calibration_batches)")
     parser.add_argument("--data-source", help="data.source, if the run's no longer holds the data")
+    parser.add_argument("--per-width", action="store_true",
+                        help="a multibit.bn=shared run: give it per-width statistics before calibrating (the "
+                             "weights are those of the same run with bn=per_width: docs/multibit_notes.md)")
+    parser.add_argument("--calibrated-only", action="store_true", help="skip the stored statistics' figures")
     args = parser.parse_args()
     path = checkpoint.resolve_checkpoint_path(args.run)
     cfg = OmegaConf.create(checkpoint.load_checkpoint(path)["config_yaml"])
@@ -58,19 +62,22 @@ def main() -> None:
                 result[width] = {name: accuracy(model, loader) for name, loader in splits.items()}
         return result
 
-    stored = figures()
+    stored = None if args.calibrated_only else figures()
+    if args.per_width:
+        mb.per_width_batchnorm(model)
     seed_everything(int(cfg.seed))
     workers = int(cfg.data.get("num_workers", 0))
     inputs = calibration_inputs(data.train, int(cfg.data.batch_size), int(cfg.seed), workers)
     used = mb.calibrate_batchnorm(model, itertools.islice(inputs, args.batches), train_bits)
     calibrated = figures()
-    names = list(splits)
-    print(f"{path}: {used} calibration batches of {int(cfg.data.batch_size)}")
-    print("| width | " + " | ".join(f"stored {n}" for n in names) + " | " + " | ".join(f"calibrated {n}" for n in names)
-          + " |\n|---|" + "---|" * (2 * len(names)))
+    columns = {**({"stored": stored} if stored else {}), "calibrated": calibrated}
+    print(f"{path}: {used} calibration batches of {int(cfg.data.batch_size)}"
+          + (", per-width statistics" if mb.per_width_batchnorms(model) else ", shared statistics"))
+    print("| width | " + " | ".join(f"{c} {n}" for c in columns for n in splits) + " |\n|---|"
+          + "---|" * (len(columns) * len(splits)))
     for width in train_bits:
-        print(f"| {mb.width_label(width)} | " + " | ".join(f"{stored[width][n]:.2f}" for n in names) + " | "
-              + " | ".join(f"{calibrated[width][n]:.2f}" for n in names) + " |", flush=True)
+        print(f"| {mb.width_label(width)} | " + " | ".join(f"{figures[width][n]:.2f}" for figures in columns.values()
+                                                          for n in splits) + " |", flush=True)
 
 
 if __name__ == "__main__":
