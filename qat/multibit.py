@@ -19,17 +19,24 @@ gamma and beta stay shared by all widths (docs/multibit_notes.md: why). Without 
 (``multibit.bn: shared``) a model is exactly as before: one set of statistics updated by every width.
 ``keep_active_width(model)`` turns the BatchNorms back into plain ones holding the active width's
 statistics (what a packed export of one width stores).
+
+BatchNorm calibration ("BN calibration" of universally slimmable networks, Yu & Huang ICCV 2019):
+``calibrate_batchnorm(model, inputs, widths)`` re-estimates the running statistics at the model's
+current weights, which a training run's momentum averages lag behind (docs/multibit_notes.md).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Iterable
 
+import torch
 from torch import nn
 
 from layers.multibit import WIDTHS, MultiBitWeight, parse_width, width_label
 
 __all__ = ["WIDTHS", "BN_MODES", "bits", "set_bits", "multibit_quantizers", "active_width", "parse_width",
-           "width_label", "per_width_batchnorm", "per_width_batchnorms", "keep_active_width", "stored_batchnorm_mode"]
+           "width_label", "per_width_batchnorm", "per_width_batchnorms", "keep_active_width", "stored_batchnorm_mode",
+           "calibrate_batchnorm"]
 
 #: multibit.bn: private running statistics per width (default), or one set shared by all widths
 BN_MODES = ("per_width", "shared")
@@ -149,3 +156,56 @@ def stored_batchnorm_mode(state_dict: dict) -> str:
     "shared": what a checkpoint's model needs before it loads."""
     marker = "." + _buffer_name("running_mean", WIDTHS[0])
     return "per_width" if any(key.endswith(marker) or key == marker[1:] for key in state_dict) else "shared"
+
+
+# ------------------------------------------------------------------ BatchNorm calibration
+
+def calibrate_batchnorm(model: nn.Module, inputs: Iterable, widths) -> int:
+    """Re-estimate the BatchNorm running statistics of multi-bit ``model`` at ``widths`` from the
+    batches ``inputs`` (each one the model's input) at the current weights; return the number of batches.
+
+    Every tracked BatchNorm's statistics are reset (mean 0, variance 1, count 0; with per-width
+    BatchNorms, those of each width in ``widths``; others keep theirs) and then, for each batch x_k
+    (k = 1..N) and each width b, the model runs x_k at b with BatchNorm in training mode and
+    momentum None, which is PyTorch's cumulative moving average:
+
+        mu_b    = (1/N) sum_k mean_k          (mean_k: the batch's per-channel mean at width b)
+        sigma_b = (1/N) sum_k var_k           (var_k:  its per-channel unbiased variance)
+
+    With statistics shared by all widths (no ``per_width_batchnorm``) the one set is the average over
+    all N x |widths| forward passes. Nothing else changes: no gradient, no weight update, every other
+    module in eval mode (dropout off), and afterwards every module's training flag, each BatchNorm's
+    momentum and the active width are restored. ValueError for no batches, or a model without
+    multi-bit layers or with an unknown width (``set_bits``)."""
+    widths = [parse_width(w) for w in widths]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or not widths:
+        return 0
+    first = active_width(model)
+    training = {module: module.training for module in model.modules()}
+    momenta = [bn.momentum for bn in norms]
+    count = 0
+    try:
+        model.eval()
+        for bn in norms:
+            bn.train()
+            bn.momentum = None
+        for width in widths if per_width_batchnorms(model) else widths[:1]:
+            set_bits(model, width)
+            for bn in norms:
+                bn.reset_running_stats()  # in place: the active width's buffers
+        with torch.no_grad():
+            for x in inputs:
+                for width in widths:
+                    set_bits(model, width)
+                    model(x)
+                count += 1
+    finally:
+        for module, mode in training.items():
+            module.training = mode
+        for bn, momentum in zip(norms, momenta, strict=True):
+            bn.momentum = momentum
+        set_bits(model, first)
+    if not count:
+        raise ValueError("BatchNorm calibration got no batch: its statistics were reset and not re-estimated")
+    return count

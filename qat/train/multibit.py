@@ -5,6 +5,7 @@
       train_bits: [8, 4, 2, ternary, 1]   # the widths whose losses are summed every step
       eval_bits: [8, 4, 2, ternary, 1]    # the widths every evaluation reports
       bn: per_width                       # BatchNorm running statistics per width, or shared by all
+      bn_calibration_batches: 20          # re-estimate them before every evaluation (0: off)
 
 train_bits defaulting to every width (8, 4, 2, ternary, 1) for a model with multi-bit layers, bn to
 per_width, eval_bits to train_bits (bn: per_width) or every width (bn: shared). With per_width,
@@ -13,6 +14,19 @@ every BatchNorm keeps private running statistics per width (``qat.multibit.per_w
 statistics and evaluation at b uses exactly them; gamma and beta are shared; every
 evaluated width must be trained (an untrained width's statistics would be the initial ones).
 ``bn: shared`` is the model as before: one set of statistics updated by every width's forward.
+
+BatchNorm calibration (``bn_calibration_batches: N``, default 20; 0 turns it off). Training leaves
+each width's running statistics a momentum average over the last steps' weights, which still move
+(with per_width, each width gets one update per step); before every evaluation, and so before every
+last.pt / best.pt that evaluation precedes, the statistics are re-estimated at the current weights:
+``qat.multibit.calibrate_batchnorm`` (reset, then the cumulative average over N training batches at
+every train width; no gradient, no weight change, dropout off) on the batches of
+``calibration_inputs`` (the first N batches of data.batch_size of a shuffle of the training set
+seeded by the run's seed: the same batches at every evaluation). The run's random state is restored
+afterwards, so calibrating changes no training step (tested: the weights are bit-identical with and
+without). Every evaluation, best.pt's choice among them included, and every checkpoint written
+after one therefore carry statistics estimated at their own weights; the test figures of
+summary.json are those of the calibrated last network.
 
 Training step: L = sum_{b in train_bits} L_b, L_b the objective (cross-entropy or distillation) of
 the network at width b. The paper's multi-objective optimization weighs the widths' losses; its
@@ -31,15 +45,20 @@ except that a ``multibit`` block for such a model is a ConfigError.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 import qat.multibit as mb
 from qat.train.config import ConfigError, to_plain
 
 Step = Callable[[], tuple[torch.Tensor, torch.Tensor, dict]]
+#: multibit.bn_calibration_batches when the block does not set it
+CALIBRATION_BATCHES = 20
+KEYS = ("train_bits", "eval_bits", "bn", "bn_calibration_batches")
 
 
 def _widths(cfg: dict, key: str) -> list:
@@ -62,8 +81,9 @@ class Widths:
     """The widths a run trains and evaluates; a single pass (``train_bits = eval_bits = [None]``)
     for a model without multi-bit layers."""
 
-    def __init__(self, model: nn.Module, train_bits: list, eval_bits: list):
+    def __init__(self, model: nn.Module, train_bits: list, eval_bits: list, calibration_batches: int = 0):
         self.model, self.train_bits, self.eval_bits = model, train_bits, eval_bits
+        self.calibration_batches = calibration_batches
         if self.active:
             mb.set_bits(model, train_bits[0])
 
@@ -73,14 +93,12 @@ class Widths:
         if block is not None and not isinstance(block, dict):
             raise ConfigError(f"multibit must be a mapping with train_bits and eval_bits, got {block!r}")
         block = block or {}
-        unknown = set(block) - {"train_bits", "eval_bits", "bn"}
+        unknown = set(block) - set(KEYS)
         if unknown:
-            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; "
-                              f"valid: train_bits, eval_bits, bn")
+            raise ConfigError(f"multibit: unknown key(s) {', '.join(sorted(unknown))}; valid: {', '.join(KEYS)}")
         if not mb.multibit_quantizers(model):
             if block:
-                raise ConfigError("multibit.train_bits/eval_bits/bn need a model with multi-bit layers "
-                                  "(quant=multibit)")
+                raise ConfigError(f"multibit.{'/'.join(KEYS)} need a model with multi-bit layers (quant=multibit)")
             return cls(model, [None], [None])
         bn = block.get("bn", "per_width")
         if bn not in mb.BN_MODES:
@@ -93,7 +111,11 @@ class Widths:
             raise ConfigError(f"multibit.eval_bits has width(s) {', '.join(untrained)} not in multibit.train_bits: "
                               f"with multibit.bn=per_width their BatchNorm statistics would never be estimated; "
                               f"train them too or set multibit.bn=shared")
-        widths = cls(model, train_bits, eval_bits)
+        calibration = block.get("bn_calibration_batches", CALIBRATION_BATCHES)
+        if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
+            raise ConfigError(f"multibit.bn_calibration_batches must be a number of training batches >= 0 "
+                              f"(0: no BatchNorm calibration), got {calibration!r}")
+        widths = cls(model, train_bits, eval_bits, calibration)
         if bn == "per_width":
             mb.per_width_batchnorm(model)
         return widths
@@ -119,6 +141,15 @@ class Widths:
         mb.set_bits(self.model, self.train_bits[0])
         return total, first_logits, parts
 
+    def calibrate(self, inputs: Iterator) -> int:
+        """Re-estimate the BatchNorm statistics of every train width from ``inputs`` (the model's
+        inputs; at most ``calibration_batches`` of them are used): ``qat.multibit.calibrate_batchnorm``.
+        Returns the number of batches used (0: off, or a model without multi-bit layers or BatchNorms)."""
+        if not self.active or not self.calibration_batches:
+            return 0
+        return mb.calibrate_batchnorm(self.model, itertools.islice(inputs, self.calibration_batches),
+                                      self.train_bits)
+
     def evaluate(self, evaluate_split: Callable[[], dict[str, float]]) -> dict[str, float]:
         """``evaluate_split()`` (one split's {split/metric: value}) at every eval width, labelled,
         plus the plain metrics averaged over the train widths."""
@@ -142,4 +173,19 @@ class Widths:
         if not self.active:
             return None
         return {"train_bits": [str(w) for w in self.train_bits], "eval_bits": [str(w) for w in self.eval_bits],
+                "bn_calibration_batches": self.calibration_batches,
                 "evaluation": {key: value for key, value in evaluation.items() if "@" in key}}
+
+
+def calibration_inputs(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0,
+                       device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """The inputs of a shuffle of ``dataset`` seeded by ``seed``, in batches of ``batch_size``
+    (full batches only, unless the dataset is smaller than one), moved to ``device``: the batches
+    BatchNorm calibration uses (``Widths.calibrate`` takes the first N). Nothing is loaded before
+    the first batch is asked for. The shuffle draws from its own generator, the global random state
+    is not touched by it (transforms with random augmentation do draw from it: the trainer restores it)."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                        drop_last=len(dataset) >= batch_size, generator=torch.Generator().manual_seed(seed))
+    for batch in loader:
+        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+        yield inputs.to(device)

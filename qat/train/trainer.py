@@ -11,7 +11,8 @@ epochs of
   clip latent weights -> log
 with `trainer.act_compression` (none | exact | int8 | int4 | int2, qat.act_compression) compressing
 what the forward saves for backward, evaluation (loss, top-1, top-5; loss, bits per byte and
-perplexity for a language model: the dataset row's task, qat.train.tasks) on validation and test after
+perplexity for a language model: the dataset row's task, qat.train.tasks; a multi-bit model at every
+width, its BatchNorm statistics calibrated first: qat.train.multibit) on validation and test after
 every epoch, `last.pt` / `best.pt` checkpoints, W&B / CSV logging, and `summary.json` at the end
 (also after max_steps or Ctrl-C).
 
@@ -61,7 +62,7 @@ from qat.train.init_from import init_from
 from qat.train.interrupt import DeferredInterrupt, StopRequested
 from qat.train.loaders import TrainLoader, eval_loader
 from qat.train.loggers import build_logger, console_logging
-from qat.train.multibit import Widths
+from qat.train.multibit import Widths, calibration_inputs
 from qat.train.optim import build_scheduler, optimizer_for, step_metrics
 from qat.train.run_progress import RunProgress
 from qat.train.tasks import finite_or_none, get_task
@@ -149,6 +150,10 @@ class Trainer:
         float_model = models.build_architecture(
             models.architecture(cfg.model, self.data.num_classes, self.data.channels))
         self.model = qat.quantize_model(float_model, to_plain(cfg.quant))
+        # Multi-bit models: the losses of every trained width summed, every width evaluated, BatchNorm
+        # statistics per width (qat.train.multibit); before init_from, so that the model it loads into
+        # has every key (running_mean_<w>) a per-width run's checkpoint holds.
+        self.widths = Widths.from_config(cfg.get("multibit"), self.model)
         # trainer.init_from: another run's weights, before anything reads them (a resumed run's
         # checkpoint holds them already, and the record of where they came from).
         self.init_record: dict[str, Any] | None = None
@@ -175,8 +180,6 @@ class Trainer:
         # The training loss: the task's cross-entropy, or distillation from a frozen teacher (qat.train.distill).
         self.objective = self.task.objective(cfg.get("distill"), self.model, self.data.num_classes,
                                              self.data.input_size, self.device, self.amp)
-        # Multi-bit models: the losses of every trained width summed, every width evaluated (qat.train.multibit).
-        self.widths = Widths.from_config(cfg.get("multibit"), self.model)
 
         pin = self.device.type == "cuda" and bool(cfg.data.get("pin_memory", True))
         self.train_loader = TrainLoader(self.data.train, cfg.data, self.context, int(cfg.seed), pin)
@@ -406,9 +409,28 @@ class Trainer:
         distributed.all_reduce_sum(sums.sums, self.context)
         return sums.result(split)
 
+    def _calibrate_batchnorm(self) -> None:
+        """multibit.bn_calibration_batches: re-estimate the multi-bit model's BatchNorm statistics at
+        its current weights (qat.train.multibit: Widths.calibrate, calibration_inputs; the global random
+        state seeded by the run's seed, so the batches and their augmentation are the same every time),
+        the run's random state restored after it: the training steps are those of a run without calibration."""
+        if not self.widths.calibration_batches:
+            return
+        rng = ckpt.capture_rng_state()
+        try:
+            seed_everything(int(self.cfg.seed))  # random augmentation of the batches: a function of the seed
+            inputs = calibration_inputs(self.data.train, int(self.cfg.data.batch_size), int(self.cfg.seed),
+                                        int(self.cfg.data.get("num_workers", 0)), self.device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+                self.widths.calibrate(inputs)
+        finally:
+            ckpt.restore_rng_state(rng)
+
     def _evaluate_reached(self) -> dict[str, float]:
-        """Every evaluation split, with the network at the progress the run has reached."""
+        """Every evaluation split, with the network at the progress the run has reached (a multi-bit
+        model's BatchNorm statistics calibrated at it first)."""
         self._set_progress(self.state.step / self.total_steps)
+        self._calibrate_batchnorm()
         return {k: v for split in self.eval_loaders
                 for k, v in self.widths.evaluate(functools.partial(self.evaluate, split)).items()}
 

@@ -171,3 +171,105 @@ def test_packed_export_holds_the_widths_statistics_and_reproduces_the_model(widt
 def test_per_width_batchnorm_needs_a_multibit_model():
     with pytest.raises(ValueError, match="no multi-bit layers|expected one active"):
         mb.per_width_batchnorm(float_model())
+
+
+# ------------------------------------------------------------------ BatchNorm calibration
+
+def calibration_model(per_width: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = qat.quantize_model(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5),
+                                             nn.Linear(8, 5), nn.BatchNorm1d(5)),
+                               {"method": "multibit", "keep_fp": []})
+    if per_width:
+        mb.per_width_batchnorm(model)
+    train_at_width_batches(model)
+    return model
+
+
+def train_at_width_batches(model):
+    """Move every width's running statistics away from their initial values (as training would)."""
+    model.train()
+    with torch.no_grad():
+        for width in mb.WIDTHS:
+            mb.set_bits(model, width)
+            model(torch.randn(7, 6) * 3 - 1)
+    mb.set_bits(model, 8)
+
+
+def calibration_batches():
+    generator = torch.Generator().manual_seed(2)
+    return [torch.randn(9, 6, generator=generator) * 2 + 0.5 for _ in range(4)]
+
+
+def by_hand(model, batches, width):
+    """The cumulative averages of the batch means and unbiased variances at both BatchNorms, in
+    float64: mu = (1/N) sum_k mean_k, sigma = (1/N) sum_k var_k (dropout off, BN on batch statistics)."""
+    first, bn1, _, _, second, bn2 = model
+
+    def weight(layer):
+        code, scale = layer.weight_quantizer.codes(layer.weight.detach(), width)
+        return (code.double() * scale.double().reshape(-1, 1)) if scale.numel() > 1 else code.double() * scale.double()
+
+    sums = {1: [0, 0], 2: [0, 0]}
+    for x in batches:
+        z1 = x.double() @ weight(first).T + first.bias.detach().double()
+        sums[1][0] = sums[1][0] + z1.mean(0)
+        sums[1][1] = sums[1][1] + z1.var(0, unbiased=True)
+        h = (z1 - z1.mean(0)) / torch.sqrt(z1.var(0, unbiased=False) + bn1.eps)
+        h = torch.relu(h * bn1.weight.detach().double() + bn1.bias.detach().double())
+        z2 = h @ weight(second).T + second.bias.detach().double()
+        sums[2][0] = sums[2][0] + z2.mean(0)
+        sums[2][1] = sums[2][1] + z2.var(0, unbiased=True)
+    return {k: (mean / len(batches), var / len(batches)) for k, (mean, var) in sums.items()}
+
+
+def test_calibration_is_the_float64_cumulative_average_per_width_and_changes_nothing_else():
+    model = calibration_model()
+    before = copy.deepcopy(model.state_dict())
+    model.train()  # its flags must come back as they were
+    widths = [8, "ternary", 1]
+    batches = calibration_batches()
+    assert mb.calibrate_batchnorm(model, batches, widths) == len(batches)
+    after = model.state_dict()
+    statistics = [key for key in after if key.rsplit(".", 1)[1].startswith(STATISTICS)]
+    assert all(torch.equal(before[key], after[key]) for key in after if key not in statistics)  # weights, gamma, beta
+    for width in widths:
+        expected = by_hand(model, batches, width)
+        for index, bn in ((1, model[1]), (2, model[5])):
+            mean, var, count = width_statistics(bn, width)
+            assert torch.allclose(mean.double(), expected[index][0], rtol=1e-5, atol=1e-6)
+            assert torch.allclose(var.double(), expected[index][1], rtol=1e-5, atol=1e-6)
+            assert int(count) == len(batches)
+    for width in (4, 2):  # not calibrated: kept as trained
+        assert all(torch.equal(before[f"1.{s}_{LABELS[width]}"], after[f"1.{s}_{LABELS[width]}"]) for s in STATISTICS)
+    assert not torch.allclose(width_statistics(model[5], 8)[1], width_statistics(model[5], 1)[1], rtol=1e-2)
+    assert not torch.allclose(width_statistics(model[5], "ternary")[0], width_statistics(model[5], 1)[0], rtol=1e-2)
+    assert all(m.training for m in model.modules()) and model[1].momentum == 0.1 and mb.active_width(model) == 8
+
+
+def test_calibrating_twice_gives_the_same_statistics_whatever_they_were_before():
+    model = calibration_model()
+    mb.calibrate_batchnorm(model, calibration_batches(), [4, 1])
+    once = copy.deepcopy(model.state_dict())
+    train_at_width_batches(model)
+    model.eval()
+    mb.calibrate_batchnorm(model, calibration_batches(), [4, 1])
+    again = model.state_dict()
+    calibrated = [key for key in again if key.endswith(("_4b", "_1b"))]
+    assert len(calibrated) == 2 * 3 * 2 and all(torch.equal(once[key], again[key]) for key in calibrated)
+    assert not any(m.training for m in model.modules())
+
+
+def test_calibrating_shared_statistics_averages_over_every_width_and_batch():
+    model = calibration_model(per_width=False)
+    batches = calibration_batches()
+    assert mb.calibrate_batchnorm(model, batches, [2, 1]) == len(batches)
+    at = {width: by_hand(model, batches, width) for width in (2, 1)}
+    assert torch.allclose(model[5].running_mean.double(), (at[2][2][0] + at[1][2][0]) / 2, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model[5].running_var.double(), (at[2][2][1] + at[1][2][1]) / 2, rtol=1e-5, atol=1e-6)
+    assert int(model[5].num_batches_tracked) == 2 * len(batches)
+
+
+def test_calibration_without_batches_is_an_error():
+    with pytest.raises(ValueError, match="no batch"):
+        mb.calibrate_batchnorm(calibration_model(), [], [8])

@@ -3,6 +3,7 @@ per-width evaluation, the config checks, and a run of experiment=mnist_bnn_multi
 chosen width by ``python -m qat.export --bits``."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -169,8 +170,9 @@ def test_resume_with_per_width_statistics_equals_uninterrupted_training(compose,
     assert straight["multibit"]["evaluation"] == resumed["multibit"]["evaluation"]
     a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert "features.2.num_batches_tracked_1b" in a and int(a["features.2.num_batches_tracked_1b"]) == 4
-    assert int(a["features.2.num_batches_tracked_4b"]) == 0  # not trained: never updated
+    # calibrated before the last evaluation: the 16 training images' 2 batches (not the 4 training steps)
+    assert "features.2.num_batches_tracked_1b" in a and int(a["features.2.num_batches_tracked_1b"]) == 2
+    assert int(a["features.2.num_batches_tracked_4b"]) == 0  # neither trained nor calibrated: never updated
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -199,3 +201,42 @@ def test_training_steps_are_the_same_with_per_width_or_shared_statistics():
         stats[bn] = model[1]
     assert all(torch.equal(a, b) for a, b in zip(grads["per_width"], grads["shared"], strict=True))
     assert int(stats["shared"].num_batches_tracked) == 3 and int(stats["per_width"].num_batches_tracked_1b) == 1
+
+
+def test_init_from_a_per_width_run_loads_every_width_statistics(compose, tmp_path):
+    """trainer.init_from builds the model whole (per-width BatchNorms included) before loading, so a
+    per-width run's checkpoint (keys running_mean_<w>) loads key for key into a new per-width run."""
+    Trainer(compose([*MULTIBIT_RESUME, "trainer.epochs=1"]), tmp_path / "source").fit()
+    source = torch.load(tmp_path / "source" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    trainer = Trainer(compose([*MULTIBIT_RESUME, f"trainer.init_from={tmp_path / 'source'}"]), tmp_path / "new")
+    assert trainer.init_record["loaded"] == len(source) and not trainer.init_record["missing"]
+    own = trainer.model.state_dict()
+    assert set(own) == set(source) and all(torch.equal(own[key], source[key]) for key in source)
+    assert int(own["features.2.num_batches_tracked_1b"]) > 0  # the source's statistics, not fresh ones
+
+
+def test_run_calibrates_batchnorm_before_evaluating_and_trains_the_same_weights(compose, tmp_path):
+    """multibit.bn_calibration_batches: the checkpoint's per-width statistics are those of
+    qat.multibit.calibrate_batchnorm on the run's calibration batches at the final weights; the
+    training steps, and so every weight, are those of the run without calibration."""
+    overrides = [*MULTIBIT_RESUME, "data.num_train=24"]  # 3 batches of 8 per epoch, 2 epochs
+    plain = Trainer(compose([*overrides, "multibit.bn_calibration_batches=0"]), tmp_path / "plain").fit()
+    calibrated = Trainer(compose([*overrides, "multibit.bn_calibration_batches=2"]), tmp_path / "calibrated").fit()
+    assert plain["multibit"]["bn_calibration_batches"] == 0 and calibrated["multibit"]["bn_calibration_batches"] == 2
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "calibrated" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    statistics = {key for key in a if ".running_" in key or ".num_batches_tracked" in key}
+    assert all(torch.equal(a[key], b[key]) for key in set(a) - statistics)  # weights, gamma, beta
+    assert int(a["features.2.num_batches_tracked_1b"]) == 6 and int(b["features.2.num_batches_tracked_1b"]) == 2
+    assert not torch.equal(a["features.2.running_var_1b"], b["features.2.running_var_1b"])
+
+    model, _, _ = trained_model_from_checkpoint(tmp_path / "plain")
+    cfg = compose(overrides)
+    from qat.train.data import build_data
+    from qat.train.multibit import calibration_inputs
+
+    inputs = list(itertools.islice(calibration_inputs(build_data(cfg.data).train, 8, int(cfg.seed)), 2))
+    mb.calibrate_batchnorm(model, inputs, [8, 1])
+    by_library = model.state_dict()
+    assert all(torch.equal(by_library[key], b[key]) for key in statistics)
+    assert int(b["features.2.num_batches_tracked_4b"]) == 0  # not a train width: not calibrated
