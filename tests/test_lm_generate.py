@@ -41,12 +41,19 @@ def test_untrained_benchmark_prints_speeds_sizes_and_the_machine(capsys, experim
     assert re.search(r"packed / float tokens/s: [\d.]+x", out)
 
 
-def test_size_breakdown_splits_the_file_and_the_float32_state_dict(tmp_path):
-    model, architecture, _ = lm_generate.untrained_model("lm_bitnet158", [o for o in TINY if o != "--override"])
+def packed_sizes(experiment: str, tmp_path):
+    """The size breakdown of a tiny untrained ``experiment`` packed to a file (its sizes and float model),
+    checking that the parts add up to the file."""
+    model, architecture, _ = lm_generate.untrained_model(experiment, [o for o in TINY if o != "--override"])
     path = save_packed(pack_model(model), tmp_path / "lm.safetensors", architecture=architecture)
     float_model = models.build_architecture(architecture)
     sizes = lm_generate.size_breakdown(path, float_model)
     assert sum(sizes["packed"].values()) == path.stat().st_size
+    return sizes, float_model
+
+
+def test_size_breakdown_splits_the_file_and_the_float32_state_dict(tmp_path):
+    sizes, float_model = packed_sizes("lm_bitnet158", tmp_path)
     linears = [m for name, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and name != "head"]
     linear_floats = sum(m.weight.numel() + m.bias.numel() for m in linears)
     assert sizes["float32"][lm_generate.QUANTIZED] == 4 * linear_floats
@@ -57,11 +64,7 @@ def test_size_breakdown_splits_the_file_and_the_float32_state_dict(tmp_path):
 
 
 def test_size_breakdown_counts_8_bit_embeddings_and_head_apart(tmp_path):
-    model, architecture, _ = lm_generate.untrained_model("lm_bitnet158_int8emb", [o for o in TINY if o != "--override"])
-    path = save_packed(pack_model(model), tmp_path / "lm.safetensors", architecture=architecture)
-    float_model = models.build_architecture(architecture)
-    sizes = lm_generate.size_breakdown(path, float_model)
-    assert sum(sizes["packed"].values()) == path.stat().st_size
+    sizes, float_model = packed_sizes("lm_bitnet158_int8emb", tmp_path)
     tables = [float_model.tok_emb.weight, float_model.pos_emb.weight, float_model.head.weight]  # 256, 64, 256 rows
     assert sizes["float32"][lm_generate.EIGHT_BIT] == 4 * sum(w.numel() for w in tables)
     assert sizes["packed"][lm_generate.EIGHT_BIT] == sum(w.numel() + 4 * w.shape[0] for w in tables)  # codes + scales
