@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"trained run {args.run}"
     if args.float_run:
         float_model, float_architecture, _ = trained_model(args.float_run)
-        if float_architecture != architecture:
+        if models.complete_architecture(float_architecture) != models.complete_architecture(architecture):
             raise SystemExit(f"--float-run {args.float_run} is a {float_architecture}, not the {architecture} "
                              f"of the quantized model; give a float run of the same architecture or none")
         float_source = f"the trained float run {args.float_run}"

@@ -75,10 +75,25 @@ def architecture(model_cfg, num_classes: int, in_channels: int) -> dict:
     return {"name": options.pop("name"), "num_classes": int(num_classes), "in_channels": int(in_channels), **options}
 
 
+def complete_architecture(arch: dict) -> dict:
+    """``arch`` with every option its builder has but ``arch`` leaves out set to the builder's default:
+    two architectures build the same model iff their completions are equal (an option added to a
+    builder later, with a default that keeps the old model, leaves older records equal to new ones)."""
+    import inspect
+
+    builder = MODELS.get(arch.get("name"))
+    if builder is None:
+        return dict(arch)
+    defaults = {name: p.default for name, p in inspect.signature(builder).parameters.items()
+                if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return {**defaults, **arch}
+
+
 def build_architecture(arch: dict) -> nn.Module:
     """``build`` from an ``architecture`` dict (the dict is not modified)."""
     options = dict(arch)
     return build(options.pop("name"), **options)
 
 
-__all__ = ["MODELS", "architecture", "architecture_of", "build", "build_architecture", "names"]
+__all__ = ["MODELS", "architecture", "architecture_of", "build", "build_architecture", "complete_architecture",
+           "names"]

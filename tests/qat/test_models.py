@@ -91,3 +91,11 @@ def test_mnist_cnn_names_its_true_smallest_image_size():
     assert model(torch.zeros(2, 1, 18, 18)).shape == (2, 10)
     with pytest.raises(ValueError, match="image_size >= 18, got 17"):
         models.build("mnist_cnn", num_classes=10, in_channels=1, image_size=17)
+
+
+def test_completed_architectures_compare_records_without_later_options():
+    older = {"name": "gpt", "num_classes": 256, "in_channels": 1, "depth": 4}   # before scaled_residual_init
+    newer = {**older, "scaled_residual_init": True}
+    assert models.complete_architecture(older) == models.complete_architecture(newer)
+    assert models.complete_architecture(older) != models.complete_architecture({**older, "scaled_residual_init": False})
+    assert models.complete_architecture(older)["width"] == 256 and older == {**older}   # defaults filled, input kept
