@@ -54,6 +54,9 @@ def pack_int_codes(code: torch.Tensor, bits: int, signed: bool = False) -> torch
 def unpack_int_codes(packed: torch.Tensor, bits: int, k: int, dtype=torch.float32, signed: bool = False
                      ) -> torch.Tensor:
     """The inverse of ``pack_int_codes``: [C_out, K] odd (``signed``: signed) codes in ``dtype``."""
+    if bits == 8:  # one code per byte: no shifts (the same integers, several times faster per call)
+        u = packed[:, :k].to(torch.int16)
+        return (u - 128 if signed else 2 * u - 255).to(dtype)
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     u = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & (2 ** bits - 1)

@@ -219,6 +219,17 @@ class PackedLayer(nn.Module):
         """scale[c] * code[c], shaped like the training layer's weight."""
         return (self.codes(dtype) * self.scale.to(dtype).unsqueeze(1)).reshape(self.spec.weight_shape)
 
+    def kept_float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``float_weight(dtype)`` of an integer-code layer (8/4/2-bit, ``sint8``), built once and
+        kept (in the ``_native`` slot, so a state-dict load or fold rebuilds it): unpacking b-bit codes
+        costs more per call than the float op at batch 1 (an 8-bit LM head: ~3x its matmul), and
+        such a layer's codes are already 1/4 or more of float32. Binary and ternary layers unpack
+        on every call instead, to stay 1/32 or 1/16 of float in memory."""
+        kept = self._native
+        if not (isinstance(kept, torch.Tensor) and kept.dtype == dtype and kept.device == self.scale.device):
+            self._native = kept = self.float_weight(dtype)
+        return kept
+
     def int8_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, step) of an 8-bit-input layer's input, as its training layer computes them: n =
         norm(x) (``spec.input_norm``), codes = Clip(round(n / step), -128, 127) as int8, step =
@@ -248,7 +259,8 @@ class PackedLayer(nn.Module):
         if self.spec.input_bits == 8:
             return self.int8_forward(x)
         if not self.spec.binary_input:
-            return self.float_op(x, self.float_weight(x.dtype))
+            integer_code = int_format_bits(self.spec.code)
+            return self.float_op(x, self.kept_float_weight(x.dtype) if integer_code else self.float_weight(x.dtype))
         if self.spec.input_threshold:  # sign(x - threshold_c): the same float subtraction as RSign's
             x = x - self.input_threshold.to(x.dtype).view((1, -1, 1, 1) if x.dim() == 4 else (-1,))
         if x.device.type == "cpu" and x.dtype == torch.float32 and native.available():
@@ -492,9 +504,10 @@ class PackedLinear(PackedLayer):
 class PackedEmbedding(PackedLayer):
     """Packed stand-in for a ``layers.QuantizedEmbedding``: codes [rows, embedding_dim] in the
     quantizer's integer format (``sint8``) and one float32 scale per row. A lookup gathers the
-    packed rows of the ids, unpacks them and multiplies by their scales: code * scale, element by
-    element the value of the training table ``quantized_weight()`` (one float rounding each), so
-    the outputs are bit-identical; the table is never dequantized as a whole."""
+    table code * scale, element by element the value of the training table ``quantized_weight()``
+    (one float rounding each), so the outputs are bit-identical. The float table is built at the
+    first lookup and kept (``kept_float_weight``: per-row unpacking cost several small ops per
+    token, more than the rest of a byte-level LM's embedding step); the file stores only codes."""
 
     @staticmethod
     def spec_of(layer: QuantizedEmbedding) -> PackedSpec:
@@ -506,10 +519,7 @@ class PackedEmbedding(PackedLayer):
                           out_features=layer.num_embeddings, bias=False, binary_input=False, method=layer.method)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = idx.reshape(-1)
-        codes = unpack_int_codes(self.weight_codes[rows], int_format_bits(self.spec.code), self.spec.k,
-                                 dtype=self.scale.dtype, signed=is_signed_format(self.spec.code))
-        return (codes * self.scale[rows].unsqueeze(1)).reshape(*idx.shape, self.spec.k)
+        return F.embedding(idx, self.kept_float_weight(self.scale.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.spec.out_features}, {self.spec.in_features}, method={self.spec.method}, code={self.spec.code}"
