@@ -188,10 +188,6 @@ class _PerTensorCodeWeight(ProjectedWeight):
     """A BitNet weight: ``factors(W)`` = (code, one scale for the whole matrix), forward
     W_q = scale * code with the estimator's backward around it (identity: the reference code's STE)."""
 
-    def project(self, w):
-        code, scale = self.factors(w)
-        return code * scale
-
 
 class AbsMeanTernaryWeight(_PerTensorCodeWeight):
     """BitNet b1.58 weights, absmean ternary with one scale per weight matrix (the reference code's

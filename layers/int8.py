@@ -25,10 +25,10 @@ from __future__ import annotations
 import torch
 
 from .bitnet import absmax_codes
-from .quantizers import Quantizer
+from .quantizers import ProjectedWeight
 
 
-class AbsMaxInt8Weight(Quantizer):
+class AbsMaxInt8Weight(ProjectedWeight):
     """Per-row symmetric absmax int8 weights (module docstring):
 
         forward:   W_q = s_r * Clip(round(W / s_r), -128, 127),   s_r = max(||W_r||_inf, 1e-5) / 127
@@ -36,6 +36,7 @@ class AbsMaxInt8Weight(Quantizer):
     """
 
     bits = 8
+    per_channel = True  # one scale per row
     #: the packed export stores the codes as signed 8-bit integers (``qat.export.intcodes``)
     packed_format = "sint8"
 
@@ -51,10 +52,3 @@ class AbsMaxInt8Weight(Quantizer):
         """(codes shaped like W, scales [rows]): the packed export's contract (as ``MultiBitWeight.codes``)."""
         codes, steps = self.factors(w)
         return codes, steps.reshape(-1)
-
-    def project(self, w: torch.Tensor) -> torch.Tensor:
-        codes, steps = self.factors(w)
-        return codes * steps
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.estimator.quantize(w, self.project)

@@ -123,13 +123,15 @@ class ScaledSignWeight(Quantizer):
 class ProjectedWeight(Quantizer):
     """A weight quantizer defined by a projection ``project(W)`` = W_q (code times scale): forward is
     W_q, backward the estimator's ``quantize`` around it (dL/dW = dL/dW_q * est'(W); identity = STE).
-    The stored form has one float32 scale per output channel with ``per_channel``, else one per layer.
+    By default ``project`` is code * scale of the subclass's ``factors(W)`` = (code, scale). The
+    stored form has one float32 scale per output channel with ``per_channel``, else one per layer.
     """
 
     per_channel: bool = False
 
     def project(self, w: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        code, scale = self.factors(w)
+        return code * scale
 
     def forward(self, w):
         return self.estimator.quantize(w, self.project)

@@ -41,8 +41,8 @@ How a packed layer computes:
   every rounding as ``layers.bitnet`` does, so it is bit-identical too. LayerNorm (BitNet's),
   per-tensor steps and convolutions keep the torch ops.
 - quantized embedding tables (``layers.QuantizedEmbedding``, method ``int8``): ``PackedEmbedding``
-  holds the int8 codes and one float32 scale per row, gathers the rows of the ids looked up and
-  computes code * scale, the training lookup's values (``quantized_weight()[idx]``) bit for bit.
+  holds the int8 codes and one float32 scale per row; lookups read the table code * scale (built at
+  the first lookup and kept), the training lookup's values (``quantized_weight()[idx]``) bit for bit.
 Float layers (first/last, BatchNorm, embeddings left float, ...) are kept as they are.
 
 ``save_packed`` writes one safetensors file: the packed codes, scales, every float parameter and

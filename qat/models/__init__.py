@@ -8,6 +8,7 @@ can be rebuilt later without being told the architecture.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch.nn as nn
@@ -79,8 +80,6 @@ def complete_architecture(arch: dict) -> dict:
     """``arch`` with every option its builder has but ``arch`` leaves out set to the builder's default:
     two architectures build the same model iff their completions are equal (an option added to a
     builder later, with a default that keeps the old model, leaves older records equal to new ones)."""
-    import inspect
-
     builder = MODELS.get(arch.get("name"))
     if builder is None:
         return dict(arch)
