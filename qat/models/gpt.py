@@ -6,14 +6,16 @@
 
 Attn is multi-head causal self-attention, softmax(q k^T / sqrt(d_head) + causal mask) v through
 `F.scaled_dot_product_attention`, with one `qkv` Linear (width -> 3 width) and an output `proj`
-Linear; MLP is Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisation as GPT-2: every
+Linear (``separate_qkv=True``: three Linears `q`, `k`, `v` (width -> width) instead of `qkv`, as
+LLaMA's and so BitNet b1.58's attention has them: quantized, each then has its own absmean scale,
+where the fused `qkv` shares one scale between queries, keys and values); MLP is Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisation as GPT-2: every
 weight N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0;
 ``scaled_residual_init=False`` gives the residual projections N(0, 0.02) too, as LLaMA's (and so
 BitNet b1.58's) initialisation does. The scaling keeps a float residual stream's variance; an absmean
 quantized weight's output scale is mean |W| whatever its init, but a latent weight 1/sqrt(2 depth)
 smaller is that much smaller against the optimizer's steps (its codes flip that much more often).
 
-Quantization: `qat.quantize_model` swaps the block Linears (qkv, proj, fc1, fc2); the embeddings are
+Quantization: `qat.quantize_model` swaps the block Linears (qkv or q, k, v; proj, fc1, fc2); the embeddings are
 not Linear and stay float unless the spec says `embeddings: int8` (8-bit rows, `layers.embedding`),
 and the head is the model's last Linear, kept float by `keep_fp: [last]` (the LM experiments'
 setting; `first` would name blocks.0.attn.qkv) or made 8-bit by `overrides: {last: {method: int8}}`
@@ -56,21 +58,32 @@ class KeyValueCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, separate_qkv: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width={width} is not divisible by heads={heads}")
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(width, 3 * width)
+        if separate_qkv:
+            self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        else:
+            self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, H, T, d] of `x` [B, T, W]."""
+        batch, length, width = x.shape
+        if hasattr(self, "qkv"):
+            # [B, T, 3 W] -> views of qkv's output in two ops (at batch 1 each torch call costs
+            # microseconds, a split and six views/transposes ten more per block)
+            return self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(linear(x).view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+                     for linear in (self.q, self.k, self.v))
 
     def forward(self, x: torch.Tensor, cache: KeyValueCache | None = None) -> torch.Tensor:
         """`cache` (generation): the keys and values of the earlier positions, to which this call's
         are appended. With earlier positions, `x` must be one position."""
         batch, length, width = x.shape
-        # [B, T, 3 W] -> q, k, v [B, H, T, d]: views of qkv's output in two ops (at batch 1 each
-        # torch call costs microseconds, a split and six views/transposes ten more per block)
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.queries_keys_values(x)
         causal = True
         if cache is not None:
             if cache.length:
@@ -90,10 +103,10 @@ def train_dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, dropout: float, separate_qkv: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.attn = CausalSelfAttention(width, heads, dropout, separate_qkv)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("fc1", nn.Linear(width, mlp_ratio * width))
@@ -108,7 +121,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int, depth: int, width: int, heads: int, mlp_ratio: int = 4,
-                 dropout: float = 0.0, scaled_residual_init: bool = True):
+                 dropout: float = 0.0, scaled_residual_init: bool = True, separate_qkv: bool = False):
         super().__init__()
         for key, value in (("block_size", block_size), ("depth", depth), ("width", width), ("heads", heads),
                            ("mlp_ratio", mlp_ratio)):
@@ -118,7 +131,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Embedding(block_size, width)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, dropout, separate_qkv) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size, bias=False)
         self._init_weights(depth if scaled_residual_init else None)
@@ -173,10 +186,12 @@ class GPT(nn.Module):
 
 
 def gpt(num_classes: int = 256, in_channels: int = 1, block_size: int = 256, depth: int = 4, width: int = 256,
-        heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, scaled_residual_init: bool = True) -> GPT:
+        heads: int = 4, mlp_ratio: int = 4, dropout: float = 0.0, scaled_residual_init: bool = True,
+        separate_qkv: bool = False) -> GPT:
     """A GPT of `depth` blocks of `width` (default: 4 x 256, context 256, 3.3M parameters for 256 tokens)."""
     if in_channels != 1:
         raise ValueError(f"gpt reads a token stream: in_channels must be 1, got {in_channels}")
-    if not isinstance(scaled_residual_init, bool):
-        raise ValueError(f"gpt: scaled_residual_init must be true or false, got {scaled_residual_init!r}")
-    return GPT(num_classes, block_size, depth, width, heads, mlp_ratio, dropout, scaled_residual_init)
+    for key, value in (("scaled_residual_init", scaled_residual_init), ("separate_qkv", separate_qkv)):
+        if not isinstance(value, bool):
+            raise ValueError(f"gpt: {key} must be true or false, got {value!r}")
+    return GPT(num_classes, block_size, depth, width, heads, mlp_ratio, dropout, scaled_residual_init, separate_qkv)

@@ -58,6 +58,29 @@ def test_residual_projection_init_is_gpt2s_or_unscaled(scaled, residual_std):
         tiny(scaled_residual_init="no")
 
 
+def test_separate_qkv_computes_the_fused_layers_function_and_quantizes_each_with_its_own_scale():
+    fused, separate = tiny(), tiny(separate_qkv=True)
+    separate.load_state_dict({**fused.state_dict(), **{
+        f"blocks.{b}.attn.{name}.{kind}": part
+        for b in range(2) for kind in ("weight", "bias")
+        for name, part in zip("qkv", fused.state_dict()[f"blocks.{b}.attn.qkv.{kind}"].chunk(3))}},
+        strict=False)
+    assert not any(hasattr(block.attn, "qkv") for block in separate.blocks)
+    x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(separate(x), fused(x), rtol=1e-5, atol=1e-6)
+    model = qat.quantize_model(separate, {"method": "bitnet158", "keep_fp": ["last"]})
+    quantized = {name for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+    assert {"blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v"} <= quantized
+    attention = model.blocks[0].attn
+    with torch.no_grad():
+        attention.k.weight.mul_(3.0)  # keys 3x larger: with one fused scale q's codes would change
+        scales = [layer.quantized_weight().abs().max().item() for layer in (attention.q, attention.k)]
+    assert scales[1] == pytest.approx(3 * scales[0], rel=0.2)
+    with pytest.raises(ValueError, match="separate_qkv must be true or false"):
+        tiny(separate_qkv="yes")
+
+
 def reference_greedy(model, idx, steps):
     """Greedy decoding without the cache: the whole (last block_size) context every step."""
     for _ in range(steps):
@@ -90,7 +113,8 @@ def test_packed_ternary_gpt_generates_what_the_trained_model_does(tmp_path):
     assert path.stat().st_size < sum(p.numel() for p in model.parameters()) * 4
 
 
-def test_packed_bitnet158_gpt_logits_equal_the_trained_models_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("separate_qkv", [False, True])
+def test_packed_bitnet158_gpt_logits_equal_the_trained_models_bit_for_bit(tmp_path, separate_qkv):
     """export -> load -> generate of a bitnet158 GPT: every decoding step's logits (prompt, cached
     single tokens, past block_size the sliding window) torch.equal to the quantized model's, on the
     native BitLinear where the engine is available (the path generation takes on CPU)."""
@@ -99,9 +123,9 @@ def test_packed_bitnet158_gpt_logits_equal_the_trained_models_bit_for_bit(tmp_pa
     from qat.export.packed import PackedLinear
     from qat.models.gpt import KeyValueCache
 
-    model = qat.quantize_model(tiny(), {"method": "bitnet158", "keep_fp": ["last"]}).eval()
+    model = qat.quantize_model(tiny(separate_qkv=separate_qkv), {"method": "bitnet158", "keep_fp": ["last"]}).eval()
     for parameter in model.parameters():
-        parameter.data.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)) * 0.05)
+        parameter.data.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
     qat.set_progress(model, 1.0)
     packed = load_packed(save_packed(pack_model(model), tmp_path / "gpt.safetensors"))
 
