@@ -8,8 +8,9 @@ Attn is multi-head causal self-attention, softmax(q k^T / sqrt(d_head) + causal 
 `F.scaled_dot_product_attention`, with one `qkv` Linear (width -> 3 width) and an output `proj`
 Linear (``separate_qkv=True``: three Linears `q`, `k`, `v` (width -> width) instead of `qkv`, as
 LLaMA's and so BitNet b1.58's attention has them: quantized, each then has its own absmean scale,
-where the fused `qkv` shares one scale between queries, keys and values); MLP is Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisation as GPT-2: every
-weight N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0;
+where the fused `qkv` shares one scale between queries, keys and values); MLP is
+Linear(width -> mlp_ratio width), GELU, Linear(back). Initialisation as GPT-2: every weight
+N(0, 0.02), the residual projections (attn.proj, mlp.fc2) N(0, 0.02 / sqrt(2 depth)), biases 0;
 ``scaled_residual_init=False`` gives the residual projections N(0, 0.02) too, as LLaMA's (and so
 BitNet b1.58's) initialisation does. The scaling keeps a float residual stream's variance; an absmean
 quantized weight's output scale is mean |W| whatever its init, but a latent weight 1/sqrt(2 depth)

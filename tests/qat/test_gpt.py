@@ -63,7 +63,7 @@ def test_separate_qkv_computes_the_fused_layers_function_and_quantizes_each_with
     separate.load_state_dict({**fused.state_dict(), **{
         f"blocks.{b}.attn.{name}.{kind}": part
         for b in range(2) for kind in ("weight", "bias")
-        for name, part in zip("qkv", fused.state_dict()[f"blocks.{b}.attn.qkv.{kind}"].chunk(3))}},
+        for name, part in zip("qkv", fused.state_dict()[f"blocks.{b}.attn.qkv.{kind}"].chunk(3), strict=True)}},
         strict=False)
     assert not any(hasattr(block.attn, "qkv") for block in separate.blocks)
     x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
