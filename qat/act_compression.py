@@ -17,7 +17,12 @@ Modes (``MODES``):
              as float, see ``_compress``);
            - ReLU and Hardtanh modules save one bit per element (whether the input is inside the
              linear range), all that their backward reads;
-           - int64 tensors whose values fit int16 (max-pool indices) are saved as int16.
+           - int64 tensors whose values fit int16 (max-pool indices) are saved as int16;
+           - max-pool modules' inputs are kept as their shape only (``_ShapeOnly``): max-pool's
+             backward scatters the gradient through the saved indices and reads its saved input
+             for the shape alone (a test compares the gradients bit for bit, 1-d to 3-d pooling).
+             Channels-last inputs keep their usual form: the backward takes its memory format
+             from the input's strides.
            (8-bit-input layers, BitNet's, are not binary-input layers here: they save their input
            codes as int8 in every mode, ``layers.quantized._IntegerInputOp``.)
 ``int8`` / ``int4`` / ``int2``  ``exact``, plus every other float activation saved (float
@@ -219,6 +224,18 @@ class _Narrowed:
         return self.values.to(torch.int64)
 
 
+@dataclass
+class _ShapeOnly:
+    """A max-pool's saved input, of which its backward reads the shape only (module docstring):
+    rebuilt as zeros expanded to the shape (one element of memory, contiguous strides' layout)."""
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+    def unpack(self) -> torch.Tensor:
+        return torch.zeros((), dtype=self.dtype, device=self.device).expand(self.shape)
+
+
 def _narrow(t: torch.Tensor):
     low, high = torch.aminmax(t)
     if int(low) >= -INT16_MAX and int(high) <= INT16_MAX:
@@ -257,7 +274,7 @@ class SavedBytes:
 @dataclass
 class _Frame:
     mode: str
-    kind: str            # "relu" | "hardtanh" | "binary" | "module"
+    kind: str            # "relu" | "hardtanh" | "binary" | "norm" | "max_pool" | "module"
     module: nn.Module
 
 
@@ -328,6 +345,8 @@ class ActCompression:
             return "binary"
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             return "norm"
+        if isinstance(module, nn.modules.pooling._MaxPoolNd):
+            return "max_pool"
         return "module"
 
     # -------------------------------------------------------------------- module context
@@ -385,6 +404,8 @@ class ActCompression:
     def _compress(self, t: torch.Tensor, mode: str, frame: _Frame | None):
         if frame is not None and frame.kind in ("relu", "hardtanh"):
             return self._mask(t, frame.module)
+        if frame is not None and frame.kind == "max_pool" and t.is_contiguous():
+            return _ShapeOnly(t.shape, t.dtype, t.device)
         if mode in INT_BITS:
             bits = INT_BITS[mode]
             if frame is not None and frame.kind == "norm" and self.norm_bits:

@@ -129,6 +129,29 @@ def test_xnor_activation_scale_is_exact_too(data):
     assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
 
 
+@pytest.mark.parametrize("mode", ["exact", "int2"])
+@pytest.mark.parametrize("pool, shape", [(nn.MaxPool1d(3, 2, 1), (2, 4, 600)),
+                                         (nn.MaxPool2d(3, 2, 1, ceil_mode=True), (2, 4, 25, 25)),
+                                         (nn.MaxPool3d(2), (2, 4, 8, 9, 10))])
+def test_max_pool_keeps_only_its_inputs_shape_with_identical_gradients(pool, shape, mode):
+    """Max-pool's backward reads its indices and the input's shape: the input costs no bytes, and
+    the gradient (input values with ties, so the indices matter) is the same bit for bit."""
+    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(0)).float().requires_grad_()
+    class Doubled(nn.Module):  # the pool's input is then not the model's input (which is kept as it is)
+        def forward(self, t):
+            return t * 2.0
+
+    model = nn.Sequential(Doubled(), pool)
+    grad = torch.randn(pool(x).shape, generator=torch.Generator().manual_seed(1))
+    expected, = torch.autograd.grad(model(x), x, grad)
+    compression = ActCompression(model, mode, min_numel=64)
+    with compression.record() as stats, compression.saving():
+        y = model(x)
+    got, = torch.autograd.grad(y, x, grad)
+    assert torch.equal(got, expected)
+    assert stats.saved <= 2 * y.numel()  # the int16 indices only, not the float32 input
+
+
 @pytest.mark.parametrize("estimator, at_least", [("identity", 30), ("clipped_ste", 14), ("approx_sign", 1.9)])
 def test_binary_layers_save_bits_not_floats(estimator, at_least, data):
     """none: x and sign(x) as float (64 bits); exact: 1 bit (identity), 2 bits (clipped_ste), or
