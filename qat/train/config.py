@@ -143,6 +143,8 @@ def validate(cfg: DictConfig) -> None:
           "null or an int >= 1")
     strict = cfg.trainer.get("init_strict", True)
     check("trainer.init_strict", strict, isinstance(strict, bool), "true or false")
+    release = cfg.trainer.get("return_freed_memory", False)
+    check("trainer.return_freed_memory", release, isinstance(release, bool), "true or false")
     check("seed", cfg.get("seed", 0), _is_int(cfg.get("seed", 0)), "an int")
     for key in ("batch_size", "eval_batch_size"):
         value = cfg.data[key]

@@ -10,20 +10,22 @@ for backward under each ``trainer.act_compression`` mode, and what it costs:
   so a changing machine load hits them alike;
 - peak memory: each mode and batch size (B/2 and B) in a fresh process (``--child``): on CPU the
   process's peak RSS during one step (VmHWM, reset before the step) and its rise over the RSS
-  before it (model built, batch made), with glibc's allocator set as the trainer sets it
-  (``qat.train.allocator``: compressed modes return freed buffers to the system, ``none`` runs
-  PyTorch's default); on GPU ``torch.cuda.max_memory_allocated``. The difference
+  before it (model built, batch made); on GPU ``torch.cuda.max_memory_allocated``. The difference
   between B/2 and B gives the memory per image, and with it the largest batch whose peak fits
   ``--budget-mib`` (a linear extrapolation).
 
 Hydra overrides (``+experiment=...``, ``quant=...``, ``model=...``) compose the config exactly as
-``train.py`` does; ``trainer.act_compression_overrides`` applies to every mode but ``none``. Bad
+``train.py`` does; ``trainer.act_compression_overrides`` applies to every mode but ``none``, and
+``trainer.return_freed_memory=true`` sets glibc's allocator as the trainer then does
+(``qat.train.allocator``) in every process, for every mode alike (step times and peaks then both
+include its cost and its effect; the table's title says which). Bad
 input prints one line and exits with status 2 (``qat.train.cli``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import qat
+from kernels.cpu_matmul import cpu_info
 from qat import models
 from qat.act_compression import MODES, SavedBytes, set_act_compression
 from qat.train import cli
@@ -133,8 +136,6 @@ def child_peak(cfg, mode, overrides, size, device) -> dict:
     before the step (model built, batch made)."""
     model = build_model(cfg, device)
     compression = set_act_compression(model, mode, overrides if mode != "none" else None)
-    if device.type == "cpu" and mode != "none":
-        return_freed_memory()  # as the trainer does for a compressed run
     images, labels = batch(cfg, size, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,6 +156,14 @@ def largest_batch(peaks: dict, budget: int) -> int | None:
     if per_image <= 0:
         return None
     return max(0, int((budget - p2) // per_image) + b2)
+
+
+def machine_line(device: torch.device) -> str:
+    """Where the figures come from: the CPU (or GPU) model and the load while measuring."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
+    return f"CPU: {cpu_info().describe()}; load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
 
 
 def mib(n) -> str:
@@ -221,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="also write the raw figures to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come after the options too
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -234,6 +243,10 @@ def main(argv=None) -> int:
     if size < 1 or args.steps < 0:
         raise ConfigError(f"--batch must be >= 1 and --steps >= 0, got {size} and {args.steps}")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.get("device", "auto") != "cpu" else "cpu")
+    release = cfg.trainer.get("return_freed_memory", False)
+    if not isinstance(release, bool):
+        raise ConfigError(f"trainer.return_freed_memory must be true or false, got {release!r}")
+    releasing = release and device.type == "cpu" and return_freed_memory()  # as the trainer does
     if args.child:
         print(json.dumps(child_peak(cfg, args.child, overrides, size, device)))
         return 0
@@ -244,11 +257,14 @@ def main(argv=None) -> int:
         peaks = {mode: {str(b): run_child(child_argv, mode, b) for b in (max(1, size // 2), size)} for mode in modes}
     budget = int(args.budget_mib * 2**20) if args.budget_mib else None
     title = (f"{cfg.get('experiment_name', 'default')}: model {cfg.model.name}, method {cfg.quant.method}, "
-             f"batch {size}, device {device}, {torch.get_num_threads()} threads")
+             f"batch {size}, device {device}, {torch.get_num_threads()} threads"
+             + (", freed memory returned to the system (fixed mmap threshold)" if releasing else ""))
     print(title)
+    print(machine_line(device))
     print(table(cfg, results, peaks, budget, device))
     if args.json:
-        Path(args.json).write_text(json.dumps({"title": title, "results": results, "peaks": peaks}, indent=2))
+        Path(args.json).write_text(json.dumps({"title": title, "machine": machine_line(device), "results": results,
+                                               "peaks": peaks}, indent=2))
     return 0
 
 

@@ -172,9 +172,10 @@ class Trainer:
                 self.act_compression = qat.set_act_compression(self.model, act_mode, act_overrides)
             except ValueError as error:
                 raise ConfigError(f"trainer.act_compression_overrides: {error}") from None
-            if self.device.type == "cpu":
-                # glibc would keep the freed activation buffers resident (qat.train.allocator)
-                return_freed_memory()
+        # glibc keeps freed activation buffers resident unless told otherwise (qat.train.allocator);
+        # a trade of step time for peak memory, so only on request
+        release = cfg.trainer.get("return_freed_memory", False) and self.device.type == "cpu"
+        self.returns_freed_memory = bool(release) and return_freed_memory()
 
         self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
         # The training loss: the task's cross-entropy, or distillation from a frozen teacher (qat.train.distill).
@@ -502,9 +503,10 @@ class Trainer:
         return summary
 
     def _act_compression_facts(self) -> dict[str, Any]:
+        allocator = {"return_freed_memory": self.returns_freed_memory}
         if self.act_compression is None:
-            return {"mode": "none", "overrides": {}, "saved_bytes_first_step": None}
-        return {**self.act_compression.describe(), "saved_bytes_first_step": self.act_saved_bytes}
+            return {"mode": "none", "overrides": {}, "saved_bytes_first_step": None, **allocator}
+        return {**self.act_compression.describe(), "saved_bytes_first_step": self.act_saved_bytes, **allocator}
 
     def _interrupt_message(self) -> str:
         """What a Ctrl-C left behind, naming the step the checkpoint really holds."""

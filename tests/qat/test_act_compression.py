@@ -279,25 +279,38 @@ def test_overrides_set_modes_per_module_and_name_bad_globs():
         qat.set_act_compression(model, "int3")
 
 
-def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_path):
+@pytest.mark.parametrize("release", [False, True])
+def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_path, monkeypatch, release):
+    import qat.train.trainer as trainer_module
+
     with pytest.raises(ConfigError, match="trainer.act_compression must be one of"):
         act_compression_settings(compose(["trainer.act_compression=int3"]))
     with pytest.raises(ConfigError, match="trainer.act_compression_overrides.layers"):
         act_compression_settings(compose(["+trainer.act_compression_overrides={layers: exact2}"]))
-    cfg = compose(["+experiment=resnet20_xnor", "trainer.act_compression=int2", *smoke_overrides])
+    with pytest.raises(ConfigError, match="trainer.return_freed_memory"):
+        Trainer(compose(["trainer.return_freed_memory=sometimes"]), tmp_path)
+    calls = []  # glibc's setting is process-wide: record the call instead of slowing every later test
+    monkeypatch.setattr(trainer_module, "return_freed_memory", lambda: calls.append(1) or True)
+    cfg = compose(["+experiment=resnet20_xnor", "trainer.act_compression=int2",
+                   f"trainer.return_freed_memory={str(release).lower()}", *smoke_overrides])
     Trainer(cfg, tmp_path).fit()
     facts = json.loads((tmp_path / "summary.json").read_text())["act_compression"]
     assert facts["mode"] == "int2" and facts["saved_bytes_first_step"]["held"] > 0
+    assert facts["return_freed_memory"] is release and len(calls) == int(release)  # only on request
     assert set(MODES) == {"none", "exact", "int8", "int4", "int2"}
 
 
-def test_memory_tool_prints_the_table(capsys):
-    from qat.train.memory import main
+def test_memory_tool_prints_the_table(capsys, monkeypatch):
+    import qat.train.memory as memory
 
-    assert main(["+experiment=mnist_bnn", "--batch", "4", "--steps", "1", "--no-peak",
-                 "--modes", "none,exact,int2"]) == 0
+    assert memory.main(["+experiment=mnist_bnn", "--batch", "4", "--steps", "1", "--no-peak",
+                        "--modes", "none,exact,int2"]) == 0
     out = capsys.readouterr().out
-    assert "| none |" in out and "| int2 |" in out
+    assert "| none |" in out and "| int2 |" in out and "CPU: " in out and "freed memory" not in out
+    monkeypatch.setattr(memory, "return_freed_memory", lambda: True)  # process-wide: not in the test process
+    assert memory.main(["+experiment=mnist_bnn", "--no-peak", "--steps", "0", "--modes", "none",
+                        "trainer.return_freed_memory=true", "--batch", "2"]) == 0  # overrides after options too
+    assert "freed memory returned to the system" in capsys.readouterr().out
 
 
 def test_integer_form_is_checked_not_assumed():
