@@ -47,6 +47,10 @@ __all__ = [
     "quantize_i8",
     "ternary_i8_linear",
     "TernaryI8Linear",
+    "COMPARISONS",
+    "pack_compare",
+    "scaled_to_i16",
+    "i16_to_scaled",
 ]
 
 PANEL = 8
@@ -467,3 +471,50 @@ def ternary_i8_linear(x: torch.Tensor, weights: TernaryI8Weights, weight_scale: 
     """One call of :class:`TernaryI8Linear` (same formula, same arguments); build the layer once
     instead where it is called many times."""
     return TernaryI8Linear(weights, weight_scale, bias, norm_eps)(x)
+
+
+# ------------------------------------------------------------------ what training saves for backward
+#: the comparisons ``pack_compare`` makes (``native_src/saved_tensors.cpp``'s codes)
+COMPARISONS = {"lt": 0, "le": 1, "ge": 2}
+
+
+def pack_compare(x: torch.Tensor, op: str, threshold: float, absolute: bool = False) -> torch.Tensor:
+    """int64 words [ceil(numel / 64)] of ``op(x, threshold)`` (``op(|x|, threshold)`` with
+    ``absolute``) over float32 ``x`` flattened: ``layers.bitpack.pack_flags`` of the comparison, in
+    one pass (NaN compares false)."""
+    x = x.detach().contiguous()
+    if x.dtype != torch.float32:
+        raise TypeError(f"pack_compare takes float32, got {x.dtype}")
+    words = torch.empty(packed_words(x.numel()), dtype=torch.int64)
+    native.library().bq_pack_compare(_ptr(x), x.numel(), COMPARISONS[op], float(threshold), int(absolute),
+                                     _ptr(words))
+    return words
+
+
+def _channel_layout(x: torch.Tensor, scale: torch.Tensor) -> tuple[int, int, int]:
+    """(outer, channels, inner) of contiguous ``x`` [N, C, ...] with one scale per channel."""
+    channels = x.shape[1]
+    if scale.numel() != channels:
+        raise ValueError(f"one scale per channel: {channels} channels, {scale.numel()} scales")
+    return x.shape[0], channels, x[0, 0].numel()
+
+
+def scaled_to_i16(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """int16 ``round(x * inverse_c)`` (half to even) of float32 contiguous ``x`` [N, C, ...], one
+    ``inverse`` per channel: ``x.mul(inverse).round_().to(torch.int16)`` bit for bit where the
+    result fits int16."""
+    outer, channels, inner = _channel_layout(x, inverse)
+    inverse = inverse.detach().reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty(x.shape, dtype=torch.int16)
+    native.library().bq_scaled_to_i16(_ptr(x), outer, channels, inner, _ptr(inverse), _ptr(out))
+    return out
+
+
+def i16_to_scaled(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``codes * scale_c`` of contiguous int16 ``codes`` [N, C, ...]:
+    ``codes.to(torch.float32).mul_(scale)`` bit for bit."""
+    outer, channels, inner = _channel_layout(codes, scale)
+    scale = scale.detach().reshape(-1).to(torch.float32).contiguous()
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    native.library().bq_i16_to_scaled(_ptr(codes.contiguous()), outer, channels, inner, _ptr(scale), _ptr(out))
+    return out

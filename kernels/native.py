@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 SOURCE_DIR = Path(__file__).resolve().parent / "native_src"
-SOURCES = ("bitkernels.h", "isa_kernels.cpp", "dispatch.cpp")
+SOURCES = ("bitkernels.h", "isa_kernels.cpp", "dispatch.cpp", "saved_tensors.cpp")
+#: compiled once, without instruction-set flags (the run-time dispatch, and passes that are memory-bound)
+BASELINE_SOURCES = ("dispatch.cpp", "saved_tensors.cpp")
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
 OUT_INT32, OUT_FLOAT, OUT_SIGN = 0, 1, 2
 
@@ -143,13 +145,15 @@ def _build(compiler: str, target: Path) -> None:
                 errors[name] = output.strip().splitlines()[-1:] or ["failed"]
         if "scalar" not in dict(built):
             raise RuntimeError(f"compiling the portable kernels failed: {errors.get('scalar')}")
-        dispatch = Path(tmp) / "dispatch.o"
         defines = [f"-DBQ_HAVE_{name.upper()}" for name, _ in built]
-        subprocess.run([compiler, *COMMON_FLAGS, *defines, "-c", str(SOURCE_DIR / "dispatch.cpp"), "-o",
-                        str(dispatch)], check=True, capture_output=True, text=True, timeout=600)
+        baseline = [Path(tmp) / f"{Path(source).stem}.o" for source in BASELINE_SOURCES]
+        for source, obj in zip(BASELINE_SOURCES, baseline, strict=True):
+            subprocess.run([compiler, *COMMON_FLAGS, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)],
+                           check=True, capture_output=True, text=True, timeout=600)
         partial = Path(tmp) / "libbitqat.so"
-        subprocess.run([compiler, "-shared", "-o", str(partial), str(dispatch), *(str(o) for _, o in built),
-                        "-lpthread"], check=True, capture_output=True, text=True, timeout=600)
+        subprocess.run([compiler, "-shared", "-o", str(partial), *(str(o) for o in baseline),
+                        *(str(o) for _, o in built), "-lpthread"], check=True, capture_output=True, text=True,
+                       timeout=600)
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(partial, staged)
@@ -184,6 +188,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_ternary_i8_layer": (c_i64, [ctypes.POINTER(I8Layer), c_ptr, c_i64, c_ptr]),
         "bq_ternary_i8_linear": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_i64,
                                          ctypes.c_float, c_ptr, c_ptr]),
+        "bq_pack_compare": (c_i64, [c_ptr, c_i64, c_i64, ctypes.c_float, c_i64, c_ptr]),
+        "bq_scaled_to_i16": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr]),
+        "bq_i16_to_scaled": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr]),
     }
     for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)

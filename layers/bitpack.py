@@ -7,12 +7,14 @@ pad bits 0, stored as int64 words [ceil(n / 64)] of the flattened tensor. On CPU
 more than a binary conv's backward here); on other devices ``kernels.pack_bits`` itself.
 ``tests/qat/test_act_compression.py`` checks both give the same words.
 
-Speed (CPU, what a training step pays per saved tensor): comparisons that make the flags run in
-NumPy (``pack_compare``: a NumPy ``<``, ``<=``, ``>=`` is about 3x faster than PyTorch's one-thread
-bool kernels here), and unpacking to two values (``unpack_values``, ``unpack_signs``) reads a
-256 x 8 table, one row of eight values per packed byte (one gather writing the output; the
-per-element lookup it replaces took 4x longer). The values are the same either way: the table
-holds exactly the two values cast to the dtype.
+Speed (CPU, what a training step pays per saved tensor): comparisons that make the flags of a
+float32 tensor run in one pass of the native engine (``kernels.cpu_native.pack_compare``: compare
+and pack together, 0.8 ms against NumPy's 2.8 ms for |x| >= 1 over 2M elements on the 2-core AMD
+EPYC), else in NumPy (a NumPy ``<``, ``<=``, ``>=`` is about 3x faster than PyTorch's one-thread
+bool kernels here; float64 and float16 always, and without a compiler), and unpacking to two
+values (``unpack_values``, ``unpack_signs``) reads a 256 x 8 table, one row of eight values per
+packed byte (one gather writing the output; the per-element lookup it replaces took 4x longer).
+The values are the same either way: the table holds exactly the two values cast to the dtype.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from kernels import pack_bits, unpack_bits
+from kernels import cpu_native, native, pack_bits, unpack_bits
 
 
 def pack_flags(flags: torch.Tensor) -> torch.Tensor:
@@ -55,10 +57,12 @@ _COMPARE = {"lt": operator.lt, "le": operator.le, "ge": operator.ge}
 
 def pack_compare(x: torch.Tensor, op: str, threshold: float, *, absolute: bool = False) -> torch.Tensor:
     """``pack_flags(op(x, threshold))`` (or of ``op(|x|, threshold)``), op one of "lt", "le", "ge":
-    the same words, the comparison made in NumPy on CPU (the threshold cast to x's dtype first,
-    as PyTorch casts a Python scalar; NaN compares false in both)."""
+    the same words, made on CPU by the native engine (float32) or NumPy (the threshold cast to x's
+    dtype first, as PyTorch casts a Python scalar; NaN compares false in all three)."""
     compare = _COMPARE[op]
     x = x.detach()
+    if x.device.type == "cpu" and x.dtype == torch.float32 and native.available():
+        return cpu_native.pack_compare(x, op, threshold, absolute)
     if x.device.type == "cpu" and x.dtype in _NUMPY_FLOATS:
         values = x.numpy()
         if absolute:

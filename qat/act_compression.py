@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kernels import cpu_native, native
 from layers import QuantizedLayer
 from layers.bitpack import pack_compare, pack_flags, unpack_values
 from layers.quantized import INT16_MAX, INTEGER_FORM_ATTR, integer_form, is_weight_side
@@ -100,7 +101,20 @@ class _Integer:
     scale: torch.Tensor
 
     def unpack(self) -> torch.Tensor:
+        if _native_per_channel(self.codes, self.scale):
+            return cpu_native.i16_to_scaled(self.codes, self.scale)
         return self.codes.to(self.scale.dtype).mul_(self.scale)
+
+
+def _native_per_channel(t: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether the native engine's one-pass int16 forms apply: contiguous ``t`` on CPU, float32
+    scales varying along dim 1 only (one per channel, [C] or [1, C, 1, ...] broadcast to t)."""
+    if t.device.type != "cpu" or scale.dtype != torch.float32 or t.dim() < 2 or not t.is_contiguous():
+        return False
+    shape = (1,) * (t.dim() - scale.dim()) + tuple(scale.shape)
+    per_channel = len(shape) == t.dim() and shape[1] == t.shape[1] and all(
+        size == 1 for i, size in enumerate(shape) if i != 1)
+    return per_channel and native.available()
 
 
 @dataclass
@@ -419,7 +433,10 @@ class ActCompression:
             # products exactly, as float32 sums of integers below 2^24 do in any order; a
             # Winograd or FFT backend would not) is checked on the first example of the batch:
             # such a backend is inexact almost everywhere, so a sample finds it, at 1/N of a pass.
-            codes = t.mul(scale.reciprocal()).round_().to(torch.int16)
+            if t.dtype == torch.float32 and _native_per_channel(t, scale):
+                codes = cpu_native.scaled_to_i16(t, scale.reciprocal())  # the same codes in one pass
+            else:
+                codes = t.mul(scale.reciprocal()).round_().to(torch.int16)
             if torch.equal(codes[:1].to(t.dtype).mul_(scale), t[:1]):
                 return _Integer(codes, scale)
         return t

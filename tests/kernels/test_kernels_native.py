@@ -249,3 +249,39 @@ def test_packed_models_give_identical_outputs_on_the_native_and_numpy_paths(monk
                     patch.setattr(native, "available", lambda: False)
                     reference = packed(x)
             assert torch.equal(fast, reference), (type(model).__name__, memory_format)
+
+
+# ------------------------------------------------------------- what training saves for backward
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 4097])
+def test_pack_compare_gives_the_words_of_the_torch_comparison(n):
+    """native_src/saved_tensors.cpp's compare-and-pack: the words of kernels.pack_bits' format for
+    every comparison, with NaN, +-0 and values at the threshold, SIMD body and scalar tail."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 2
+    special = torch.tensor([float("nan"), 0.0, -0.0, 1.0, -1.0, 0.3])
+    x[: min(n, 6)] = special[: min(n, 6)]
+    x[7::9] = 1.0
+    for op, compare in (("lt", torch.lt), ("le", torch.le), ("ge", torch.ge)):
+        for absolute, threshold in ((False, 0.0), (False, 0.3), (True, 1.0)):
+            flags = compare(x.abs() if absolute else x, threshold).to(torch.int8).neg_()
+            expected = kernels.pack_bits(flags)
+            assert torch.equal(cpu_native.pack_compare(x, op, threshold, absolute), expected), (op, absolute)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 1), (2, 4, 7), (2, 3, 8), (2, 3, 4, 17), (4, 6)])
+def test_int16_forms_equal_torchs_rounding_and_scaling(shape):
+    """round(x / s_c) to int16 and back, per channel (dim 1), as act_compression's torch ops give
+    them: integer multiples of the scale, and ties at half-integers (rounded half to even) through
+    both the SIMD body and the scalar tail."""
+    generator = torch.Generator().manual_seed(len(shape))
+    channels = shape[1]
+    scale = torch.rand(channels, generator=generator) + 0.05
+    view = (1, channels) + (1,) * (len(shape) - 2)
+    y = torch.randint(-3000, 3001, shape, generator=generator).float() * scale.view(view)
+    ties = (torch.arange(y.numel()) % 17 - 8).float().add_(0.5).view(shape)
+    for values, inverse in ((y, scale.reciprocal()), (ties, torch.ones(channels))):
+        want = values.mul(inverse.view(view)).round_().to(torch.int16)
+        assert torch.equal(cpu_native.scaled_to_i16(values, inverse), want)
+    packed = cpu_native.scaled_to_i16(y, scale.reciprocal())
+    assert torch.equal(cpu_native.i16_to_scaled(packed, scale), packed.to(torch.float32).mul_(scale.view(view)))
+    with pytest.raises(ValueError, match="one scale per channel"):
+        cpu_native.scaled_to_i16(y, scale[:-1])

@@ -122,6 +122,28 @@ def test_packed_layer_gradients_are_bit_identical_at_the_boundaries(float_type, 
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("estimator", ["clipped_ste", "identity"])
+def test_exact_mode_is_bit_identical_on_both_cpu_paths(estimator, data, cpu_path):
+    """The int16 forms and masks made by the native engine or by torch/NumPy: the same gradients."""
+    model = quantized_cnn("xnor", estimator)
+    _, gx0, grads0, none = step(model, "none", *data)
+    _, gx1, grads1, exact = step(model, "exact", *data)
+    assert torch.equal(gx0, gx1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1, strict=True))
+    assert exact.held < none.held / 2
+
+
+def test_native_int16_form_only_for_scales_along_dim_1():
+    """A [B, T, C] linear output with one scale per C must not take the [N, C, ...] path, even
+    when T == C (the scale would be applied along the wrong axis)."""
+    from qat.act_compression import _native_per_channel
+
+    t = torch.zeros(2, 6, 6)
+    assert not _native_per_channel(t, torch.ones(6))
+    assert _native_per_channel(t, torch.ones(1, 6, 1)) == kernels.native.available()
+    assert _native_per_channel(torch.zeros(4, 6), torch.ones(6)) == kernels.native.available()
+    assert not _native_per_channel(torch.zeros(4, 6).t(), torch.ones(4))  # not contiguous
+
+
 def test_xnor_activation_scale_is_exact_too(data):
     model = quantized_cnn("xnor", "clipped_ste", activation_scale=True)
     _, gx0, grads0, _ = step(model, "none", *data)
@@ -172,10 +194,20 @@ def test_packed_flags_are_the_kernels_format():
 
 
 
+@pytest.fixture(params=["native", "numpy"])
+def cpu_path(request, monkeypatch):
+    """Each test runs on the native engine's one-pass forms (where it is built) and without them."""
+    if request.param == "native" and not kernels.native.available():
+        pytest.skip("native kernels unavailable")
+    if request.param == "numpy":
+        monkeypatch.setattr(kernels.native, "available", lambda: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_numpy_comparisons_and_table_unpacking_match_torch(dtype):
-    """The CPU fast paths of layers.bitpack (NumPy comparisons, the 256 x 8 byte table) give the
-    words and values of the plain PyTorch expressions, NaN, +-0 and values at the threshold included."""
+def test_numpy_comparisons_and_table_unpacking_match_torch(dtype, cpu_path):
+    """The CPU fast paths of layers.bitpack (native or NumPy comparisons, the 256 x 8 byte table) give
+    the words and values of the plain PyTorch expressions, NaN, +-0 and values at the threshold included."""
     generator = torch.Generator().manual_seed(0)
     x = (torch.randn(1003, generator=generator) * 2).to(dtype)
     x[:6] = torch.tensor([float("nan"), 0.0, -0.0, 1.0, -1.0, 1.5], dtype=dtype)

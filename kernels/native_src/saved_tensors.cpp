@@ -1,0 +1,143 @@
+// Training-time passes for what a step saves for backward (qat.act_compression, layers.bitpack):
+// each is one pass over a float32 tensor where the NumPy / torch paths take two or three
+// (absolute value, compare, pack; multiply, round, convert), and gives the same bits:
+//
+//   bq_pack_compare   words of op(x, t) or op(|x|, t), op in {<, <=, >=}: bit j of word w is
+//                     element 64 w + j (little-endian), pad bits 0 (kernels.pack_bits' format);
+//                     NaN compares false, as in NumPy and torch;
+//   bq_scaled_to_i16  q = (int16) round_half_even(x * r_c), r_c = 1 / s_c computed by the caller
+//                     (torch's reciprocal), one float32 product then the rounding: torch's
+//                     t.mul(r).round_().to(int16) for |q| <= 32767;
+//   bq_i16_to_scaled  y = (float) q * s_c: torch's q.to(float32).mul_(s).
+//
+// x is contiguous [outer, channels, inner] for the scaled forms (channel c's scale for every inner
+// element). Built without -m flags, as dispatch.cpp (SSE2 on x86-64, the baseline): the passes are
+// memory-bound, so wider vectors would not change their speed much.
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace {
+
+enum Compare { kLess = 0, kLessEqual = 1, kGreaterEqual = 2 };
+
+template <int Op>
+inline bool compare(float v, float t) {
+  return Op == kLess ? v < t : Op == kLessEqual ? v <= t : v >= t;
+}
+
+#if defined(__SSE2__)
+template <int Op>
+inline __m128 compare4(__m128 v, __m128 t) {  // ordered compares: false where v is NaN
+  return Op == kLess ? _mm_cmplt_ps(v, t) : Op == kLessEqual ? _mm_cmple_ps(v, t) : _mm_cmpge_ps(v, t);
+}
+#endif
+
+template <int Op, bool Absolute>
+void pack_compare(const float* x, int64_t n, float threshold, uint64_t* words) {
+  const int64_t full = n / 64;
+#if defined(__SSE2__)
+  const __m128 t = _mm_set1_ps(threshold);
+  const __m128 magnitude = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+#endif
+  for (int64_t w = 0; w < full; ++w) {
+    const float* p = x + 64 * w;
+    uint64_t bits = 0;
+#if defined(__SSE2__)
+    for (int j = 0; j < 64; j += 4) {
+      __m128 v = _mm_loadu_ps(p + j);
+      if (Absolute) v = _mm_and_ps(v, magnitude);
+      bits |= static_cast<uint64_t>(_mm_movemask_ps(compare4<Op>(v, t))) << j;
+    }
+#else
+    for (int j = 0; j < 64; ++j) {
+      const float v = Absolute ? fabsf(p[j]) : p[j];
+      bits |= static_cast<uint64_t>(compare<Op>(v, threshold)) << j;
+    }
+#endif
+    words[w] = bits;
+  }
+  const int64_t rest = n - 64 * full;
+  if (rest) {
+    const float* p = x + 64 * full;
+    uint64_t bits = 0;
+    for (int64_t j = 0; j < rest; ++j) {
+      const float v = Absolute ? fabsf(p[j]) : p[j];
+      bits |= static_cast<uint64_t>(compare<Op>(v, threshold)) << j;
+    }
+    words[full] = bits;
+  }
+}
+
+template <int Op>
+void pack_compare_op(const float* x, int64_t n, float threshold, int absolute, uint64_t* words) {
+  if (absolute) {
+    pack_compare<Op, true>(x, n, threshold, words);
+  } else {
+    pack_compare<Op, false>(x, n, threshold, words);
+  }
+}
+
+}  // namespace
+
+// Returns 0, or -1 for an unknown op.
+#define BQ_EXPORT extern "C" __attribute__((visibility("default")))
+
+BQ_EXPORT int64_t bq_pack_compare(const float* x, int64_t n, int64_t op, float threshold, int64_t absolute,
+                                    uint64_t* words) {
+  switch (op) {
+    case kLess: pack_compare_op<kLess>(x, n, threshold, static_cast<int>(absolute), words); return 0;
+    case kLessEqual: pack_compare_op<kLessEqual>(x, n, threshold, static_cast<int>(absolute), words); return 0;
+    case kGreaterEqual: pack_compare_op<kGreaterEqual>(x, n, threshold, static_cast<int>(absolute), words); return 0;
+    default: return -1;
+  }
+}
+
+BQ_EXPORT void bq_scaled_to_i16(const float* x, int64_t outer, int64_t channels, int64_t inner,
+                                const float* inverse, int16_t* out) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t base = (o * channels + c) * inner;
+      const float* p = x + base;
+      int16_t* q = out + base;
+      const float r = inverse[c];
+      int64_t i = 0;
+#if defined(__SSE2__)
+      const __m128 rv = _mm_set1_ps(r);
+      for (; i + 8 <= inner; i += 8) {  // cvtps2dq rounds half to even (the default MXCSR mode)
+        const __m128i lo = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(p + i), rv));
+        const __m128i hi = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(p + i + 4), rv));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi32(lo, hi));
+      }
+#endif
+      for (; i < inner; ++i) q[i] = static_cast<int16_t>(nearbyintf(p[i] * r));
+    }
+  }
+}
+
+BQ_EXPORT void bq_i16_to_scaled(const int16_t* codes, int64_t outer, int64_t channels, int64_t inner,
+                                const float* scale, float* out) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t base = (o * channels + c) * inner;
+      const int16_t* q = codes + base;
+      float* y = out + base;
+      const float s = scale[c];
+      int64_t i = 0;
+#if defined(__SSE2__)
+      const __m128 sv = _mm_set1_ps(s);
+      for (; i + 8 <= inner; i += 8) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+        const __m128i lo = _mm_srai_epi32(_mm_unpacklo_epi16(v, v), 16);  // sign-extend int16 -> int32
+        const __m128i hi = _mm_srai_epi32(_mm_unpackhi_epi16(v, v), 16);
+        _mm_storeu_ps(y + i, _mm_mul_ps(_mm_cvtepi32_ps(lo), sv));
+        _mm_storeu_ps(y + i + 4, _mm_mul_ps(_mm_cvtepi32_ps(hi), sv));
+      }
+#endif
+      for (; i < inner; ++i) y[i] = static_cast<float>(q[i]) * s;
+    }
+  }
+}
