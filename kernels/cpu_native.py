@@ -51,6 +51,7 @@ __all__ = [
     "pack_compare",
     "scaled_to_i16",
     "i16_to_scaled",
+    "zero_where_",
 ]
 
 PANEL = 8
@@ -518,3 +519,14 @@ def i16_to_scaled(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty(codes.shape, dtype=torch.float32)
     native.library().bq_i16_to_scaled(_ptr(codes.contiguous()), outer, channels, inner, _ptr(scale), _ptr(out))
     return out
+
+
+def zero_where_(g: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """``g.masked_fill_(flags, 0.0)`` of contiguous float32 ``g``, the flags as packed words (in place)."""
+    if g.dtype != torch.float32 or not g.is_contiguous():
+        raise ValueError(f"zero_where_ takes a contiguous float32 tensor, got {g.dtype}")
+    words = words.contiguous()
+    if words.dtype != torch.int64 or words.numel() < packed_words(g.numel()):
+        raise ValueError(f"zero_where_: {g.numel()} flags need {packed_words(g.numel())} int64 words")
+    native.library().bq_zero_where(_ptr(words), g.numel(), _ptr(g))
+    return g

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import estimators
-from estimators.base import sign
+from estimators.base import Estimator, sign
 
-from .bitpack import pack_compare, pack_flags, unpack_flags, unpack_signs
+from .bitpack import pack_compare, pack_flags, unpack_flags, unpack_signs, zero_where_
 from .methods import ESTIMATOR_OPTIONS, Method, quantizer_kwargs
 
 ACT_COMPRESSION_MODES = ("none", "exact")
@@ -183,6 +183,8 @@ class _PackedSignInputOp(torch.autograd.Function):
         if need_x:
             if estimator.needs == "value":
                 grad_x = estimator.backward(rest[0], grad_xq)
+            elif estimator.needs == "zeros" and type(estimator).backward_from_zeros is Estimator.backward_from_zeros:
+                grad_x = zero_where_(grad_xq, rest[0])  # the base's masked_fill_(Z, 0.0), from the packed Z
             elif estimator.needs == "zeros":
                 grad_x = estimator.backward_from_zeros(unpack_flags(rest[0], ctx.shape), grad_xq)
             else:

@@ -8,7 +8,8 @@
 //   bq_scaled_to_i16  q = (int16) round_half_even(x * r_c), r_c = 1 / s_c computed by the caller
 //                     (torch's reciprocal), one float32 product then the rounding: torch's
 //                     t.mul(r).round_().to(int16) for |q| <= 32767;
-//   bq_i16_to_scaled  y = (float) q * s_c: torch's q.to(float32).mul_(s).
+//   bq_i16_to_scaled  y = (float) q * s_c: torch's q.to(float32).mul_(s);
+//   bq_zero_where     g = +0.0f where the bit is set, in place: g.masked_fill_(flags, 0.0).
 //
 // x is contiguous [outer, channels, inner] for the scaled forms (channel c's scale for every inner
 // element). Built without -m flags, as dispatch.cpp (SSE2 on x86-64, the baseline): the passes are
@@ -139,5 +140,35 @@ BQ_EXPORT void bq_i16_to_scaled(const int16_t* codes, int64_t outer, int64_t cha
 #endif
       for (; i < inner; ++i) y[i] = static_cast<float>(q[i]) * s;
     }
+  }
+}
+
+namespace {
+
+#if defined(__SSE2__)
+// Masks of the 4 bits of `nibble` (all ones where set), lane j = bit j.
+inline __m128i bit_lanes(uint32_t nibble) {
+  const __m128i select = _mm_set_epi32(8, 4, 2, 1);
+  const __m128i bits = _mm_and_si128(_mm_set1_epi32(static_cast<int>(nibble)), select);
+  return _mm_cmpeq_epi32(bits, select);
+}
+#endif
+
+}  // namespace
+
+BQ_EXPORT void bq_zero_where(const uint64_t* words, int64_t n, float* g) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  for (; i + 64 <= n; i += 64) {
+    const uint64_t w = words[i / 64];
+    if (!w) continue;
+    for (int j = 0; j < 64; j += 4) {
+      const __m128i lanes = bit_lanes(static_cast<uint32_t>(w >> j) & 15u);
+      _mm_storeu_ps(g + i + j, _mm_andnot_ps(_mm_castsi128_ps(lanes), _mm_loadu_ps(g + i + j)));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    if ((words[i / 64] >> (i % 64)) & 1u) g[i] = 0.0f;
   }
 }

@@ -285,3 +285,17 @@ def test_int16_forms_equal_torchs_rounding_and_scaling(shape):
     assert torch.equal(cpu_native.i16_to_scaled(packed, scale), packed.to(torch.float32).mul_(scale.view(view)))
     with pytest.raises(ValueError, match="one scale per channel"):
         cpu_native.scaled_to_i16(y, scale[:-1])
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 1000, 4097])
+def test_zero_where_is_masked_fill_bit_for_bit(n):
+    """g.masked_fill_(flags, 0.0) from the packed flags: +0.0 where set (NaN and -0.0 too), the
+    rest untouched bit for bit (NaN payloads, -0.0)."""
+    generator = torch.Generator().manual_seed(n)
+    flags = torch.rand(n, generator=generator) < 0.4
+    g = torch.randn(n, generator=generator)
+    g[::5] = float("nan")
+    g[::7] = -0.0
+    want = g.clone().masked_fill_(flags, 0.0)
+    got = cpu_native.zero_where_(g.clone(), kernels.pack_bits(flags.to(torch.int8).neg_()))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
