@@ -86,6 +86,12 @@ class Estimator(nn.Module):
         """Bool mask of Z for ``needs == "zeros"`` estimators: grad(x) = 0 on Z, 1 elsewhere."""
         raise NotImplementedError(f"estimator {self.name!r} has a smooth derivative (needs={self.needs!r})")
 
+    def zeros_comparison(self, dtype: torch.dtype) -> tuple[str, float, bool] | None:
+        """(op, threshold, absolute) when ``zeros(x)`` is the single comparison op(|x| or x, threshold)
+        for x of ``dtype`` (op "lt", "le" or "ge"): a saver can then compare and pack in one pass
+        (``layers.bitpack.pack_compare``); None when it is not."""
+        return None
+
     def backward_from_zeros(self, zeros: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor:
         """``backward(x, g)`` from ``zeros(x)`` alone (None for ``needs == "none"``), bit for bit:
         g, with +0.0 on Z (what ``backward`` gives, NaN inputs included). May write into g."""

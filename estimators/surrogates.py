@@ -58,6 +58,9 @@ class ClippedSTE(Estimator):
         """1[|x| > clip] as ``backward`` applies it (NaN is not in it: hardtanh_backward passes it)."""
         return torch.ge(x.abs(), self._bound(x.dtype))
 
+    def zeros_comparison(self, dtype):
+        return "ge", self._bound(dtype), True  # zeros(x) = |x| >= bound
+
     def backward(self, x, grad_output):
         # One fused pass: hardtanh's backward keeps g where min < x < max (exclusive), so the
         # bounds are moved one ulp of x's dtype outwards to keep |x| == clip (inclusive).

@@ -160,7 +160,9 @@ class _PackedSignInputOp(torch.autograd.Function):
                 y.add_(layer.channel_view(bias))
         saved = [pack_compare(x_q, "lt", 0.0), scale, weight if code_is_sign else code]
         if estimator.needs == "zeros":
-            saved.append(pack_flags(estimator.zeros(x)))
+            rule = estimator.zeros_comparison(x.dtype)  # one compare-and-pack pass where Z is a comparison
+            zeros = pack_compare(x, *rule[:2], absolute=rule[2]) if rule else pack_flags(estimator.zeros(x))
+            saved.append(zeros)
         elif estimator.needs == "value":
             saved.append(x)
         ctx.save_for_backward(*saved)

@@ -266,3 +266,20 @@ def test_smooth_estimators_non_finite_inputs(name):
     est.set_progress(1.0)
     g = est.grad(NON_FINITE[:3])
     assert math.isnan(g[0].item()) and g[1:].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", [n for n in estimators.NAMES if estimators.get(n).needs == "zeros"])
+def test_zeros_comparison_states_zeros_exactly(name, dtype):
+    """Where an estimator states Z as one comparison, that comparison is zeros(x), at the clip points
+    and one ulp either side of them, +-0 and NaN included."""
+    import operator
+
+    est = estimators.get(name)
+    rule = est.zeros_comparison(dtype)
+    assert rule is not None, f"{name}: a zeros estimator without a one-comparison form"
+    op, threshold, absolute = rule
+    x = torch.cat([GRID, torch.tensor([float("nan"), 1 + 1e-7, -1 - 1e-7, 1 - 1e-7])]).to(dtype)
+    x = torch.cat([x, torch.nextafter(x, torch.tensor(math.inf, dtype=dtype)), torch.nextafter(x, -x.abs() - 1)])
+    compare = {"lt": operator.lt, "le": operator.le, "ge": operator.ge}[op]
+    assert torch.equal(compare(x.abs() if absolute else x, threshold), est.zeros(x))
