@@ -52,6 +52,8 @@ __all__ = [
     "scaled_to_i16",
     "i16_to_scaled",
     "zero_where_",
+    "quantize_groups",
+    "dequantize_groups",
 ]
 
 PANEL = 8
@@ -530,3 +532,33 @@ def zero_where_(g: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"zero_where_: {g.numel()} flags need {packed_words(g.numel())} int64 words")
     native.library().bq_zero_where(_ptr(words), g.numel(), _ptr(g))
     return g
+
+
+def quantize_groups(groups: torch.Tensor, noise: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """(packed codes uint8 [G * size * bits / 8], low [G, 1], step [G, 1]) of float32 ``groups``
+    [G, size] with stochastic-rounding bytes ``noise`` (uint8, same shape): ``qat.act_compression``'s
+    ``quantize_groups`` in one pass per group (``native_src/saved_tensors.cpp``)."""
+    if bits not in (2, 4, 8) or groups.dtype != torch.float32 or groups.dim() != 2 or groups.shape[1] * bits % 8:
+        raise ValueError(f"quantize_groups: float32 [G, size] groups and bits 2, 4 or 8, got {groups.dtype} "
+                         f"{tuple(groups.shape)} and {bits}")
+    count, size = groups.shape
+    groups, noise = groups.contiguous(), noise.contiguous()
+    if noise.dtype != torch.uint8 or noise.numel() != groups.numel():
+        raise ValueError("quantize_groups: one uint8 noise byte per element")
+    low, step = torch.empty(count, 1), torch.empty(count, 1)
+    packed = torch.empty(groups.numel() * bits // 8, dtype=torch.uint8)
+    native.library().bq_quantize_groups(_ptr(groups), count, size, _ptr(noise), bits, _ptr(low), _ptr(step),
+                                        _ptr(packed))
+    return packed, low, step
+
+
+def dequantize_groups(packed: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """float32 [G, size] ``code * step + low`` of ``quantize_groups``' output."""
+    count = low.numel()
+    size = packed.numel() * 8 // bits // count
+    low, step = low.contiguous(), step.contiguous()
+    out = torch.empty(count, size)
+    native.library().bq_dequantize_groups(_ptr(packed.contiguous()), count, size, bits, _ptr(low), _ptr(step),
+                                          _ptr(out))
+    return out

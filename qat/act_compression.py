@@ -129,6 +129,10 @@ class _Quantized:
     channels_last: bool
 
     def unpack(self) -> torch.Tensor:
+        if self.codes.device.type == "cpu" and native.available():  # the same two roundings in one pass
+            values = cpu_native.dequantize_groups(self.codes, self.low, self.step, self.bits)
+            x = values.view(-1)[: self.shape.numel()].to(self.dtype).view(self.shape)
+            return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         codes = _unpack_codes(self.codes, self.bits).view(self.low.shape[0], -1)
         if codes.device.type == "cpu":  # the same two roundings, NumPy's broadcast loops are faster here
             values = codes.numpy().astype(np.float32)
@@ -203,6 +207,9 @@ def quantize_groups(t: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
     inverse = torch.where(step > 0, step.reciprocal(), torch.zeros((), device=step.device))
     noise = torch.randint(-2 ** 63, 2 ** 63 - 1, (groups.numel() // 8,), dtype=torch.int64,
                           device=groups.device, generator=generator).view(torch.uint8).view(groups.shape)
+    if groups.device.type == "cpu" and native.available():  # the same codes, one pass per group
+        packed, low, step = cpu_native.quantize_groups(groups, noise, bits)
+        return _Quantized(packed, low, step, bits, t.shape, t.dtype, channels_last)
     rounding = _round_groups_numpy if groups.device.type == "cpu" else _round_groups
     codes = rounding(groups, low, inverse, noise, levels)
     return _Quantized(_pack_codes(codes.view(-1), bits), low, step, bits, t.shape, t.dtype, channels_last)

@@ -9,13 +9,20 @@
 //                     (torch's reciprocal), one float32 product then the rounding: torch's
 //                     t.mul(r).round_().to(int16) for |q| <= 32767;
 //   bq_i16_to_scaled  y = (float) q * s_c: torch's q.to(float32).mul_(s);
-//   bq_zero_where     g = +0.0f where the bit is set, in place: g.masked_fill_(flags, 0.0).
+//   bq_zero_where     g = +0.0f where the bit is set, in place: g.masked_fill_(flags, 0.0);
+//   bq_quantize_groups   per group of `size` floats: lo, hi = min, max (NaN if the group has one),
+//                     s = (hi - lo) / L, r = s > 0 ? 1 / s : 0, L = 2^bits - 1, and codes
+//                     q = (uint8) clamp(((x - lo) * r + u_i / 256) + 1 / 512, 0, L) (NaN -> 0),
+//                     packed 8 / bits per byte, first code in the low bits: qat.act_compression's
+//                     quantize_groups, the same float32 operations in the same order;
+//   bq_dequantize_groups x~ = q * s + lo (two roundings, as its unpack).
 //
 // x is contiguous [outer, channels, inner] for the scaled forms (channel c's scale for every inner
 // element). Built without -m flags, as dispatch.cpp (SSE2 on x86-64, the baseline): the passes are
 // memory-bound, so wider vectors would not change their speed much.
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -170,5 +177,150 @@ BQ_EXPORT void bq_zero_where(const uint64_t* words, int64_t n, float* g) {
 #endif
   for (; i < n; ++i) {
     if ((words[i / 64] >> (i % 64)) & 1u) g[i] = 0.0f;
+  }
+}
+
+namespace {
+
+// float values of the codes in each byte: row b holds the 8 / bits codes of b, first in the low bits
+struct CodeTable {
+  float values[256][8];
+  explicit CodeTable(int bits) {
+    const int per_byte = 8 / bits;
+    for (int b = 0; b < 256; ++b) {
+      for (int k = 0; k < 8; ++k) values[b][k] = k < per_byte ? static_cast<float>((b >> (k * bits)) & ((1 << bits) - 1)) : 0.0f;
+    }
+  }
+};
+
+const CodeTable& code_table(int64_t bits) {
+  static const CodeTable two(2), four(4), eight(8);
+  return bits == 2 ? two : bits == 4 ? four : eight;
+}
+
+// lo, hi of one group; NaN for both if any element is NaN (torch's amin / amax propagate it)
+void group_range(const float* p, int64_t size, float* lo_out, float* hi_out) {
+  float lo = p[0], hi = p[0];
+  int64_t i = 0;
+  bool nan = false;
+#if defined(__SSE2__)
+  __m128 vlo = _mm_set1_ps(p[0]), vhi = vlo, unordered = _mm_setzero_ps();
+  for (; i + 4 <= size; i += 4) {
+    const __m128 v = _mm_loadu_ps(p + i);
+    unordered = _mm_or_ps(unordered, _mm_cmpunord_ps(v, v));
+    vlo = _mm_min_ps(vlo, v);
+    vhi = _mm_max_ps(vhi, v);
+  }
+  float l[4], h[4];
+  _mm_storeu_ps(l, vlo);
+  _mm_storeu_ps(h, vhi);
+  for (int k = 0; k < 4; ++k) {
+    lo = l[k] < lo ? l[k] : lo;
+    hi = h[k] > hi ? h[k] : hi;
+  }
+  nan = _mm_movemask_ps(unordered) != 0;
+#endif
+  for (; i < size; ++i) {
+    const float v = p[i];
+    nan |= v != v;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  *lo_out = nan ? NAN : lo;
+  *hi_out = nan ? NAN : hi;
+}
+
+}  // namespace
+
+BQ_EXPORT void bq_quantize_groups(const float* x, int64_t groups, int64_t size, const uint8_t* noise, int64_t bits,
+                                  float* low, float* step, uint8_t* packed) {
+  const float levels = static_cast<float>((1 << bits) - 1);
+  const int per_byte = static_cast<int>(8 / bits);
+  int32_t codes[8];
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* p = x + g * size;
+    const uint8_t* u = noise + g * size;
+    float lo, hi;
+    group_range(p, size, &lo, &hi);
+    const float s = (hi - lo) / levels;
+    const float r = s > 0.0f ? 1.0f / s : 0.0f;
+    low[g] = lo;
+    step[g] = s;
+    uint8_t* out = packed + g * size / per_byte;
+    int64_t i = 0;
+#if defined(__SSE2__)
+    const __m128 vlo = _mm_set1_ps(lo), vr = _mm_set1_ps(r), top = _mm_set1_ps(levels), zero = _mm_setzero_ps();
+    const __m128 unit = _mm_set1_ps(1.0f / 256.0f), half = _mm_set1_ps(1.0f / 512.0f);
+    for (; i + 8 <= size; i += 8) {
+      const __m128i bytes = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + i)),
+                                              _mm_setzero_si128());  // 8 x uint16
+      for (int half_index = 0; half_index < 2; ++half_index) {
+        const __m128i r32 = half_index ? _mm_unpackhi_epi16(bytes, _mm_setzero_si128())
+                                       : _mm_unpacklo_epi16(bytes, _mm_setzero_si128());
+        __m128 v = _mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p + i + 4 * half_index), vlo), vr);
+        v = _mm_add_ps(v, _mm_mul_ps(_mm_cvtepi32_ps(r32), unit));
+        v = _mm_add_ps(v, half);
+        v = _mm_min_ps(_mm_max_ps(v, zero), top);  // max(NaN, 0) is 0: maxps returns its second operand
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 4 * half_index), _mm_cvttps_epi32(v));
+      }
+      for (int b = 0; b < 8; b += per_byte) {
+        uint32_t byte = 0;
+        for (int k = 0; k < per_byte; ++k) byte |= static_cast<uint32_t>(codes[b + k]) << (k * bits);
+        out[(i + b) / per_byte] = static_cast<uint8_t>(byte);
+      }
+    }
+#endif
+    for (; i < size; i += per_byte) {
+      uint32_t byte = 0;
+      for (int k = 0; k < per_byte; ++k) {
+        float v = (p[i + k] - lo) * r;
+        v += static_cast<float>(u[i + k]) * (1.0f / 256.0f);
+        v += 1.0f / 512.0f;
+        v = v > 0.0f ? v : 0.0f;  // NaN -> 0
+        v = v < levels ? v : levels;
+        byte |= static_cast<uint32_t>(v) << (k * bits);
+      }
+      out[i / per_byte] = static_cast<uint8_t>(byte);
+    }
+  }
+}
+
+BQ_EXPORT void bq_dequantize_groups(const uint8_t* packed, int64_t groups, int64_t size, int64_t bits,
+                                    const float* low, const float* step, float* out) {
+  const int per_byte = static_cast<int>(8 / bits);
+  const CodeTable& table = code_table(bits);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* in = packed + g * size / per_byte;
+    float* y = out + g * size;
+    const float s = step[g], lo = low[g];
+    int64_t i = 0;
+#if defined(__SSE2__)
+    const __m128 vs = _mm_set1_ps(s), vlo = _mm_set1_ps(lo);
+    if (per_byte == 4) {
+      for (; i + 4 <= size; i += 4) {
+        const __m128 q = _mm_loadu_ps(table.values[in[i / 4]]);
+        _mm_storeu_ps(y + i, _mm_add_ps(_mm_mul_ps(q, vs), vlo));
+      }
+    } else if (per_byte == 2) {
+      for (; i + 4 <= size; i += 4) {
+        const __m128 q = _mm_loadh_pi(_mm_loadl_pi(_mm_setzero_ps(), reinterpret_cast<const __m64*>(table.values[in[i / 2]])),
+                                      reinterpret_cast<const __m64*>(table.values[in[i / 2 + 1]]));
+        _mm_storeu_ps(y + i, _mm_add_ps(_mm_mul_ps(q, vs), vlo));
+      }
+    } else {
+      for (; i + 4 <= size; i += 4) {
+        uint32_t four;
+        memcpy(&four, in + i, 4);
+        const __m128i bytes = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(static_cast<int>(four)),
+                                                                   _mm_setzero_si128()), _mm_setzero_si128());
+        _mm_storeu_ps(y + i, _mm_add_ps(_mm_mul_ps(_mm_cvtepi32_ps(bytes), vs), vlo));
+      }
+    }
+#endif
+    for (; i < size; ++i) {
+      float v = table.values[in[i / per_byte]][i % per_byte] * s;
+      v += lo;
+      y[i] = v;
+    }
   }
 }

@@ -5,6 +5,7 @@ The exactness claim is tested for every method and estimator the registries list
 torch.equal (bit for bit), at two training progresses for FDA (noise active, then off: the packed path)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,6 +238,27 @@ def test_numpy_rounding_gives_the_torch_codes(bits):
     plain = _round_groups(groups, low, inverse, noise, 2 ** bits - 1)
     assert torch.equal(fast[5:], plain[5:]) and torch.equal(fast[:4], plain[:4])
     assert int(fast.max()) == 2 ** bits - 1 and int(fast[3].max()) == 0
+
+
+@pytest.mark.skipif(not kernels.native.available(), reason="native kernels unavailable")
+@pytest.mark.parametrize("group_size", [64, 256])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_native_group_quantization_gives_the_numpy_codes_and_values(bits, group_size, monkeypatch):
+    """The one-pass native quantize_groups / unpack and the NumPy path: the same codes, ranges and
+    restored values bit for bit (a padded last group, a constant group, NaN and inf groups)."""
+    x = torch.randn(7, 3, 61, generator=torch.Generator().manual_seed(bits)) * 4
+    flat = x.view(-1)
+    flat[group_size: 2 * group_size] = 1.25
+    flat[2 * group_size + 5], flat[3 * group_size + 1] = float("nan"), float("inf")
+    native = quantize_groups(x, bits, group_size, torch.Generator().manual_seed(0))
+    native_values = native.unpack()
+    monkeypatch.setattr(kernels.native, "available", lambda: False)
+    with np.errstate(invalid="ignore"):
+        numpy = quantize_groups(x, bits, group_size, torch.Generator().manual_seed(0))
+        numpy_values = numpy.unpack()
+    assert torch.equal(native.codes, numpy.codes)
+    for a, b in ((native.low, numpy.low), (native.step, numpy.step), (native_values, numpy_values)):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
