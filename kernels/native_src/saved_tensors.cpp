@@ -104,50 +104,56 @@ BQ_EXPORT int64_t bq_pack_compare(const float* x, int64_t n, int64_t op, float t
   }
 }
 
+namespace {
+
+// block(base, c) for each run of `inner` elements of channel c of a contiguous [outer, channels, inner] tensor
+template <typename Block>
+void per_channel_runs(int64_t outer, int64_t channels, int64_t inner, Block block) {
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t c = 0; c < channels; ++c) block((o * channels + c) * inner, c);
+  }
+}
+
+}  // namespace
+
 BQ_EXPORT void bq_scaled_to_i16(const float* x, int64_t outer, int64_t channels, int64_t inner,
                                 const float* inverse, int16_t* out) {
-  for (int64_t o = 0; o < outer; ++o) {
-    for (int64_t c = 0; c < channels; ++c) {
-      const int64_t base = (o * channels + c) * inner;
-      const float* p = x + base;
-      int16_t* q = out + base;
-      const float r = inverse[c];
-      int64_t i = 0;
+  per_channel_runs(outer, channels, inner, [&](int64_t base, int64_t c) {
+    const float* p = x + base;
+    int16_t* q = out + base;
+    const float r = inverse[c];
+    int64_t i = 0;
 #if defined(__SSE2__)
-      const __m128 rv = _mm_set1_ps(r);
-      for (; i + 8 <= inner; i += 8) {  // cvtps2dq rounds half to even (the default MXCSR mode)
-        const __m128i lo = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(p + i), rv));
-        const __m128i hi = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(p + i + 4), rv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi32(lo, hi));
-      }
-#endif
-      for (; i < inner; ++i) q[i] = static_cast<int16_t>(nearbyintf(p[i] * r));
+    const __m128 rv = _mm_set1_ps(r);
+    for (; i + 8 <= inner; i += 8) {  // cvtps2dq rounds half to even (the default MXCSR mode)
+      const __m128i lo = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(p + i), rv));
+      const __m128i hi = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(p + i + 4), rv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi32(lo, hi));
     }
-  }
+#endif
+    for (; i < inner; ++i) q[i] = static_cast<int16_t>(nearbyintf(p[i] * r));
+  });
 }
 
 BQ_EXPORT void bq_i16_to_scaled(const int16_t* codes, int64_t outer, int64_t channels, int64_t inner,
                                 const float* scale, float* out) {
-  for (int64_t o = 0; o < outer; ++o) {
-    for (int64_t c = 0; c < channels; ++c) {
-      const int64_t base = (o * channels + c) * inner;
-      const int16_t* q = codes + base;
-      float* y = out + base;
-      const float s = scale[c];
-      int64_t i = 0;
+  per_channel_runs(outer, channels, inner, [&](int64_t base, int64_t c) {
+    const int16_t* q = codes + base;
+    float* y = out + base;
+    const float s = scale[c];
+    int64_t i = 0;
 #if defined(__SSE2__)
-      const __m128 sv = _mm_set1_ps(s);
-      for (; i + 8 <= inner; i += 8) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
-        const __m128i lo = _mm_srai_epi32(_mm_unpacklo_epi16(v, v), 16);  // sign-extend int16 -> int32
-        const __m128i hi = _mm_srai_epi32(_mm_unpackhi_epi16(v, v), 16);
-        _mm_storeu_ps(y + i, _mm_mul_ps(_mm_cvtepi32_ps(lo), sv));
-        _mm_storeu_ps(y + i + 4, _mm_mul_ps(_mm_cvtepi32_ps(hi), sv));
-      }
-#endif
-      for (; i < inner; ++i) y[i] = static_cast<float>(q[i]) * s;
+    const __m128 sv = _mm_set1_ps(s);
+    for (; i + 8 <= inner; i += 8) {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+      const __m128i lo = _mm_srai_epi32(_mm_unpacklo_epi16(v, v), 16);  // sign-extend int16 -> int32
+      const __m128i hi = _mm_srai_epi32(_mm_unpackhi_epi16(v, v), 16);
+      _mm_storeu_ps(y + i, _mm_mul_ps(_mm_cvtepi32_ps(lo), sv));
+      _mm_storeu_ps(y + i + 4, _mm_mul_ps(_mm_cvtepi32_ps(hi), sv));
     }
-  }
+#endif
+    for (; i < inner; ++i) y[i] = static_cast<float>(q[i]) * s;
+  });
 }
 
 namespace {
