@@ -12,7 +12,9 @@ Instruction sets: ``isa_kernels.cpp`` is compiled once per instruction set this 
 target (x86-64: ``scalar``, ``popcnt``, ``avx2``, ``avx512``; AArch64: ``scalar``, ``neon``) and
 the best one the CPU supports is chosen at load time.  ``BITQAT_CPU_ISA=<name>`` forces one (an
 error if this CPU lacks it); :func:`using_isa` does the same in code (tests run every path the
-machine can).  ``BITQAT_NATIVE=0`` turns the engine off.
+machine can).  ``BITQAT_NATIVE=0`` turns the engine off.  ``dispatch.cpp`` and ``saved_tensors.cpp``
+(the memory-bound passes of training's compressed activations, ``qat.act_compression``) are compiled
+once, without instruction-set flags.
 
 Without a compiler (or when the build fails) :func:`available` is False, one warning says why,
 and ``kernels`` runs its NumPy path, which is also the reference the tests compare against.
