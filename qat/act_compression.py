@@ -201,15 +201,15 @@ def quantize_groups(t: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
     if pad:  # the last group is padded with copies of its first element: no wider range
         flat = torch.cat([flat, flat[-group_size + pad:][:1].expand(pad)])
     groups = flat.view(-1, group_size).to(torch.float32)
+    noise = torch.randint(-2 ** 63, 2 ** 63 - 1, (groups.numel() // 8,), dtype=torch.int64,
+                          device=groups.device, generator=generator).view(torch.uint8).view(groups.shape)
+    if groups.device.type == "cpu" and native.available():  # the same ranges and codes, one pass per group
+        packed, low, step = cpu_native.quantize_groups(groups, noise, bits)
+        return _Quantized(packed, low, step, bits, t.shape, t.dtype, channels_last)
     low, high = groups.amin(dim=1, keepdim=True), groups.amax(dim=1, keepdim=True)
     levels = 2 ** bits - 1
     step = (high - low).div_(levels)
     inverse = torch.where(step > 0, step.reciprocal(), torch.zeros((), device=step.device))
-    noise = torch.randint(-2 ** 63, 2 ** 63 - 1, (groups.numel() // 8,), dtype=torch.int64,
-                          device=groups.device, generator=generator).view(torch.uint8).view(groups.shape)
-    if groups.device.type == "cpu" and native.available():  # the same codes, one pass per group
-        packed, low, step = cpu_native.quantize_groups(groups, noise, bits)
-        return _Quantized(packed, low, step, bits, t.shape, t.dtype, channels_last)
     rounding = _round_groups_numpy if groups.device.type == "cpu" else _round_groups
     codes = rounding(groups, low, inverse, noise, levels)
     return _Quantized(_pack_codes(codes.view(-1), bits), low, step, bits, t.shape, t.dtype, channels_last)
