@@ -534,21 +534,19 @@ def zero_where_(g: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def quantize_groups(groups: torch.Tensor, noise: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
+def quantize_groups(groups: torch.Tensor, seed: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed codes uint8 [G * size * bits / 8], low [G, 1], step [G, 1]) of float32 ``groups``
-    [G, size] with stochastic-rounding bytes ``noise`` (uint8, same shape): ``qat.act_compression``'s
+    [G, size] (size a multiple of 8), the stochastic rounding's bytes made from the 64-bit ``seed``
+    as ``qat.act_compression.rounding_noise`` makes them: ``qat.act_compression``'s
     ``quantize_groups`` in one pass per group (``native_src/saved_tensors.cpp``)."""
-    if bits not in (2, 4, 8) or groups.dtype != torch.float32 or groups.dim() != 2 or groups.shape[1] * bits % 8:
-        raise ValueError(f"quantize_groups: float32 [G, size] groups and bits 2, 4 or 8, got {groups.dtype} "
-                         f"{tuple(groups.shape)} and {bits}")
+    if bits not in (2, 4, 8) or groups.dtype != torch.float32 or groups.dim() != 2 or groups.shape[1] % 8:
+        raise ValueError(f"quantize_groups: float32 [G, size] groups, size a multiple of 8, and bits 2, 4 or 8, "
+                         f"got {groups.dtype} {tuple(groups.shape)} and {bits}")
     count, size = groups.shape
-    groups, noise = groups.contiguous(), noise.contiguous()
-    if noise.dtype != torch.uint8 or noise.numel() != groups.numel():
-        raise ValueError("quantize_groups: one uint8 noise byte per element")
+    groups = groups.contiguous()
     low, step = torch.empty(count, 1), torch.empty(count, 1)
     packed = torch.empty(groups.numel() * bits // 8, dtype=torch.uint8)
-    native.library().bq_quantize_groups(_ptr(groups), count, size, _ptr(noise), bits, _ptr(low), _ptr(step),
+    native.library().bq_quantize_groups(_ptr(groups), count, size, seed % 2 ** 64, bits, _ptr(low), _ptr(step),
                                         _ptr(packed))
     return packed, low, step
 

@@ -194,7 +194,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_scaled_to_i16": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr]),
         "bq_i16_to_scaled": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr]),
         "bq_zero_where": (None, [c_ptr, c_i64, c_ptr]),
-        "bq_quantize_groups": (None, [c_ptr, c_i64, c_i64, c_ptr, c_i64, c_ptr, c_ptr, c_ptr]),
+        "bq_quantize_groups": (None, [c_ptr, c_i64, c_i64, ctypes.c_uint64, c_i64, c_ptr, c_ptr, c_ptr]),
         "bq_dequantize_groups": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_ptr, c_ptr]),
     }
     for name, (restype, argtypes) in signatures.items():

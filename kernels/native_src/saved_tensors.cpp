@@ -13,8 +13,10 @@
 //   bq_quantize_groups   per group of `size` floats: lo, hi = min, max (NaN if the group has one),
 //                     s = (hi - lo) / L, r = s > 0 ? 1 / s : 0, L = 2^bits - 1, and codes
 //                     q = (uint8) clamp(((x - lo) * r + u_i / 256) + 1 / 512, 0, L) (NaN -> 0),
-//                     packed 8 / bits per byte, first code in the low bits: qat.act_compression's
-//                     quantize_groups, the same float32 operations in the same order;
+//                     packed 8 / bits per byte, first code in the low bits, u_i byte i % 8 of
+//                     SplitMix64(seed + (i / 8 + 1) * golden) (i the flat index; computed here,
+//                     never stored): qat.act_compression's quantize_groups and rounding_noise, the
+//                     same float32 operations in the same order;
 //   bq_dequantize_groups x~ = q * s + lo (two roundings, as its unpack).
 //
 // x is contiguous [outer, channels, inner] for the scaled forms (channel c's scale for every inner
@@ -238,14 +240,47 @@ void group_range(const float* p, int64_t size, float* lo_out, float* hi_out) {
 
 }  // namespace
 
-BQ_EXPORT void bq_quantize_groups(const float* x, int64_t groups, int64_t size, const uint8_t* noise, int64_t bits,
+namespace {
+
+// SplitMix64's output function (Steele, Lea, Flood 2014) of counter k: qat.act_compression.rounding_noise
+inline uint64_t splitmix64(uint64_t seed, uint64_t k) {
+  uint64_t z = seed + (k + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+#if defined(__SSE2__)
+// 16 codes (four int32 vectors, lanes 0..255, in order) packed 8 / bits per byte, first in the low
+// bits, written to out (16, 8 or 4 bytes). For 4 bits the 16-bit lane b0 + b1 << 8 becomes
+// b0 | b1 << 4 in its low byte by lane | lane >> 4; for 2 bits the 32-bit lane
+// b0 + b1 << 8 + b2 << 16 + b3 << 24 by t = lane | lane >> 6, then t | t >> 12 (every b_k < 4).
+inline void store_codes(const __m128i codes[4], int64_t bits, uint8_t* out) {
+  const __m128i bytes = _mm_packus_epi16(_mm_packs_epi32(codes[0], codes[1]), _mm_packs_epi32(codes[2], codes[3]));
+  if (bits == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), bytes);
+  } else if (bits == 4) {
+    const __m128i pairs = _mm_and_si128(_mm_or_si128(bytes, _mm_srli_epi16(bytes, 4)), _mm_set1_epi16(0xFF));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(pairs, pairs));
+  } else {
+    __m128i quads = _mm_or_si128(bytes, _mm_srli_epi32(bytes, 6));
+    quads = _mm_and_si128(_mm_or_si128(quads, _mm_srli_epi32(quads, 12)), _mm_set1_epi32(0xFF));
+    const __m128i halves = _mm_packs_epi32(quads, quads);
+    const int four = _mm_cvtsi128_si32(_mm_packus_epi16(halves, halves));
+    memcpy(out, &four, 4);
+  }
+}
+#endif
+
+}  // namespace
+
+BQ_EXPORT void bq_quantize_groups(const float* x, int64_t groups, int64_t size, uint64_t seed, int64_t bits,
                                   float* low, float* step, uint8_t* packed) {
   const float levels = static_cast<float>((1 << bits) - 1);
   const int per_byte = static_cast<int>(8 / bits);
-  int32_t codes[8];
   for (int64_t g = 0; g < groups; ++g) {
     const float* p = x + g * size;
-    const uint8_t* u = noise + g * size;
+    const uint64_t first_word = static_cast<uint64_t>(g * size / 8);  // size is a multiple of 8
     float lo, hi;
     group_range(p, size, &lo, &hi);
     const float s = (hi - lo) / levels;
@@ -257,30 +292,31 @@ BQ_EXPORT void bq_quantize_groups(const float* x, int64_t groups, int64_t size, 
 #if defined(__SSE2__)
     const __m128 vlo = _mm_set1_ps(lo), vr = _mm_set1_ps(r), top = _mm_set1_ps(levels), zero = _mm_setzero_ps();
     const __m128 unit = _mm_set1_ps(1.0f / 256.0f), half = _mm_set1_ps(1.0f / 512.0f);
-    for (; i + 8 <= size; i += 8) {
-      const __m128i bytes = _mm_unpacklo_epi8(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(u + i)),
-                                              _mm_setzero_si128());  // 8 x uint16
-      for (int half_index = 0; half_index < 2; ++half_index) {
-        const __m128i r32 = half_index ? _mm_unpackhi_epi16(bytes, _mm_setzero_si128())
-                                       : _mm_unpacklo_epi16(bytes, _mm_setzero_si128());
-        __m128 v = _mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p + i + 4 * half_index), vlo), vr);
-        v = _mm_add_ps(v, _mm_mul_ps(_mm_cvtepi32_ps(r32), unit));
+    const __m128i none = _mm_setzero_si128();
+    for (; i + 16 <= size; i += 16) {
+      const uint64_t k = first_word + static_cast<uint64_t>(i / 8);
+      const __m128i bytes = _mm_set_epi64x(static_cast<int64_t>(splitmix64(seed, k + 1)),
+                                           static_cast<int64_t>(splitmix64(seed, k)));  // u_i, little-endian
+      const __m128i shorts[2] = {_mm_unpacklo_epi8(bytes, none), _mm_unpackhi_epi8(bytes, none)};
+      __m128i codes[4];
+      for (int q = 0; q < 4; ++q) {
+        const __m128i u = (q & 1) ? _mm_unpackhi_epi16(shorts[q / 2], none) : _mm_unpacklo_epi16(shorts[q / 2], none);
+        __m128 v = _mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(p + i + 4 * q), vlo), vr);
+        v = _mm_add_ps(v, _mm_mul_ps(_mm_cvtepi32_ps(u), unit));
         v = _mm_add_ps(v, half);
         v = _mm_min_ps(_mm_max_ps(v, zero), top);  // max(NaN, 0) is 0: maxps returns its second operand
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 4 * half_index), _mm_cvttps_epi32(v));
+        codes[q] = _mm_cvttps_epi32(v);
       }
-      for (int b = 0; b < 8; b += per_byte) {
-        uint32_t byte = 0;
-        for (int k = 0; k < per_byte; ++k) byte |= static_cast<uint32_t>(codes[b + k]) << (k * bits);
-        out[(i + b) / per_byte] = static_cast<uint8_t>(byte);
-      }
+      store_codes(codes, bits, out + i / per_byte);
     }
 #endif
     for (; i < size; i += per_byte) {
       uint32_t byte = 0;
       for (int k = 0; k < per_byte; ++k) {
-        float v = (p[i + k] - lo) * r;
-        v += static_cast<float>(u[i + k]) * (1.0f / 256.0f);
+        const int64_t j = i + k;
+        const uint64_t word = splitmix64(seed, first_word + static_cast<uint64_t>(j / 8));
+        float v = (p[j] - lo) * r;
+        v += static_cast<float>((word >> (8 * (j % 8))) & 0xFFu) * (1.0f / 256.0f);
         v += 1.0f / 512.0f;
         v = v > 0.0f ? v : 0.0f;  // NaN -> 0
         v = v < levels ? v : levels;

@@ -24,6 +24,7 @@ from qat.act_compression import (
     _round_groups_numpy,
     _unpack_codes,
     quantize_groups,
+    rounding_noise,
 )
 from qat.train.config import ConfigError
 from qat.train.trainer import Trainer, act_compression_settings
@@ -240,8 +241,19 @@ def test_numpy_rounding_gives_the_torch_codes(bits):
     assert int(fast.max()) == 2 ** bits - 1 and int(fast[3].max()) == 0
 
 
+def test_rounding_noise_is_splitmix64_on_numpy_and_torch():
+    """The stochastic rounding's bytes: SplitMix64's published first output for seed 0, and the same
+    bytes from the NumPy (CPU) and the torch (other devices) forms for seeds near 0 and +-2^63."""
+    first = rounding_noise(0, 8).numpy().view(np.uint64)[0]
+    assert first == 0xE220A8397B1DCDAF
+    for seed in (0, 12345, -2 ** 63, 2 ** 63 - 1):
+        assert torch.equal(rounding_noise(seed, 4096), rounding_noise(torch.tensor([seed]), 4096)), seed
+    counts = torch.bincount(rounding_noise(7, 256 * 1024).long(), minlength=256).float()
+    assert counts.min() > 800 and counts.max() < 1250  # 1024 expected per byte value
+
+
 @pytest.mark.skipif(not kernels.native.available(), reason="native kernels unavailable")
-@pytest.mark.parametrize("group_size", [64, 256])
+@pytest.mark.parametrize("group_size", [24, 64, 256])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_native_group_quantization_gives_the_numpy_codes_and_values(bits, group_size, monkeypatch):
     """The one-pass native quantize_groups / unpack and the NumPy path: the same codes, ranges and
