@@ -19,13 +19,17 @@ def blocks(language: str) -> list[str]:
 
 
 def commands(block: str) -> list[list[str]]:
-    """The shell commands of a bash block (line continuations joined, `&&` chains split)."""
+    """The shell commands of a bash block (line continuations joined, `&&` chains split, leading
+    `NAME=value` environment assignments dropped)."""
     out = []
     for line in block.replace("\\\n", " ").splitlines():
         line = line.split("  #")[0].strip()
         for part in line.split("&&"):
-            if part.strip():
-                out.append(shlex.split(part))
+            words = shlex.split(part)
+            while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+                words.pop(0)
+            if words:
+                out.append(words)
     return out
 
 

@@ -40,7 +40,7 @@ from kernels.cpu_matmul import cpu_info
 from qat import models
 from qat.act_compression import MODES, SavedBytes, set_act_compression
 from qat.train import cli
-from qat.train.allocator import return_freed_memory
+from qat.train.allocator import malloc_huge_pages, return_freed_memory
 from qat.train.config import ConfigError, to_plain
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -258,7 +258,8 @@ def main(argv=None) -> int:
     budget = int(args.budget_mib * 2**20) if args.budget_mib else None
     title = (f"{cfg.get('experiment_name', 'default')}: model {cfg.model.name}, method {cfg.quant.method}, "
              f"batch {size}, device {device}, {torch.get_num_threads()} threads"
-             + (", freed memory returned to the system (fixed mmap threshold)" if releasing else ""))
+             + (", freed memory returned to the system (fixed mmap threshold)" if releasing else "")
+             + (", malloc huge pages (GLIBC_TUNABLES)" if malloc_huge_pages() else ""))
     print(title)
     print(machine_line(device))
     print(table(cfg, results, peaks, budget, device))

@@ -54,7 +54,7 @@ import qat.latent
 from qat import models
 from qat.train import checkpoint as ckpt
 from qat.train import distributed
-from qat.train.allocator import return_freed_memory
+from qat.train.allocator import HUGE_PAGES_TUNABLE, malloc_huge_pages, return_freed_memory
 from qat.train.config import ConfigError, as_path, to_plain, validate
 from qat.train.data import build_data
 from qat.train.diagnostics import LayerDiagnostics
@@ -176,6 +176,11 @@ class Trainer:
         # a trade of step time for peak memory, so only on request
         release = cfg.trainer.get("return_freed_memory", False) and self.device.type == "cpu"
         self.returns_freed_memory = bool(release) and return_freed_memory()
+        self.malloc_huge_pages = malloc_huge_pages()
+        if self.returns_freed_memory and not self.malloc_huge_pages:
+            log.warning("trainer.return_freed_memory=true without huge pages: every large allocation faults in "
+                        "4 KiB pages and steps slow down; start the run with GLIBC_TUNABLES=%s "
+                        "(qat/train/allocator.py)", HUGE_PAGES_TUNABLE)
 
         self.amp = self.device.type == "cuda" and cfg.trainer.get("amp", "bf16") == "bf16"
         # The training loss: the task's cross-entropy, or distillation from a frozen teacher (qat.train.distill).
@@ -503,7 +508,7 @@ class Trainer:
         return summary
 
     def _act_compression_facts(self) -> dict[str, Any]:
-        allocator = {"return_freed_memory": self.returns_freed_memory}
+        allocator = {"return_freed_memory": self.returns_freed_memory, "malloc_huge_pages": self.malloc_huge_pages}
         if self.act_compression is None:
             return {"mode": "none", "overrides": {}, "saved_bytes_first_step": None, **allocator}
         return {**self.act_compression.describe(), "saved_bytes_first_step": self.act_saved_bytes, **allocator}

@@ -26,6 +26,7 @@ from qat.act_compression import (
     quantize_groups,
     rounding_noise,
 )
+from qat.train.allocator import malloc_huge_pages
 from qat.train.config import ConfigError
 from qat.train.trainer import Trainer, act_compression_settings
 
@@ -346,7 +347,7 @@ def test_overrides_set_modes_per_module_and_name_bad_globs():
 
 
 @pytest.mark.parametrize("release", [False, True])
-def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_path, monkeypatch, release):
+def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_path, monkeypatch, caplog, release):
     import qat.train.trainer as trainer_module
 
     with pytest.raises(ConfigError, match="trainer.act_compression must be one of"):
@@ -363,6 +364,9 @@ def test_trainer_setting_is_checked_and_logged(compose, smoke_overrides, tmp_pat
     facts = json.loads((tmp_path / "summary.json").read_text())["act_compression"]
     assert facts["mode"] == "int2" and facts["saved_bytes_first_step"]["held"] > 0
     assert facts["return_freed_memory"] is release and len(calls) == int(release)  # only on request
+    assert facts["malloc_huge_pages"] is malloc_huge_pages()
+    warned = "GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in caplog.text  # returning memory without huge pages is slow
+    assert warned is (release and not malloc_huge_pages())
     assert set(MODES) == {"none", "exact", "int8", "int4", "int2"}
 
 

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from qat.train.allocator import malloc_huge_pages
+
 SCRIPT = """
 import sys, torch
 from qat.train.allocator import return_freed_memory
@@ -30,3 +32,18 @@ def test_fixed_threshold_returns_freed_blocks():
         returned[variant] = float(done.stdout.strip().splitlines()[-1])
     assert returned["default"] < 4  # the freed 32 MiB stay resident
     assert returned["fixed"] > 28   # ... or go back to the system
+
+
+@pytest.mark.parametrize("tunables, thp, expected", [
+    ("glibc.malloc.hugetlb=1", "always [madvise] never", True),
+    ("glibc.malloc.arena_max=1:glibc.malloc.hugetlb=1", "[always] madvise never", True),
+    ("glibc.malloc.hugetlb=1", "always madvise [never]", False),  # the kernel grants none
+    ("glibc.malloc.hugetlb=0", "always [madvise] never", False),
+    ("glibc.malloc.hugetlb=2", "always madvise [never]", True),  # hugetlbfs, not THP
+    ("", "always [madvise] never", False),
+])
+def test_malloc_huge_pages_reads_the_start_up_tunable_and_the_thp_mode(tmp_path, tunables, thp, expected):
+    mode = tmp_path / "enabled"
+    mode.write_text(thp + "\n")
+    assert malloc_huge_pages({"GLIBC_TUNABLES": tunables}, mode) is expected
+    assert malloc_huge_pages({}, mode) is False
