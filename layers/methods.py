@@ -23,12 +23,15 @@ method lists. Adding a method is its quantizer, one row here and
 | reactnet_stage1 | float                          | sign(x - a_c)   | - / approx_sign      | wd (stage 1: 1e-5)       |
 | dirnet          | IMB (Libra-PB) 2^s_c sign(W^_c)| sign(x)         | dte                  | wd (standardised)        |
 | bitnet158       | absmean ternary gamma T        | int8 RMSNorm(x) | identity             | wd                       |
+| bitnet158_w     | absmean ternary gamma T        | float           | identity             | wd                       |
 | bitnet          | beta sign(W - mean(W))         | int8 LN(x)      | identity             | wd                       |
 
 The bitnet rows (``layers.bitnet``): one weight scale per layer (gamma = mean|W|, beta = mean|W|),
 inputs absmax-quantized to int8 per token after a parameter-free norm (``input_norm``). Their
 first-layer fallback is ``fp``: BitNet keeps embeddings float, and a norm over an image's 1-3
-channels per pixel would all but binarize it.
+channels per pixel would all but binarize it. ``bitnet158_w`` is b1.58's weights with float inputs
+(W1.58A16, as ``irnet_w`` is IR-Net's 1/32): what the 8-bit inputs cost, measured against
+``bitnet158`` with everything else equal.
 
 | method          | weights                        | inputs          | default estimator    | latent weights           |
 |-----------------|--------------------------------|-----------------|----------------------|--------------------------|
@@ -171,6 +174,9 @@ ROWS = (
            "inputs after a parameter-free RMSNorm, STE.", "BitNet158",
            AbsMeanTernaryWeight, AbsMaxActivation, "identity", weights_only="fp", clip_latent=None,
            latent_weight_decay=True),
+    Method("bitnet158_w", "BitNet b1.58's weights only: absmean ternary weights (one scale per layer), float "
+           "inputs, STE.", "BitNet158W",
+           AbsMeanTernaryWeight, None, "identity", weights_only=None, clip_latent=None, latent_weight_decay=True),
     Method("bitnet", "BitNet: centred binary weights beta sign(W - mean W) (one scale per layer), int8 per-token "
            "absmax inputs after a parameter-free LayerNorm, STE.", "BitNet",
            CenteredSignWeight, LayerNormAbsMaxActivation, "identity", weights_only="fp", clip_latent=None,
