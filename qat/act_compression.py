@@ -194,7 +194,9 @@ def quantize_groups(t: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
 
     The rounding noise is u = (r + 1/2) / 256 with r a uniform random byte (``rounding_noise``: 8
     bits per element from one 64-bit seed drawn from ``generator``), so E[x~] = x up to 1/512 of a
-    step."""
+    step. ``group_size``: a positive multiple of 8 (whole noise words, whole bytes of codes)."""
+    if group_size < 8 or group_size % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8, got {group_size}")
     channels_last = t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
     flat = t.detach().reshape(-1)
     pad = (-flat.numel()) % group_size
