@@ -251,7 +251,7 @@ def test_rounding_noise_is_splitmix64_on_numpy_and_torch():
         assert torch.equal(rounding_noise(seed, 4096), rounding_noise(torch.tensor([seed]), 4096)), seed
     counts = torch.bincount(rounding_noise(7, 256 * 1024).long(), minlength=256).float()
     assert counts.min() > 800 and counts.max() < 1250  # 1024 expected per byte value
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="group_size must be a positive multiple of 8"):
         quantize_groups(torch.randn(100), 2, group_size=12)
 
 
