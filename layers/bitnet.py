@@ -200,17 +200,32 @@ class AbsMeanTernaryWeight(_PerTensorCodeWeight):
     the two differ only for mean |W| < 1e-5. The code multiplies by 1 / gamma and divides by it again;
     here W / gamma and gamma T, equal up to one rounding (a code can differ only at an exact .5 tie).
     round is half-to-even (``torch.round``, as the code).
+
+    ``weight_scale="fitted"`` (a departure from the paper, off by default) keeps the codes T and
+    multiplies them by their least-squares scale instead,
+
+        s = argmin_s ||W - s T||^2 = <W, T> / <T, T> = mean of |W| over the weights with T != 0,
+
+    (max(s, eps); eps when every code is 0, i.e. W = 0), which is TWN's alpha for absmean's zero set. gamma
+    is below it (a third below on benchmarks/ACCURACY.md's small GPT, where that cost 0.37 bits per
+    byte: TWN at threshold 0.5 mean|W|, the same zero set with this scale, against ``bitnet158_w``).
     """
 
     bits = 2
+    options = (Option("weight_scale", str, "absmean",
+                      "absmean: gamma = mean|W| (the paper's); fitted: the codes' least-squares scale, mean |W| "
+                      "over the nonzero codes (a departure)", choices=("absmean", "fitted")),)
 
-    @staticmethod
-    def factors(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, gamma), gamma shaped [1, ...] like W's dims; not differentiable (the STE is ``forward``'s)."""
+    def factors(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, scale), scale shaped [1, ...] like W's dims; not differentiable (the STE is ``forward``'s)."""
         w = w.detach()
         gamma = w.abs().mean().clamp(min=SCALE_EPS).reshape([1] * w.dim())
-        return torch.div(w, gamma).round_().clamp_(-1, 1), gamma
-
+        code = torch.div(w, gamma).round_().clamp_(-1, 1)
+        if self.weight_scale == "fitted":  # no branch on the count: no device synchronisation
+            kept = code.abs()
+            fitted = (w.abs() * kept).sum().div(kept.sum().clamp(min=1)).clamp(min=SCALE_EPS)
+            gamma = fitted.reshape(gamma.shape)
+        return code, gamma
 
 
 class CenteredSignWeight(_PerTensorCodeWeight):

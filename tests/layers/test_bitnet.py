@@ -246,6 +246,33 @@ class TokenModel(nn.Module):
         return self.head(h)
 
 
+def test_fitted_weight_scale_keeps_the_codes_and_takes_their_least_squares_scale(tmp_path):
+    """weight_scale=fitted: absmean's codes T, scale <W, T> / <T, T> (mean |W| over T != 0), which no
+    other scale beats in ||W - s T||; a packed model reproduces it; an all-zero W gets eps."""
+    torch.manual_seed(3)
+    plain = layers.BitNet158Linear(64, 32)
+    fitted = layers.BitNet158Linear(64, 32, weight_scale="fitted")
+    fitted.load_state_dict(plain.state_dict())
+    w = plain.weight.detach()
+    code, gamma = plain.weight_quantizer.factors(w)
+    fitted_code, scale = fitted.weight_quantizer.factors(w)
+    assert torch.equal(code, fitted_code) and float(gamma) == pytest.approx(float(w.abs().mean()))
+    assert float(scale) == pytest.approx(float(w.abs()[code != 0].mean()), rel=1e-6)
+    assert float(scale) > 1.2 * float(gamma)  # absmean's gamma sits well below it
+    error = [float((w - s * code).norm()) for s in (scale * 0.99, scale, scale * 1.01, gamma)]
+    assert error[1] < min(error[0], error[2], error[3])
+    assert torch.equal(fitted.quantized_weight().detach(), scale * code)
+    with torch.no_grad():
+        fitted.weight.zero_()
+    assert float(fitted.weight_quantizer.factors(fitted.weight)[1]) == pytest.approx(1e-5)
+    model = qat.quantize_model(TokenModel(), {"method": "bitnet158", "weight_scale": "fitted"}).eval()
+    x = tokens(2, 5, 10)
+    with torch.no_grad():
+        assert torch.equal(qat.export.pack_model(model)(x), model(x))
+    with pytest.raises(ValueError, match="weight_scale must be one of absmean, fitted"):
+        layers.BitNet158Linear(4, 4, weight_scale="mean")
+
+
 @pytest.mark.parametrize("method", ["bitnet158", "bitnet"])
 def test_packed_export_is_bit_identical_and_its_int8_inputs_feed_an_integer_kernel(method, tmp_path):
     torch.manual_seed(7)
