@@ -20,8 +20,9 @@ Most of that cost is the 4 KiB pages: each fresh mapping faults in page by page 
 shoots down the other threads' TLB entries). glibc 2.35 and later can ask the kernel for
 transparent huge pages (2 MiB) for its mappings, a start-up setting only:
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py ...`` (the kernel's THP mode ``madvise`` or
-``always``). Measured on ResNet-18 XNOR, batch 128, int2 with freed memory returned: about the
-step time of ``none`` at glibc's defaults, with the peak halved (benchmarks/RESULTS.md).
+``always``). Measured on ResNet-18 XNOR, batch 128, int2 with freed memory returned: 1.15-1.39x
+the step time of ``none`` at glibc's defaults (median 1.26x; with 4 KiB pages 1.76-1.81x), with
+the peak 1.98-2.11x lower (benchmarks/RESULTS.md).
 ``malloc_huge_pages`` says whether the running process was started so; the trainer warns when
 memory is returned without it.
 """
