@@ -221,11 +221,11 @@ class AbsMeanTernaryWeight(_PerTensorCodeWeight):
         w = w.detach()
         gamma = w.abs().mean().clamp(min=SCALE_EPS).reshape([1] * w.dim())
         code = torch.div(w, gamma).round_().clamp_(-1, 1)
-        if self.weight_scale == "fitted":  # no branch on the count: no device synchronisation
-            kept = code.abs()
-            fitted = (w.abs() * kept).sum().div(kept.sum().clamp(min=1)).clamp(min=SCALE_EPS)
-            gamma = fitted.reshape(gamma.shape)
-        return code, gamma
+        if self.weight_scale == "absmean":
+            return code, gamma
+        kept = code.abs()  # fitted; no branch on the count: no device synchronisation
+        fitted = (w.abs() * kept).sum().div(kept.sum().clamp(min=1)).clamp(min=SCALE_EPS)
+        return code, fitted.reshape(gamma.shape)
 
 
 class CenteredSignWeight(_PerTensorCodeWeight):
