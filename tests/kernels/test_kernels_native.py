@@ -140,6 +140,28 @@ def test_float_output_is_bit_identical_to_the_epilogue(isa, gen, case):
     assert torch.equal(got, kernels.epilogue(acc, scale=mul, bias=add)), (isa, case)
 
 
+@pytest.mark.parametrize("out_channels", [16, 13])  # whole 8-channel panels, and a remainder panel
+def test_residual_and_clamp_equal_the_separate_float_ops_nan_included(isa, gen, out_channels):
+    """y = hardtanh(dot * mul + add + residual), as the float model's three ops round it; a NaN or
+    infinite residual passes through the clamp as Hardtanh passes it; values on the bounds stay."""
+    x, weight = torch.randn(2, 70, 6, 5, generator=gen), torch.randn(out_channels, 70, 3, 3, generator=gen)
+    mul, add = torch.rand(out_channels, generator=gen) * 0.1, torch.randn(out_channels, generator=gen)
+    x_words, weights = cpu_native.pack_pixels(x), prepacked_conv(weight, 1)
+    acc = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1))
+    residual = torch.randn(*acc.shape, generator=gen) * 3
+    flat = residual.view(-1)
+    flat[::7], flat[3::11], flat[5::13] = float("nan"), float("inf"), -float("inf")
+    lo, hi = -1.0, 0.5
+    epilogue = kernels.epilogue(acc, scale=mul, bias=add)
+    flat[1::17] = (hi - epilogue.reshape(-1)[1::17])  # lands on (or within one rounding of) the upper bound
+    got = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_FLOAT, mul=mul, add=add,
+                          residual=residual, clamp=(lo, hi))
+    expected = F.hardtanh(epilogue + residual, lo, hi)
+    assert torch.equal(got.isnan(), expected.isnan()), isa
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()), isa
+    assert got.isnan().any() and (got == hi).any() and (got == lo).any()
+
+
 def test_sign_output_is_bit_identical_including_ties(isa, gen):
     """y = dot * mul + add placed exactly on 0 for some outputs: the tie y == 0 is +1 (bit 0)."""
     x, weight = torch.randn(2, 40, 5, 5, generator=gen), torch.randn(70, 40, 3, 3, generator=gen)
