@@ -41,6 +41,8 @@ __all__ = [
     "isa",
     "isas",
     "using_isa",
+    "pool",
+    "using_pool",
     "library",
     "ConvArgs",
     "I8Layer",
@@ -54,6 +56,9 @@ SOURCES = ("bitkernels.h", "isa_kernels.cpp", "dispatch.cpp", "saved_tensors.cpp
 #: compiled once, without instruction-set flags (the run-time dispatch, and passes that are memory-bound)
 BASELINE_SOURCES = ("dispatch.cpp", "saved_tensors.cpp")
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno"]
+#: the worker threads: OpenMP's team, the one torch uses (native_src/dispatch.cpp says why), when the
+#: compiler has it; otherwise the library's own pool
+OPENMP_FLAGS = ["-fopenmp"]
 OUT_INT32, OUT_FLOAT, OUT_SIGN = 0, 1, 2
 
 _ISA_FLAGS = {
@@ -125,8 +130,20 @@ def _build_key(compiler: str) -> str:
         digest.update((SOURCE_DIR / name).read_bytes())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest.update(version.encode())
-    digest.update(repr((platform.machine(), COMMON_FLAGS, _ISA_FLAGS[_arch()])).encode())
+    digest.update(repr((platform.machine(), COMMON_FLAGS, OPENMP_FLAGS, _ISA_FLAGS[_arch()])).encode())
     return digest.hexdigest()[:16]
+
+
+def _link(compiler: str, tmp: str, defines: list[str], openmp: list[str], isa_objects: list[Path],
+          out: Path) -> None:
+    """Compile the baseline sources (with ``openmp`` flags, maybe none) and link them with the ISA objects."""
+    baseline = [Path(tmp) / f"{Path(source).stem}.o" for source in BASELINE_SOURCES]
+    for source, obj in zip(BASELINE_SOURCES, baseline, strict=True):
+        subprocess.run([compiler, *COMMON_FLAGS, *openmp, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)],
+                       check=True, capture_output=True, text=True, timeout=600)
+    subprocess.run([compiler, "-shared", *openmp, "-o", str(out), *(str(o) for o in baseline),
+                    *(str(o) for o in isa_objects), "-lpthread"], check=True, capture_output=True, text=True,
+                   timeout=600)
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -148,14 +165,14 @@ def _build(compiler: str, target: Path) -> None:
         if "scalar" not in dict(built):
             raise RuntimeError(f"compiling the portable kernels failed: {errors.get('scalar')}")
         defines = [f"-DBQ_HAVE_{name.upper()}" for name, _ in built]
-        baseline = [Path(tmp) / f"{Path(source).stem}.o" for source in BASELINE_SOURCES]
-        for source, obj in zip(BASELINE_SOURCES, baseline, strict=True):
-            subprocess.run([compiler, *COMMON_FLAGS, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)],
-                           check=True, capture_output=True, text=True, timeout=600)
         partial = Path(tmp) / "libbitqat.so"
-        subprocess.run([compiler, "-shared", "-o", str(partial), *(str(o) for o in baseline),
-                        *(str(o) for _, o in built), "-lpthread"], check=True, capture_output=True, text=True,
-                       timeout=600)
+        for openmp in (OPENMP_FLAGS, []):  # without OpenMP when the compiler has none: the library's own pool
+            try:
+                _link(compiler, tmp, defines, openmp, [obj for _, obj in built], partial)
+                break
+            except subprocess.CalledProcessError:
+                if not openmp:
+                    raise
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         shutil.copyfile(partial, staged)
@@ -172,6 +189,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     c_i64, c_ptr = ctypes.c_int64, ctypes.c_void_p
     signatures = {
         "bq_set_num_threads": (None, [ctypes.c_int]),
+        "bq_use_openmp": (ctypes.c_int, [ctypes.c_int]),
         "bq_isa_count": (ctypes.c_int, []),
         "bq_isa_name": (ctypes.c_char_p, [ctypes.c_int]),
         "bq_isa_supported": (ctypes.c_int, [ctypes.c_int]),
@@ -213,7 +231,37 @@ def _load() -> ctypes.CDLL:
     _declare(lib)
     forced = os.environ.get("BITQAT_CPU_ISA", "").strip() or None
     _select(lib, None if forced in (None, "auto") else forced, "BITQAT_CPU_ISA")
+    _select_pool(lib, os.environ.get("BITQAT_CPU_POOL", "").strip() or "auto", "BITQAT_CPU_POOL")
     return lib
+
+
+POOLS = ("openmp", "own")
+
+
+def _select_pool(lib, name: str, source: str) -> None:
+    if name not in (*POOLS, "auto"):
+        raise ValueError(f"{source}={name!r} is not a thread pool of the native kernels; valid: openmp, own, auto")
+    lib.bq_use_openmp({"openmp": 1, "own": 0}.get(name, 1))
+    if name == "openmp" and not lib.bq_use_openmp(-1):
+        raise ValueError(f"{source}=openmp: the native kernels were built without OpenMP here (valid: own, auto)")
+
+
+def pool() -> str:
+    """Whose threads run the kernels: ``openmp`` (the team torch uses) or ``own`` (the library's pool)."""
+    return POOLS[0] if library().bq_use_openmp(-1) else POOLS[1]
+
+
+@contextlib.contextmanager
+def using_pool(name: str):
+    """Run the block with the kernels' threads from ``name`` (``openmp`` or ``own``)."""
+    lib = library()
+    with _lock:
+        previous = pool()
+        _select_pool(lib, name, "pool")
+        try:
+            yield
+        finally:
+            _select_pool(lib, previous, "pool")
 
 
 def _isa_table(lib) -> list[tuple[str, bool]]:

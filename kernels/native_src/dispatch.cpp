@@ -17,6 +17,10 @@
 
 #include "bitkernels.h"
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define BQ_PAUSE() _mm_pause()
@@ -216,6 +220,18 @@ std::mutex g_pool_mu;
 Pool* g_pool = nullptr;
 int g_threads = 1;
 
+// OpenMP, when the library is built with it, runs the tasks on the OpenMP runtime torch uses: the
+// library asks for libgomp.so.1 by soname, which the loader resolves to the copy torch loaded.  The
+// two then share one team, instead of two pools spinning against each other between torch's ops and
+// ours (each side's idle threads spin for a while after its work, on the cores the other needs).
+// Only `omp parallel` (GOMP_parallel, in every libgomp since GCC 4.9) and the thread number are
+// used, so an older libgomp in torch's wheel serves as well; tasks are claimed from an atomic counter.
+#if defined(_OPENMP)
+std::atomic<bool> g_use_openmp{true};
+#else
+std::atomic<bool> g_use_openmp{false};
+#endif
+
 // A forked child has none of the parent's threads: forget the pool (never join it) and start anew.
 void forget_pool_in_child() { g_pool = nullptr; }
 struct AtFork {
@@ -227,6 +243,24 @@ struct AtFork {
 extern "C" {
 
 void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void* ctx) {
+#if defined(_OPENMP)
+  if (g_use_openmp.load(std::memory_order_relaxed)) {
+    int threads;
+    {
+      std::lock_guard<std::mutex> lock(g_pool_mu);
+      threads = g_threads;
+    }
+    if (threads > tasks) threads = (int)tasks;
+    if (threads <= 1 || omp_in_parallel()) {
+      for (int64_t t = 0; t < tasks; ++t) fn(ctx, t);
+      return;
+    }
+    std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(threads)
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) fn(ctx, t);
+    return;
+  }
+#endif
   Pool* pool;
   {
     std::lock_guard<std::mutex> lock(g_pool_mu);
@@ -242,6 +276,16 @@ void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void* ctx) {
 __attribute__((visibility("default"))) void bq_set_num_threads(int threads) {
   std::lock_guard<std::mutex> lock(g_pool_mu);
   g_threads = threads < 1 ? 1 : threads;
+}
+
+// 1: OpenMP's team (when built with it), 0: the library's own pool.  Returns the setting in force.
+__attribute__((visibility("default"))) int bq_use_openmp(int use) {
+#if defined(_OPENMP)
+  if (use >= 0) g_use_openmp.store(use != 0);
+#else
+  (void)use;
+#endif
+  return g_use_openmp.load() ? 1 : 0;
 }
 
 __attribute__((visibility("default"))) int bq_isa_count() { return kIsaCount; }

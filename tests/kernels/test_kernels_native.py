@@ -189,18 +189,52 @@ def test_packing_equals_pack_bits(isa, gen):
         cpu_native.pack_pixels(torch.full((1, 3, 2, 2), float("nan")))
 
 
-def test_results_do_not_depend_on_the_thread_count(gen):
+def pools_built_here() -> list[str]:
+    return ["openmp", "own"] if native.available() and native.library().bq_use_openmp(-1) else ["own"]
+
+
+@pytest.mark.parametrize("pool", ["openmp", "own"])
+def test_results_do_not_depend_on_the_thread_count_or_pool(gen, pool):
+    if pool not in pools_built_here():
+        pytest.skip("the native kernels were built without OpenMP here")
     x, weight = torch.randn(4, 96, 9, 9, generator=gen), torch.randn(200, 96, 3, 3, generator=gen)
     x_words, weights = cpu_native.pack_pixels(x), prepacked_conv(weight, 1)
+    expected = reference_conv(x, weight, (1, 1), (1, 1), (1, 1), 1).permute(0, 2, 3, 1)
     previous = torch.get_num_threads()
     try:
-        results = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            results.append(cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1)))
+        with native.using_pool(pool):
+            assert native.pool() == pool
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                got = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1))
+                assert torch.equal(got, expected), (pool, threads)
     finally:
         torch.set_num_threads(previous)
-    assert all(torch.equal(r, results[0]) for r in results)
+
+
+def test_forcing_the_thread_pool_by_environment():
+    for pool in pools_built_here():
+        done = run_python("from kernels import native; print(native.pool())", BITQAT_CPU_POOL=pool)
+        assert done.returncode == 0 and done.stdout.strip() == pool, done.stderr
+    bad = run_python("from kernels import native; native.pool()", BITQAT_CPU_POOL="tbb")
+    assert bad.returncode != 0 and "BITQAT_CPU_POOL='tbb'" in bad.stderr and "valid: openmp, own" in bad.stderr
+
+
+def test_without_openmp_the_build_falls_back_to_the_own_pool(tmp_path):
+    code = ("from kernels import native\nnative.OPENMP_FLAGS = ['-fno-such-openmp-flag']\n"
+            "print(native.pool(), native.library().bq_use_openmp(1))")
+    done = run_python(code, BITQAT_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0 and done.stdout.split() == ["own", "0"], done.stderr
+
+
+def test_openmp_pool_shares_torchs_openmp_runtime():
+    """One libgomp in the process: the kernels' team is torch's, not a second pool beside it."""
+    if "openmp" not in pools_built_here():
+        pytest.skip("the native kernels were built without OpenMP here")
+    done = run_python("import torch\nfrom kernels import native\nnative.library()\n"
+                      "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("libgomp") == 1, done.stdout
 
 
 def test_peak_microbenchmark_reports_a_rate():
