@@ -20,7 +20,7 @@ same kernel with a 1x1 kernel over M pixels.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -73,6 +73,8 @@ class Prepacked:
     out_per_group: int
     cin_per_group: int
     kernel_size: tuple[int, int]
+    #: :func:`conv`'s call plans for these weights, by input geometry and output transform
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def taps(self) -> int:
@@ -196,39 +198,86 @@ def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0
     (float64) for ``mode=OUT_SIGN`` (groups = 1 only).  ``zero_padding=False`` pads with +1.
     With ``mode=OUT_FLOAT``, ``residual`` (float32 ``[N, Ho, Wo, O]``) is then added and
     ``clamp=(lo, hi)`` applied, each rounded as the separate float32 ops would be.
+
+    Everything but the input, output and residual pointers is worked out once per geometry and
+    output transform and kept with the weights (:class:`_ConvPlan`): at batch 1 the checks and the
+    argument block cost more than a small layer's kernel.
     """
-    n, h, w, pixel_words = x_words.shape
-    if pixel_words != weights.groups * weights.group_words:
-        raise ValueError(f"x has {pixel_words} words per pixel, the weights need "
-                         f"{weights.groups} groups x {weights.group_words}")
-    if mode == native.OUT_SIGN and weights.groups != 1:
-        raise ValueError("a sign-packed output needs groups = 1")
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weights.kernel_size, stride, padding, dilation
-    ho, wo = _output_size((h, w), weights.kernel_size, stride, padding, dilation)
-    if ho < 1 or wo < 1:
-        raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
     x_words = x_words.contiguous()
-    out = _output(n * ho * wo, weights.out_features, mode)
-    mul_t, add_t = _transform(mode, mul, add, weights.out_features)
-    sums = weights.tap_sums if zero_padding and (ph or pw) else None
-    if (residual is not None or clamp is not None) and mode != native.OUT_FLOAT:
-        raise ValueError("residual and clamp go with mode=OUT_FLOAT")
-    if residual is not None:
-        if residual.shape != (n, ho, wo, weights.out_features):
-            raise ValueError(f"residual must be [N, Ho, Wo, O] = {(n, ho, wo, weights.out_features)}, "
-                             f"got {tuple(residual.shape)}")
-        residual = residual.to(torch.float32).contiguous()
-    lo, hi = clamp if clamp is not None else (0.0, 0.0)
-    args = native.ConvArgs(
-        _ptr(x_words), n, h, w, pixel_words, weights.group_words, weights.cin_per_group,
-        _ptr(weights.panels), _ptr(sums), weights.groups, weights.out_per_group,
-        kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mode, _ptr(out), out.shape[1],
-        _ptr(mul_t) if mode == native.OUT_FLOAT else None, _ptr(add_t) if mode == native.OUT_FLOAT else None,
-        _ptr(mul_t) if mode == native.OUT_SIGN else None, _ptr(add_t) if mode == native.OUT_SIGN else None,
-        _ptr(residual), weights.out_features, int(clamp is not None), lo, hi)
-    native.sync_threads()
-    native.library().bq_conv(ctypes.byref(args))
-    return out.reshape(n, ho, wo, -1)
+    key = (tuple(x_words.shape), tuple(stride), tuple(padding), tuple(dilation), bool(zero_padding), mode,
+           _identity(mul), _identity(add), residual is not None, None if clamp is None else tuple(clamp))
+    plan = weights.plans.get(key)
+    if plan is None:
+        plan = _ConvPlan(weights, key[0], key[1], key[2], key[3], zero_padding, mode, mul, add, residual is not None,
+                         clamp)
+        if plan.cacheable:
+            if len(weights.plans) >= 64:  # a bound for callers that pass new mul / add tensors every time
+                weights.plans.clear()
+            weights.plans[key] = plan
+    return plan.run(x_words, residual)
+
+
+def _identity(v):
+    """A cache key for ``mul`` / ``add``: a tensor by identity, storage and version (in-place
+    changes count; an inference tensor has no version: see ``_ConvPlan.cacheable``)."""
+    if isinstance(v, torch.Tensor):
+        return (id(v), v.data_ptr(), -1 if v.is_inference() else v._version)
+    return v if v is None or isinstance(v, (int, float)) else (id(v),)
+
+
+class _ConvPlan:
+    """One geometry and output transform of :func:`conv`: checked once, its ``ConvArgs`` built once.
+
+    It holds ``mul`` and ``add`` themselves, so their ids (in the cache key) stay theirs while cached.
+    """
+
+    def __init__(self, weights: Prepacked, shape, stride, padding, dilation, zero_padding, mode, mul, add,
+                 with_residual: bool, clamp):
+        n, h, w, pixel_words = shape
+        if pixel_words != weights.groups * weights.group_words:
+            raise ValueError(f"x has {pixel_words} words per pixel, the weights need "
+                             f"{weights.groups} groups x {weights.group_words}")
+        if mode == native.OUT_SIGN and weights.groups != 1:
+            raise ValueError("a sign-packed output needs groups = 1")
+        if (with_residual or clamp is not None) and mode != native.OUT_FLOAT:
+            raise ValueError("residual and clamp go with mode=OUT_FLOAT")
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weights.kernel_size, stride, padding, dilation
+        ho, wo = _output_size((h, w), weights.kernel_size, stride, padding, dilation)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
+        self.keep = (mul, add)
+        self.mul_t, self.add_t = _transform(mode, mul, add, weights.out_features)
+        # A converted copy of an inference tensor would not see its in-place changes: not cached.
+        self.cacheable = not any(isinstance(v, torch.Tensor) and v.is_inference() and t is not v
+                                 for v, t in ((mul, self.mul_t), (add, self.add_t)))
+        self.sums = weights.tap_sums if zero_padding and (ph or pw) else None
+        out_features = weights.out_features
+        template = _output(0, out_features, mode)
+        self.rows, self.cols, self.dtype = n * ho * wo, template.shape[1], template.dtype
+        self.final_shape, self.residual_shape = (n, ho, wo, -1), (n, ho, wo, out_features)
+        lo, hi = clamp if clamp is not None else (0.0, 0.0)
+        float_out, sign_out = mode == native.OUT_FLOAT, mode == native.OUT_SIGN
+        self.args = native.ConvArgs(
+            None, n, h, w, pixel_words, weights.group_words, weights.cin_per_group,
+            _ptr(weights.panels), _ptr(self.sums), weights.groups, weights.out_per_group,
+            kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mode, None, self.cols,
+            _ptr(self.mul_t) if float_out else None, _ptr(self.add_t) if float_out else None,
+            _ptr(self.mul_t) if sign_out else None, _ptr(self.add_t) if sign_out else None,
+            None, out_features, int(clamp is not None), lo, hi)
+
+    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty((self.rows, self.cols), dtype=self.dtype)
+        args = native.ConvArgs.from_buffer_copy(self.args)
+        args.x, args.out = x_words.data_ptr(), out.data_ptr()
+        if residual is not None:
+            if residual.shape != self.residual_shape:
+                raise ValueError(f"residual must be [N, Ho, Wo, O] = {self.residual_shape}, "
+                                 f"got {tuple(residual.shape)}")
+            residual = residual.to(torch.float32).contiguous()
+            args.residual = residual.data_ptr()
+        native.sync_threads()
+        native.library().bq_conv(ctypes.byref(args))
+        return out.reshape(self.final_shape)
 
 
 def linear(a_words: torch.Tensor, weights: Prepacked, *, mode: int = native.OUT_INT32, mul=None,

@@ -162,6 +162,28 @@ def test_residual_and_clamp_equal_the_separate_float_ops_nan_included(isa, gen, 
     assert got.isnan().any() and (got == hi).any() and (got == lo).any()
 
 
+def test_cached_call_plans_follow_new_shapes_and_in_place_changes(gen):
+    """conv keeps a plan per geometry and transform with the weights: a new input size, a mul
+    changed in place (here a float64 one the float mode converts), or another residual still count."""
+    weight = torch.randn(16, 70, 3, 3, generator=gen)
+    weights = prepacked_conv(weight, 1)
+    mul, add = torch.rand(16, dtype=torch.float64, generator=gen), torch.randn(16, generator=gen)
+    for size in (5, 7, 5):
+        x = torch.randn(2, 70, size, size, generator=gen)
+        x_words = cpu_native.pack_pixels(x)
+        acc = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1))
+        assert torch.equal(acc, reference_conv(x, weight, (1, 1), (1, 1), (1, 1), 1).permute(0, 2, 3, 1))
+        for _ in range(2):
+            residual = torch.randn(2, size, size, 16, generator=gen)
+            got = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_FLOAT, mul=mul,
+                                  add=add, residual=residual)
+            assert torch.equal(got, kernels.epilogue(acc, scale=mul.float(), bias=add) + residual)
+            mul.mul_(2.0)
+    with pytest.raises(ValueError, match="residual must be"):
+        cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_FLOAT, mul=mul, add=add,
+                        residual=torch.zeros(2, 4, 4, 16))
+
+
 def test_sign_output_is_bit_identical_including_ties(isa, gen):
     """y = dot * mul + add placed exactly on 0 for some outputs: the tie y == 0 is +1 (bit 0)."""
     x, weight = torch.randn(2, 40, 5, 5, generator=gen), torch.randn(70, 40, 3, 3, generator=gen)
