@@ -20,6 +20,7 @@ same kernel with a 1x1 kernel over M pixels.
 from __future__ import annotations
 
 import ctypes
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,7 +91,7 @@ class Prepacked:
 
 
 def _ptr(t: torch.Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+    return None if t is None else t.data_ptr()  # ctypes takes an int for a c_void_p
 
 
 def _panels_of(rows: torch.Tensor) -> torch.Tensor:
@@ -160,8 +161,13 @@ def pack_pixels(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
 
 
 def _output_size(size_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
-    """(Ho, Wo) by ``kernels.conv.conv_output_size`` (imported here: conv.py imports this module's users)."""
-    from .conv import conv_output_size
+    """(Ho, Wo) by ``kernels.conv.conv_output_size``, remembered per geometry (batch-1 layers call it often)."""
+    return _output_size_of(*(tuple(int(v) for v in arg) for arg in (size_hw, kernel, stride, padding, dilation)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_size_of(size_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
+    from .conv import conv_output_size  # here: conv.py imports this module's users
 
     return tuple(conv_output_size(*dims) for dims in zip(size_hw, kernel, stride, padding, dilation, strict=True))
 
