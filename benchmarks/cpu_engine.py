@@ -41,7 +41,7 @@ from kernels import cpu_matmul, cpu_native, native  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## CPU engine"
+SECTION = "## CPU engine"  # one section per CPU model and instruction set: "## CPU engine: <model>, <isa>"
 N = K = 4096
 
 
@@ -65,10 +65,17 @@ def header(peak: dict[str, float]) -> list[str]:
         f"{torch.get_num_threads()} (the native kernels use the same count), load average {load[0]:.2f} / "
         f"{load[1]:.2f} / {load[2]:.2f}",
         f"Native engine: instruction sets built here {', '.join(n for n, _ in native.isas())}; this CPU runs "
-        f"{', '.join(peak)}; auto picks {native.isa()}",
+        f"{', '.join(peak)}; auto picks {native.isa()}; threads from {POOL_NAMES[native.pool()]}",
         "Popcount peak (microkernel on L1-resident data, all threads): "
         + ", ".join(f"{n} {p / 1e9:.0f} G bit-MACs/s" for n, p in peak.items()),
     ]
+
+
+POOL_NAMES = {"openmp": "torch's OpenMP team", "own": "the library's own pool (built without OpenMP)"}
+
+
+def section_heading() -> str:
+    return f"{SECTION}: {cpu_matmul.cpu_info().model or 'unknown CPU'}, {native.isa()}"
 
 
 def matmul_section(rounds: int, peak: float) -> list[str]:
@@ -184,22 +191,41 @@ def end_to_end_section(rounds: int) -> list[str]:
     lines = [f"### End to end (min of {rounds} interleaved rounds at batch 1, fewer at 64)", "",
              "Float: the float model in eager PyTorch, timed with NCHW and channels_last input, the faster kept. "
              "Packed: `pack_model` (BatchNorm folded, native kernels). Fused: `fuse_binary_chains(packed)` "
-             "(binary layers pass packed bits). Packed models get channels_last input.", "",
-             "| model | batch | float (ms) | packed (ms) | fused (ms) | fused vs float |", "|---|---|---|---|---|---|"]
+             "(binary layers pass packed bits). Packed models get channels_last input. Own pool: the fused model "
+             "with the kernels' threads from the library's own pool instead of torch's OpenMP team "
+             "(`BITQAT_CPU_POOL=own`), which spins beside torch's threads.", "",
+             "| model | batch | float (ms) | packed (ms) | fused (ms) | fused vs float | fused, own pool (ms) |",
+             "|---|---|---|---|---|---|---|"]
+    pools = [p for p in native.POOLS if p != native.pool() and _pool_built(p)]
     for label, name, shape, spec in MODELS:
         packed, float_model = packed_model(name, shape, spec)
         fused = fuse_binary_chains(packed)
         for batch in (1, 64):
             x = torch.randn(batch, *shape)
             x_last = x.contiguous(memory_format=torch.channels_last)
+
+            def with_pool(pool, model=fused, x=x_last):
+                with native.using_pool(pool):
+                    return model(x)
+
+            candidates = {"float": lambda: float_model(x), "float_cl": lambda: float_model(x_last),
+                          "packed": lambda: packed(x_last), "fused": lambda: fused(x_last)}
+            candidates.update({pool: (lambda pool=pool: with_pool(pool)) for pool in pools})
             with torch.inference_mode():
-                t = interleaved_min({"float": lambda: float_model(x), "float_cl": lambda: float_model(x_last),
-                                     "packed": lambda: packed(x_last), "fused": lambda: fused(x_last)},
-                                    rounds if batch == 1 else max(3, rounds // 4))
+                t = interleaved_min(candidates, rounds if batch == 1 else max(3, rounds // 4))
             best_float = min(t["float"], t["float_cl"])
+            other = f"{t['own'] * 1e3:.2f}" if "own" in t else "-"
             lines.append(f"| {label} | {batch} | {best_float * 1e3:.2f} | {t['packed'] * 1e3:.2f} | "
-                         f"{t['fused'] * 1e3:.2f} | **{best_float / t['fused']:.2f}x** |")
+                         f"{t['fused'] * 1e3:.2f} | **{best_float / t['fused']:.2f}x** | {other} |")
     return lines
+
+
+def _pool_built(pool: str) -> bool:
+    try:
+        with native.using_pool(pool):
+            return True
+    except ValueError:
+        return False
 
 
 def rss_worker(kind: str, batch: int, path: str) -> None:
@@ -270,14 +296,15 @@ def memory_section() -> list[str]:
 
 
 def write_results(command: str, lines: list[str], note: str) -> None:
-    body = [SECTION, "", f"Command: `{command}`", *([f"Note: {note}"] if note else []), "", *lines, ""]
-    replace_section(RESULTS, SECTION, body)
+    heading = section_heading()
+    body = [heading, "", f"Command: `{command}`", *([f"Note: {note}"] if note else []), "", *lines, ""]
+    replace_section(RESULTS, heading, body)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--write-results", action="store_true", help="update the CPU engine section of RESULTS.md")
+    parser.add_argument("--write-results", action="store_true", help="update this CPU's engine section of RESULTS.md")
     parser.add_argument("--note", default="", help="a line about the run's conditions, written with the results")
     parser.add_argument("--rss-worker", nargs=3, metavar=("KIND", "BATCH", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
