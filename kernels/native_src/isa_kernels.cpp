@@ -254,6 +254,15 @@ inline float clamp_keep_nan(float v, float lo, float hi) {
   return hi < v ? hi : v;
 }
 
+// The packed output byte of 8 channels: bit j = (dot[j] * mul[j] + add[j] < 0) in float64 (little-endian).
+inline unsigned char sign_byte(const int32_t* dot, const double* mul, const double* add) {
+  double y[NR];
+  for (int j = 0; j < NR; ++j) y[j] = (double)dot[j] * mul[j] + add[j];
+  unsigned bits = 0;
+  for (int j = 0; j < NR; ++j) bits |= (unsigned)(y[j] < 0) << j;
+  return (unsigned char)bits;
+}
+
 // dot[i][j] = T C - 2 counts[i][j] - (the tap sums of pixel i's padded taps), then the output
 // transform of the mode.  Only border pixels (any_pad) pay for the padding correction.
 template <int Mode>
@@ -263,6 +272,10 @@ void write_rows(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_first,
   const int64_t taps = plan.taps, og = a.out_per_group;
   const int64_t o0 = panel * NR, width = og - o0 < NR ? og - o0 : NR;
   const int64_t full = taps * a.cin_per_group;
+  // Read once: the byte stores of the sign output may alias anything, which would make the
+  // compiler reload these through `a` for every pixel.
+  const double* const mul_d = Mode == BQ_OUT_SIGN ? a.mul_d + g * og + o0 : nullptr;
+  const double* const add_d = Mode == BQ_OUT_SIGN ? a.add_d + g * og + o0 : nullptr;
   for (int i = 0; i < rows; ++i) {
     const int64_t p = p_first + i;
     int64_t correction[NR] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -278,11 +291,7 @@ void write_rows(const ConvPlan& plan, int64_t g, int64_t panel, int64_t p_first,
     for (int j = 0; j < NR; ++j)  // a fixed trip count: vectorized
       dot[j] = (int32_t)full - 2 * (int32_t)counts[i][j] - (int32_t)correction[j];
     if (Mode == BQ_OUT_SIGN && width == NR && (oc0 & 7) == 0) {  // one whole byte of the packed output
-      double y[NR];
-      for (int j = 0; j < NR; ++j) y[j] = (double)dot[j] * a.mul_d[oc0 + j] + a.add_d[oc0 + j];
-      unsigned bits = 0;
-      for (int j = 0; j < NR; ++j) bits |= (unsigned)(y[j] < 0) << j;
-      ((unsigned char*)((uint64_t*)a.out + p * a.out_stride))[oc0 >> 3] = (unsigned char)bits;  // little-endian
+      ((unsigned char*)((uint64_t*)a.out + p * a.out_stride))[oc0 >> 3] = sign_byte(dot, mul_d, add_d);
       continue;
     }
     if (Mode == BQ_OUT_FLOAT && width == NR) {
