@@ -138,3 +138,45 @@ def test_residual_adds_fuse_bit_identically(monkeypatch):
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert torch.equal(fused(x), unfused_adds(x))
+
+
+class ResidualReadAgain(nn.Module):
+    """A block whose identity is read once more after the block: its storage must not be overwritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Conv2d(3, 64, 3, padding=1)
+        self.conv1 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.act = nn.Hardtanh()
+
+    def forward(self, x):
+        x = self.first(x)
+        y = self.act(self.bn2(self.conv2(self.act(self.bn1(self.conv1(x))))) + x)
+        return y + 2 * x
+
+
+@pytest.mark.parametrize("name", ["resnet18", "residual_read_again"])
+def test_residual_convs_overwrite_the_identity_only_when_nothing_reads_it_later(name):
+    torch.manual_seed(0)
+    model = (models.build("resnet18", num_classes=10, activation="hardtanh") if name == "resnet18"
+             else ResidualReadAgain())
+    fused, packed = fused_and_packed(model)
+    residual_layers = [m for m in fused.modules() if isinstance(m, FusedBinaryLayer) and m.clamp is not None]
+    assert residual_layers
+    expected_overwrite = name == "resnet18"
+    assert all(m.overwrite_residual == expected_overwrite for m in residual_layers)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x_before = x.clone()
+    for m in residual_layers:  # the reference: the same fused model writing fresh outputs
+        m.overwrite_residual = False
+    with torch.inference_mode():
+        reference = fused(x)
+        for m in residual_layers:
+            m.overwrite_residual = True  # forced on: the read-again model must then go wrong
+        got = fused(x)
+    assert torch.equal(x, x_before)  # the model's input is never written
+    assert torch.equal(got, reference) == expected_overwrite
+    assert torch.allclose(reference, packed(x), atol=1e-4)
