@@ -226,6 +226,8 @@ int g_threads = 1;
 // ours (each side's idle threads spin for a while after its work, on the cores the other needs).
 // Only `omp parallel` (GOMP_parallel, in every libgomp since GCC 4.9) and the thread number are
 // used, so an older libgomp in torch's wheel serves as well; tasks are claimed from an atomic counter.
+// Where torch's copy has another soname (a renamed libgomp-<hash>.so.1), the system libgomp is
+// loaded beside it: a second team, as the own pool would be, and still correct.
 #if defined(_OPENMP)
 std::atomic<bool> g_use_openmp{true};
 #else
