@@ -251,17 +251,22 @@ def pool() -> str:
     return POOLS[0] if library().bq_use_openmp(-1) else POOLS[1]
 
 
-@contextlib.contextmanager
 def using_pool(name: str):
     """Run the block with the kernels' threads from ``name`` (``openmp`` or ``own``)."""
+    return _switched(pool, _select_pool, name, "pool")
+
+
+@contextlib.contextmanager
+def _switched(current, select, name: str, source: str):
+    """A block run with ``select(lib, name, source)`` in force, the ``current()`` setting restored after."""
     lib = library()
     with _lock:
-        previous = pool()
-        _select_pool(lib, name, "pool")
+        previous = current()
+        select(lib, name, source)
         try:
             yield
         finally:
-            _select_pool(lib, previous, "pool")
+            select(lib, previous, source)
 
 
 def _isa_table(lib) -> list[tuple[str, bool]]:
@@ -328,17 +333,9 @@ def isas() -> list[tuple[str, bool]]:
     return _isa_table(library())
 
 
-@contextlib.contextmanager
 def using_isa(name: str):
     """Run the block with the kernels of instruction set ``name`` (ValueError if this CPU lacks it)."""
-    lib = library()
-    with _lock:
-        previous = isa()
-        _select(lib, name, "isa")
-        try:
-            yield
-        finally:
-            _select(lib, previous, "isa")
+    return _switched(isa, _select, name, "isa")
 
 
 def sync_threads() -> None:

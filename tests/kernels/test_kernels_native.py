@@ -234,14 +234,6 @@ def test_results_do_not_depend_on_the_thread_count_or_pool(gen, pool):
         torch.set_num_threads(previous)
 
 
-def test_forcing_the_thread_pool_by_environment():
-    for pool in pools_built_here():
-        done = run_python("from kernels import native; print(native.pool())", BITQAT_CPU_POOL=pool)
-        assert done.returncode == 0 and done.stdout.strip() == pool, done.stderr
-    bad = run_python("from kernels import native; native.pool()", BITQAT_CPU_POOL="tbb")
-    assert bad.returncode != 0 and "BITQAT_CPU_POOL='tbb'" in bad.stderr and "valid: openmp, own" in bad.stderr
-
-
 def test_without_openmp_the_build_falls_back_to_the_own_pool(tmp_path):
     code = ("from kernels import native\nnative.OPENMP_FLAGS = ['-fno-such-openmp-flag']\n"
             "print(native.pool(), native.library().bq_use_openmp(1))")
@@ -271,12 +263,17 @@ def run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_forcing_an_instruction_set_by_environment():
-    forced = native_isas()[-1]  # the portable one
-    done = run_python("from kernels import native; print(native.isa())", BITQAT_CPU_ISA=forced)
-    assert done.returncode == 0 and done.stdout.strip() == forced, done.stderr
-    bad = run_python("from kernels import native; native.isa()", BITQAT_CPU_ISA="sse9")
-    assert bad.returncode != 0 and "BITQAT_CPU_ISA='sse9'" in bad.stderr and "valid:" in bad.stderr
+@pytest.mark.parametrize("variable,getter,choices,bad,valid", [
+    ("BITQAT_CPU_ISA", "isa", lambda: native_isas()[-1:], "sse9", "valid:"),  # the portable one
+    ("BITQAT_CPU_POOL", "pool", pools_built_here, "tbb", "valid: openmp, own"),
+])
+def test_forcing_an_instruction_set_or_pool_by_environment(variable, getter, choices, bad, valid):
+    for forced in choices():
+        done = run_python(f"from kernels import native; print(native.{getter}())", **{variable: forced})
+        assert done.returncode == 0 and done.stdout.strip() == forced, done.stderr
+    refused = run_python(f"from kernels import native; native.{getter}()", **{variable: bad})
+    assert refused.returncode != 0 and f"{variable}={bad!r}" in refused.stderr and valid in refused.stderr, \
+        refused.stderr
 
 
 def test_without_a_compiler_the_numpy_path_runs_with_one_warning(tmp_path):
