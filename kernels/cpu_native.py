@@ -206,16 +206,14 @@ def _transform(mode: int, mul, add, n: int):
 
 def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *,
          zero_padding: bool = True, mode: int = native.OUT_INT32, mul=None, add=None, residual=None,
-         clamp=None, out: torch.Tensor | None = None) -> torch.Tensor:
+         clamp=None) -> torch.Tensor:
     """The binary convolution of packed NHWC ``x_words`` with prepacked ``weights``.
 
     Returns ``[N, Ho, Wo, O]`` (int32 dot products, or float32 ``dot * mul + add`` for
     ``mode=OUT_FLOAT``) or int64 ``[N, Ho, Wo, ceil(O/64)]`` sign bits of ``dot * mul + add``
     (float64) for ``mode=OUT_SIGN`` (groups = 1 only).  ``zero_padding=False`` pads with +1.
     With ``mode=OUT_FLOAT``, ``residual`` (float32 ``[N, Ho, Wo, O]``) is then added and
-    ``clamp=(lo, hi)`` applied, each rounded as the separate float32 ops would be.  ``out``: a
-    contiguous tensor of the output's shape and dtype to write into; it may be ``residual`` itself
-    (each output element is written after its residual element is read, by the same thread).
+    ``clamp=(lo, hi)`` applied, each rounded as the separate float32 ops would be.
 
     Everything but the input, output and residual pointers is worked out once per geometry and
     output transform and kept with the weights (:class:`_ConvPlan`): at batch 1 the checks and the
@@ -232,7 +230,7 @@ def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0
             if len(weights.plans) >= 64:  # a bound for callers that pass new mul / add tensors every time
                 weights.plans.clear()
             weights.plans[key] = plan
-    return plan.run(x_words, residual, out)
+    return plan.run(x_words, residual)
 
 
 def _identity(v):
@@ -283,13 +281,8 @@ class _ConvPlan:
             _ptr(self.mul_t) if sign_out else None, _ptr(self.add_t) if sign_out else None,
             None, out_features, int(clamp is not None), lo, hi)
 
-    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
-        if out is None:
-            out = torch.empty((self.rows, self.cols), dtype=self.dtype)
-        elif (out.dtype != self.dtype or not out.is_contiguous() or out.device.type != "cpu"
-              or out.numel() != self.rows * self.cols):
-            raise ValueError(f"out must be a contiguous CPU {self.dtype} tensor of {self.rows * self.cols} elements "
-                             f"({self.residual_shape[:3]} x {self.cols}), got {out.dtype} {tuple(out.shape)}")
+    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty((self.rows, self.cols), dtype=self.dtype)
         args = native.ConvArgs.from_buffer_copy(self.args)
         args.x, args.out = x_words.data_ptr(), out.data_ptr()
         if residual is not None:

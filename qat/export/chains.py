@@ -22,8 +22,6 @@ packing: no float tensor is written or read between them.  The ops allowed on th
 A binary conv whose float output only goes into a residual add (``y + identity``, then perhaps a
 ``Hardtanh``), as in a ResNet block, adds the identity and clamps as it writes its output: the same
 float32 operations in the same order, so bit-identical, without the two passes over the tensor.
-Where nothing reads the identity afterwards and no other value shares its storage, the output is
-written over it (``FusedBinaryLayer.overwrite_residual``): a block then holds one float map.
 
 Where a *float* layer's output reaches a binary conv through such a chain holding a BatchNorm or a
 max-pool, a ``SignPacker`` takes the chain's place: ``sign(y * M + A)`` packed, then the same bit
@@ -87,7 +85,6 @@ class FusedBinaryLayer(nn.Module):
         self.emit = emit
         self.pools = nn.ModuleList(emit.pools if emit else [])
         self.clamp = None  # (lo, hi): a Hardtanh after the residual add, applied as the output is written
-        self.overwrite_residual = False  # write the output into the residual's storage (nothing reads it later)
         self._as_conv = {}  # flattened-input linear: spatial size -> prepacked conv weights
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,10 +104,7 @@ class FusedBinaryLayer(nn.Module):
             y = cpu_native.conv(x_bits, conv_weights, **output).reshape(x_bits.shape[0], -1)
         else:
             if residual is not None:
-                residual = residual.permute(0, 2, 3, 1)  # a view for channels_last input
-                output.update(residual=residual, clamp=self.clamp)
-                if self.overwrite_residual and residual.is_contiguous() and residual.dtype == torch.float32:
-                    output["out"] = residual
+                output.update(residual=residual.permute(0, 2, 3, 1), clamp=self.clamp)
             y = layer.native_compute(x_bits, padding, weights, **output)
         if self.emit is not None:
             for pool in self.pools:
@@ -316,41 +310,6 @@ def _residual_tails(graph_module, modules):
     return found
 
 
-# Modules whose output is a new tensor, and those that return their input (in eval mode) or may.
-_FRESH_OUTPUT = (PackedLayer, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
-_ALIASING = (nn.Identity, nn.Dropout)  # FoldedBatchNorm is an Identity
-_ACTIVATIONS = (nn.Hardtanh, nn.ReLU)  # aliasing when inplace
-
-
-def _overwritable(residual, consumer, modules, order) -> bool:
-    """True when nothing reads ``residual``'s storage after ``consumer``: its value is a module's new
-    output, perhaps passed through identities or in-place activations, and every other reader of it
-    and of the values it passed through comes before ``consumer``."""
-    node = residual
-    while isinstance(node, torch.fx.Node) and node.op == "call_module":
-        if any(order[user] > order[consumer] for user in node.users if user is not consumer):
-            return False
-        module = modules[node.target]
-        if isinstance(module, (FusedBinaryLayer, *_FRESH_OUTPUT)):
-            return True
-        if isinstance(module, _ACTIVATIONS) and not module.inplace:
-            return True
-        if not isinstance(module, (*_ALIASING, *_ACTIVATIONS)) or len(node.args) != 1:
-            return False
-        node = node.args[0]
-    return False
-
-
-def _mark_overwritable_residuals(graph_module, modules) -> None:
-    """A fused residual conv may write its output over its residual when nothing reads the residual
-    after it: the activation memory of a ResNet block is then one float map, not two."""
-    order = {node: i for i, node in enumerate(graph_module.graph.nodes)}
-    for node in graph_module.graph.nodes:
-        layer = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(layer, FusedBinaryLayer) and len(node.args) == 2:
-            layer.overwrite_residual = _overwritable(node.args[1], node, modules, order)
-
-
 def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
     """A packed model (``pack_model``'s result, eval mode) in which binary layers pass packed bits to
     each other (see the module docstring).  Works on a copy unless ``inplace`` (then the returned
@@ -403,7 +362,6 @@ def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
         last.replace_all_uses_with(node)
         for dead in ([clamp_node] if clamp_node is not None else []) + [add_node, *reversed(chain)]:
             graph_module.graph.erase_node(dead)
-    _mark_overwritable_residuals(graph_module, modules)
     graph_module.graph.lint()
     graph_module.recompile()
     return graph_module

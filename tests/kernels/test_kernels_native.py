@@ -6,7 +6,9 @@ scalar).  Integers are compared exactly; the float output bit for bit with ``ker
 """
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +181,8 @@ def test_cached_call_plans_follow_new_shapes_and_in_place_changes(gen):
                                   add=add, residual=residual)
             assert torch.equal(got, kernels.epilogue(acc, scale=mul.float(), bias=add) + residual)
             mul.mul_(2.0)
+    for copied in (copy.deepcopy(weights), pickle.loads(pickle.dumps(weights))):  # plans hold raw pointers
+        assert not copied.plans and torch.equal(cpu_native.conv(x_words, copied, (1, 1), (1, 1), (1, 1)), acc)
     with pytest.raises(ValueError, match="residual must be"):
         cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_FLOAT, mul=mul, add=add,
                         residual=torch.zeros(2, 4, 4, 16))
