@@ -104,10 +104,9 @@ struct Prim {
   static inline V vand(V a, V b) { return _mm512_and_si512(a, b); }
   static inline void zero(Acc& a) { a = _mm512_setzero_si512(); }
   static inline void acc_popc(Acc& a, V v) { a = _mm512_add_epi64(a, _mm512_popcnt_epi64(v)); }
-  static inline void flush(Acc& a, uint32_t* tot) {
-    alignas(64) uint64_t s[8];
-    _mm512_store_si512((void*)s, a);
-    for (int j = 0; j < 8; ++j) tot[j] += (uint32_t)s[j];
+  static inline void flush(Acc& a, uint32_t* tot) {  // the low 32 bits of each count (vpmovqd), added in one vector
+    const __m256i sums = _mm512_cvtepi64_epi32(a);
+    _mm256_storeu_si256((__m256i*)tot, _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)tot), sums));
     zero(a);
   }
 };
