@@ -238,7 +238,7 @@ def _identity(v):
     changes count; an inference tensor has no version: see ``_ConvPlan.cacheable``)."""
     if isinstance(v, torch.Tensor):
         return (id(v), v.data_ptr(), -1 if v.is_inference() else v._version)
-    return v if v is None or isinstance(v, (int, float)) else (id(v),)
+    return v if v is None or isinstance(v, (int, float)) else (id(v),)  # never cached (see cacheable)
 
 
 class _ConvPlan:
@@ -263,9 +263,11 @@ class _ConvPlan:
             raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
         self.keep = (mul, add)
         self.mul_t, self.add_t = _transform(mode, mul, add, weights.out_features)
-        # A converted copy of an inference tensor would not see its in-place changes: not cached.
-        self.cacheable = not any(isinstance(v, torch.Tensor) and v.is_inference() and t is not v
-                                 for v, t in ((mul, self.mul_t), (add, self.add_t)))
+        # A converted copy would not see in-place changes that the key cannot tell: those of an
+        # inference tensor (no version counter) or of a list / array.  Such plans are not cached.
+        self.cacheable = all(v is None or isinstance(v, (int, float))
+                             or (isinstance(v, torch.Tensor) and (t is v or not v.is_inference()))
+                             for v, t in ((mul, self.mul_t), (add, self.add_t)))
         self.sums = weights.tap_sums if zero_padding and (ph or pw) else None
         out_features = weights.out_features
         template = _output(0, out_features, mode)

@@ -181,6 +181,11 @@ def test_cached_call_plans_follow_new_shapes_and_in_place_changes(gen):
                                   add=add, residual=residual)
             assert torch.equal(got, kernels.epilogue(acc, scale=mul.float(), bias=add) + residual)
             mul.mul_(2.0)
+    listed = [1.0] * 16  # a list converted to a tensor: changed in place, it must still count
+    first = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_FLOAT, mul=listed, add=0.0)
+    listed[0] = 3.0
+    again = cpu_native.conv(x_words, weights, (1, 1), (1, 1), (1, 1), mode=native.OUT_FLOAT, mul=listed, add=0.0)
+    assert torch.equal(again[..., 1:], first[..., 1:]) and torch.equal(again[..., 0], 3 * first[..., 0])
     for copied in (copy.deepcopy(weights), pickle.loads(pickle.dumps(weights))):  # plans hold raw pointers
         assert not copied.plans and torch.equal(cpu_native.conv(x_words, copied, (1, 1), (1, 1), (1, 1)), acc)
     with pytest.raises(ValueError, match="residual must be"):
