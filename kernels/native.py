@@ -42,6 +42,7 @@ __all__ = [
     "isas",
     "using_isa",
     "pool",
+    "pools",
     "using_pool",
     "library",
     "ConvArgs",
@@ -190,6 +191,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     signatures = {
         "bq_set_num_threads": (None, [ctypes.c_int]),
         "bq_use_openmp": (ctypes.c_int, [ctypes.c_int]),
+        "bq_openmp_built": (ctypes.c_int, []),
         "bq_isa_count": (ctypes.c_int, []),
         "bq_isa_name": (ctypes.c_char_p, [ctypes.c_int]),
         "bq_isa_supported": (ctypes.c_int, [ctypes.c_int]),
@@ -241,9 +243,14 @@ POOLS = ("openmp", "own")
 def _select_pool(lib, name: str, source: str) -> None:
     if name not in (*POOLS, "auto"):
         raise ValueError(f"{source}={name!r} is not a thread pool of the native kernels; valid: openmp, own, auto")
-    lib.bq_use_openmp({"openmp": 1, "own": 0}.get(name, 1))
-    if name == "openmp" and not lib.bq_use_openmp(-1):
+    if name == "openmp" and not lib.bq_openmp_built():
         raise ValueError(f"{source}=openmp: the native kernels were built without OpenMP here (valid: own, auto)")
+    lib.bq_use_openmp(0 if name == "own" else 1)  # auto: OpenMP where built (the library ignores it otherwise)
+
+
+def pools() -> list[str]:
+    """The thread pools built here: ``own`` always, ``openmp`` first when the library has OpenMP."""
+    return list(POOLS) if library().bq_openmp_built() else [POOLS[1]]
 
 
 def pool() -> str:

@@ -253,13 +253,16 @@ void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void* ctx) {
       threads = g_threads;
     }
     if (threads > tasks) threads = (int)tasks;
+    Job job;
+    job.fn = fn;
+    job.ctx = ctx;
+    job.tasks = tasks;
     if (threads <= 1 || omp_in_parallel()) {
-      for (int64_t t = 0; t < tasks; ++t) fn(ctx, t);
+      job.work();
       return;
     }
-    std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(threads)
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) fn(ctx, t);
+    job.work();
     return;
   }
 #endif
@@ -288,6 +291,14 @@ __attribute__((visibility("default"))) int bq_use_openmp(int use) {
   (void)use;
 #endif
   return g_use_openmp.load() ? 1 : 0;
+}
+
+__attribute__((visibility("default"))) int bq_openmp_built() {
+#if defined(_OPENMP)
+  return 1;
+#else
+  return 0;
+#endif
 }
 
 __attribute__((visibility("default"))) int bq_isa_count() { return kIsaCount; }

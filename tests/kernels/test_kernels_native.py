@@ -220,13 +220,9 @@ def test_packing_equals_pack_bits(isa, gen):
         cpu_native.pack_pixels(torch.full((1, 3, 2, 2), float("nan")))
 
 
-def pools_built_here() -> list[str]:
-    return ["openmp", "own"] if native.available() and native.library().bq_use_openmp(-1) else ["own"]
-
-
 @pytest.mark.parametrize("pool", ["openmp", "own"])
 def test_results_do_not_depend_on_the_thread_count_or_pool(gen, pool):
-    if pool not in pools_built_here():
+    if pool not in native.pools():
         pytest.skip("the native kernels were built without OpenMP here")
     x, weight = torch.randn(4, 96, 9, 9, generator=gen), torch.randn(200, 96, 3, 3, generator=gen)
     x_words, weights = cpu_native.pack_pixels(x), prepacked_conv(weight, 1)
@@ -252,7 +248,7 @@ def test_without_openmp_the_build_falls_back_to_the_own_pool(tmp_path):
 
 def test_openmp_pool_shares_torchs_openmp_runtime():
     """One libgomp in the process: the kernels' team is torch's, not a second pool beside it."""
-    if "openmp" not in pools_built_here():
+    if "openmp" not in native.pools():
         pytest.skip("the native kernels were built without OpenMP here")
     maps = "sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l})"
     done = run_python(f"import torch\nprint({maps})\nfrom kernels import native\nnative.library()\nprint({maps})")
@@ -274,7 +270,7 @@ def run_python(code: str, **env_changes) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("variable,getter,choices,bad,valid", [
     ("BITQAT_CPU_ISA", "isa", lambda: native_isas()[-1:], "sse9", "valid:"),  # the portable one
-    ("BITQAT_CPU_POOL", "pool", pools_built_here, "tbb", "valid: openmp, own"),
+    ("BITQAT_CPU_POOL", "pool", lambda: native.pools(), "tbb", "valid: openmp, own"),
 ])
 def test_forcing_an_instruction_set_or_pool_by_environment(variable, getter, choices, bad, valid):
     for forced in choices():
