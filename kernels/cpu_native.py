@@ -37,7 +37,12 @@ __all__ = [
     "pack_pixels",
     "conv",
     "linear",
+    "conv_plan",
+    "PlanCache",
     "maxpool_bits",
+    "MaxPoolBitsPlan",
+    "affine_sign_pack",
+    "FloatConvSign",
     "ternary_prepack",
     "ternary_matmul",
     "peak_bitmacs_per_s",
@@ -60,14 +65,14 @@ __all__ = [
 PANEL = 8
 
 
-class _PlanCache(dict):
-    """conv's plans: pointers into this process's tensors, so a copy or a pickle starts empty."""
+class PlanCache(dict):
+    """Call plans (pointers into this process's tensors), so a copy or a pickle starts empty."""
 
     def __deepcopy__(self, memo):
-        return _PlanCache()
+        return PlanCache()
 
     def __reduce__(self):
-        return (_PlanCache, ())
+        return (PlanCache, ())
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class Prepacked:
     cin_per_group: int
     kernel_size: tuple[int, int]
     #: :func:`conv`'s call plans for these weights, by input geometry and output transform
-    plans: dict = field(default_factory=lambda: _PlanCache(), compare=False, repr=False)
+    plans: dict = field(default_factory=lambda: PlanCache(), compare=False, repr=False)
 
     @property
     def taps(self) -> int:
@@ -220,17 +225,27 @@ def conv(x_words: torch.Tensor, weights: Prepacked, stride=(1, 1), padding=(0, 0
     argument block cost more than a small layer's kernel.
     """
     x_words = x_words.contiguous()
-    key = (tuple(x_words.shape), tuple(stride), tuple(padding), tuple(dilation), bool(zero_padding), mode,
-           _identity(mul), _identity(add), residual is not None, None if clamp is None else tuple(clamp))
+    return conv_plan(x_words.shape, weights, stride, padding, dilation, zero_padding=zero_padding, mode=mode, mul=mul,
+                     add=add, with_residual=residual is not None, clamp=clamp).run(x_words, residual)
+
+
+def conv_plan(x_shape, weights: Prepacked, stride=(1, 1), padding=(0, 0), dilation=(1, 1), *,
+              zero_padding: bool = True, mode: int = native.OUT_INT32, mul=None, add=None,
+              with_residual: bool = False, clamp=None) -> _ConvPlan:
+    """The checked call of :func:`conv` for inputs of shape ``x_shape``: ``plan.run(x_words,
+    residual)`` is ``conv(x_words, ...)`` without the per-call work (a caller that runs the same
+    layer many times, as a fused chain does at batch 1, keeps the plan)."""
+    key = (tuple(x_shape), tuple(stride), tuple(padding), tuple(dilation), bool(zero_padding), mode,
+           _identity(mul), _identity(add), bool(with_residual), None if clamp is None else tuple(clamp))
     plan = weights.plans.get(key)
     if plan is None:
-        plan = _ConvPlan(weights, key[0], key[1], key[2], key[3], zero_padding, mode, mul, add, residual is not None,
+        plan = _ConvPlan(weights, key[0], key[1], key[2], key[3], zero_padding, mode, mul, add, bool(with_residual),
                          clamp)
         if plan.cacheable:
             if len(weights.plans) >= 64:  # a bound for callers that pass new mul / add tensors every time
                 weights.plans.clear()
             weights.plans[key] = plan
-    return plan.run(x_words, residual)
+    return plan
 
 
 def _identity(v):
@@ -262,6 +277,7 @@ class _ConvPlan:
         if ho < 1 or wo < 1:
             raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
         self.keep = (mul, add)
+        self.x_shape, self.with_residual = torch.Size(shape), with_residual
         self.mul_t, self.add_t = _transform(mode, mul, add, weights.out_features)
         # A converted copy would not see in-place changes that the key cannot tell: those of an
         # inference tensor (no version counter) or of a list / array.  Such plans are not cached.
@@ -283,7 +299,12 @@ class _ConvPlan:
             _ptr(self.mul_t) if sign_out else None, _ptr(self.add_t) if sign_out else None,
             None, out_features, int(clamp is not None), lo, hi)
 
-    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if x_words.shape != self.x_shape or x_words.dtype != torch.int64 or not x_words.is_contiguous():
+            raise ValueError(f"this plan takes contiguous int64 words of shape {tuple(self.x_shape)}, "
+                             f"got {x_words.dtype} {tuple(x_words.shape)}")
+        if (residual is not None) != self.with_residual:
+            raise ValueError("this plan was made " + ("with" if self.with_residual else "without") + " a residual")
         out = torch.empty((self.rows, self.cols), dtype=self.dtype)
         args = native.ConvArgs.from_buffer_copy(self.args)
         args.x, args.out = x_words.data_ptr(), out.data_ptr()
@@ -311,14 +332,100 @@ def linear(a_words: torch.Tensor, weights: Prepacked, *, mode: int = native.OUT_
 def maxpool_bits(bits: torch.Tensor, and_mask: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:
     """Max-pool of signs on packed NHWC words ``[N, H, W, words]``: per channel the AND (bit 1 in
     ``and_mask[words]``) or the OR of the window's bits; out-of-range taps are skipped."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    n, h, w, words = bits.shape
-    ho, wo = _output_size((h, w), kernel_size, stride, padding, dilation)
-    bits, and_mask = bits.contiguous(), and_mask.contiguous()
-    out = torch.empty((n, ho, wo, words), dtype=torch.int64)
-    native.library().bq_maxpool_bits(_ptr(bits), n, h, w, words, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo,
-                                     _ptr(and_mask), _ptr(out))
+    bits = bits.contiguous()
+    return MaxPoolBitsPlan(bits.shape, and_mask, kernel_size, stride, padding, dilation).run(bits)
+
+
+class MaxPoolBitsPlan:
+    """:func:`maxpool_bits` for one input shape, its geometry checked and its arguments converted once."""
+
+    def __init__(self, shape, and_mask: torch.Tensor, kernel_size, stride, padding, dilation):
+        n, h, w, words = shape
+        ho, wo = _output_size((h, w), kernel_size, stride, padding, dilation)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"input {h}x{w} is too small for pooling window {tuple(kernel_size)}")
+        if tuple(and_mask.shape) != (words,):
+            raise ValueError(f"and_mask must have {words} words, got {tuple(and_mask.shape)}")
+        # kept with the plan: the call reads its pointer
+        ready = and_mask.dtype == torch.int64 and and_mask.is_contiguous() and not and_mask.requires_grad
+        self.and_mask = and_mask if ready else and_mask.detach().to(torch.int64).contiguous()
+        self.x_shape, self.out_shape = torch.Size(shape), (n, ho, wo, words)
+        geometry = [int(v) for pair in (kernel_size, stride, padding, dilation) for v in pair]
+        self.args = (n, h, w, words, *geometry, ho, wo)
+
+    def run(self, bits: torch.Tensor) -> torch.Tensor:
+        if bits.shape != self.x_shape or bits.dtype != torch.int64 or not bits.is_contiguous():
+            raise ValueError(f"this plan takes contiguous int64 words of shape {tuple(self.x_shape)}, "
+                             f"got {bits.dtype} {tuple(bits.shape)}")
+        out = torch.empty(self.out_shape, dtype=torch.int64)
+        native.library().bq_maxpool_bits(bits.data_ptr(), *self.args, self.and_mask.data_ptr(), out.data_ptr())
+        return out
+
+
+def affine_sign_pack(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """int64 ``[N, H, W, ceil(C/64)]``: the packed signs of ``x * mul[c] + add[c]`` for float32
+    NCHW ``x`` in any memory format (read through its strides, no copy), computed in float64 with
+    two roundings -- the rule of ``OUT_SIGN`` (``mul``, ``add``: ``[C]``, float64)."""
+    n, c, h, w = x.shape
+    if x.dtype != torch.float32:
+        raise ValueError(f"x must be float32, got {x.dtype}")
+    mul, add = (torch.as_tensor(v).detach().to(torch.float64).expand(c).contiguous() for v in (mul, add))
+    out = torch.empty((n, h, w, packed_words(c)), dtype=torch.int64)
+    nans = native.library().bq_affine_sign_pack(x.data_ptr(), n, c, h, w, *x.stride(), mul.data_ptr(), add.data_ptr(),
+                                                out.data_ptr())
+    _refuse_nan(nans, "x")
     return out
+
+
+class FloatConvSign:
+    """A float convolution (zero padding, groups = 1) whose output a binary layer reads only
+    through its sign, computed with that sign and packed in one pass (``bq_float_conv_sign``):
+    ``bits = sign(conv(x) * mul[o] + add[o])``, the conv summed in float32 in (c, i, j) order
+    without FMA, the affine map in float64 with two roundings (``OUT_SIGN``'s rule).  For first
+    layers of a few input channels (mnist_cnn's 1 -> 32), where a separate conv, BatchNorm and
+    packing pass cost more than the arithmetic.  ``run(x)`` takes float32 NCHW ``x`` in any
+    memory format and returns int64 ``[N, Ho, Wo, ceil(O/64)]``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation, mul, add):
+        o, c, kh, kw = weight.shape
+        blocks = packed_words(o)
+        padded = torch.zeros(blocks * 64, c * kh * kw, dtype=torch.float32)
+        padded[:o] = weight.detach().float().reshape(o, -1)
+        self.weight = padded.reshape(blocks, 64, -1).transpose(1, 2).contiguous()  # [block][c*kh*kw][64]
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.mul, self.add = (torch.cat([torch.as_tensor(v).detach().double().expand(o),
+                                         torch.zeros(blocks * 64 - o, dtype=torch.float64)]).contiguous()
+                              for v in (mul, add))
+        self.shape = (o, c, kh, kw)
+        self.geometry = tuple(tuple(int(v) for v in pair) for pair in (stride, padding, dilation))
+        self._plans = PlanCache()  # (shape, strides) -> (args, output shape)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.shape[1]:
+            raise ValueError(f"x must be float32 [N, {self.shape[1]}, H, W], got {x.dtype} {tuple(x.shape)}")
+        key = (x.shape, x.stride())
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(x)
+        template, out_shape = plan
+        out = torch.empty(out_shape, dtype=torch.int64)
+        args = native.FloatConvSignArgs.from_buffer_copy(template)
+        args.x, args.out = x.data_ptr(), out.data_ptr()
+        native.sync_threads()
+        _refuse_nan(native.library().bq_float_conv_sign(ctypes.byref(args)), "the convolution's output")
+        return out
+
+    def _plan(self, x):
+        n, c, h, w = x.shape
+        o, _, kh, kw = self.shape
+        (sh, sw), (ph, pw), (dh, dw) = self.geometry
+        ho, wo = _output_size((h, w), (kh, kw), *self.geometry)
+        if ho < 1 or wo < 1:
+            raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
+        args = native.FloatConvSignArgs(None, n, c, h, w, *x.stride(), _ptr(self.weight), _ptr(self.bias),
+                                        o, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, _ptr(self.mul), _ptr(self.add),
+                                        None)
+        return args, (n, ho, wo, packed_words(o))
 
 
 def ternary_prepack(b_planes, k: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:

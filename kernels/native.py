@@ -83,6 +83,18 @@ def _arch() -> str:
     return "other"
 
 
+class FloatConvSignArgs(ctypes.Structure):
+    """Mirror of ``BqFloatConvSignArgs`` in ``native_src/bitkernels.h``."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p),
+        *[(name, ctypes.c_int64) for name in ("n", "c", "h", "w", "stride_n", "stride_c", "stride_h", "stride_w")],
+        ("weight", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+        *[(name, ctypes.c_int64) for name in ("o", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "ho", "wo")],
+        ("mul", ctypes.c_void_p), ("add", ctypes.c_void_p), ("out", ctypes.c_void_p),
+    ]
+
+
 class ConvArgs(ctypes.Structure):
     """Mirror of ``BqConvArgs`` in ``native_src/bitkernels.h``."""
 
@@ -198,12 +210,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_select_isa": (ctypes.c_int, [ctypes.c_char_p]),
         "bq_selected_isa": (ctypes.c_char_p, []),
         "bq_conv": (None, [ctypes.POINTER(ConvArgs)]),
+        "bq_float_conv_sign": (c_i64, [ctypes.POINTER(FloatConvSignArgs)]),
         "bq_ternary_gemm": (None, [c_ptr, c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_ptr]),
         "bq_pack_rows": (c_i64, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64]),
         "bq_pack_planes": (c_i64, [c_ptr, c_i64, c_i64, c_i64, c_i64, c_ptr]),
         "bq_prepack_panels": (None, [c_ptr, c_i64, c_i64, c_ptr]),
         "bq_peak_bitmacs_per_s": (ctypes.c_double, [c_i64]),
         "bq_maxpool_bits": (None, [c_ptr, *[c_i64] * 14, c_ptr, c_ptr]),
+        "bq_affine_sign_pack": (c_i64, [c_ptr, *[c_i64] * 8, c_ptr, c_ptr, c_ptr]),
         "bq_ternary_i8_prepack": (None, [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_ptr]),
         "bq_ternary_i8_gemm": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_ptr]),
         "bq_quantize_i8": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_ptr]),

@@ -40,6 +40,22 @@ typedef struct {
   float clamp_lo, clamp_hi;
 } BqConvArgs;
 
+// A float convolution of a few input channels whose output a binary layer reads only through
+// its sign (bq_float_conv_sign): mnist_cnn's first conv -> max-pool -> BatchNorm -> binary conv.
+//   y[o] = sum over c, i, j in that order of x[c, iy, ix] * w[c, i, j, o], float32, no FMA; taps in
+//          the zero padding are skipped (they would add 0); then + bias[o] (float32) if given;
+//   bit  = (double)y * mul[o] + add[o] < 0 (two roundings, as BQ_OUT_SIGN), pad bits 0.
+typedef struct {
+  const float* x;           // [n][c][h][w] through the element strides below (NCHW or channels_last)
+  int64_t n, c, h, w, stride_n, stride_c, stride_h, stride_w;
+  const float* weight;      // [ceil(o/64)][c * kh * kw][64]: 64 output channels per block, zero past o
+  const float* bias;        // [o] or NULL
+  int64_t o, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+  const double* mul;        // [ceil(o/64) * 64] (zero past o)
+  const double* add;
+  uint64_t* out;            // [n][ho][wo][ceil(o/64)]
+} BqFloatConvSignArgs;
+
 // A prepared ternary x int8 linear layer (bq_ternary_i8_layer): everything but the input, so that
 // a call from Python converts four arguments, not eleven (microseconds at batch 1).
 typedef struct {

@@ -42,12 +42,13 @@
   extern "C" int64_t bq_##isa##_quantize_i8(const float*, int64_t, int64_t, int64_t, float, int8_t*, int64_t, \
                                             float*);                                                  \
   extern "C" int64_t bq_##isa##_ternary_i8_linear(const float*, int64_t, int64_t, int64_t, float,     \
-                                                  const uint8_t*, int64_t, int64_t, float, const float*, float*);
+                                                  const uint8_t*, int64_t, int64_t, float, const float*, float*); \
+  extern "C" int64_t bq_##isa##_float_conv_sign(const BqFloatConvSignArgs*);
 
 #define BQ_ENTRY(isa, supported)                                                                   \
   {#isa, supported, bq_##isa##_conv, bq_##isa##_ternary_gemm, bq_##isa##_pack_rows,               \
    bq_##isa##_pack_planes, bq_##isa##_peak_bitmacs, bq_##isa##_ternary_i8_gemm, bq_##isa##_quantize_i8, \
-   bq_##isa##_ternary_i8_linear}
+   bq_##isa##_ternary_i8_linear, bq_##isa##_float_conv_sign}
 
 #ifdef BQ_HAVE_SCALAR
 BQ_DECLARE(scalar)
@@ -80,6 +81,7 @@ struct Isa {
   int64_t (*quantize_i8)(const float*, int64_t, int64_t, int64_t, float, int8_t*, int64_t, float*);
   int64_t (*ternary_i8_linear)(const float*, int64_t, int64_t, int64_t, float, const uint8_t*, int64_t, int64_t,
                                float, const float*, float*);
+  int64_t (*float_conv_sign)(const BqFloatConvSignArgs*);
 };
 
 bool always() { return true; }
@@ -331,6 +333,10 @@ __attribute__((visibility("default"))) const char* bq_selected_isa() {
 
 __attribute__((visibility("default"))) void bq_conv(const BqConvArgs* args) { g_isa->conv(args); }
 
+__attribute__((visibility("default"))) int64_t bq_float_conv_sign(const BqFloatConvSignArgs* args) {
+  return g_isa->float_conv_sign(args);
+}
+
 __attribute__((visibility("default"))) void bq_ternary_gemm(const uint64_t* sa, const uint64_t* ma, int64_t m,
                                                             const uint64_t* sb_panels, const uint64_t* mb_panels,
                                                             int64_t n, int64_t words, int32_t* out) {
@@ -403,6 +409,37 @@ __attribute__((visibility("default"))) int64_t bq_ternary_i8_layer(const BqI8Lay
                                                                    int64_t m, float* out) {
   return g_isa->ternary_i8_linear(x, m, layer->k, layer->k, layer->rms_eps, layer->codes, layer->n, layer->kp,
                                   layer->weight_scale, layer->bias, out);
+}
+
+// Signs of a per-channel affine map of float32 activations, packed NHWC [n][h][w][ceil(c/64)]:
+// bit = (double)x * mul[ch] + add[ch] < 0 (two roundings, as BQ_OUT_SIGN), pad bits 0.  x is read
+// through its element strides, so NCHW and channels_last tensors need no copy.  Returns how many
+// NaNs it saw (NaN has no sign: the caller refuses them).
+__attribute__((visibility("default"))) int64_t bq_affine_sign_pack(const float* x, int64_t n, int64_t c, int64_t h,
+                                                                   int64_t w, int64_t stride_n, int64_t stride_c,
+                                                                   int64_t stride_h, int64_t stride_w,
+                                                                   const double* mul, const double* add,
+                                                                   uint64_t* out) {
+  const int64_t words = (c + 63) / 64;
+  int64_t nans = 0;
+  for (int64_t b = 0; b < n; ++b)
+    for (int64_t y = 0; y < h; ++y)
+      for (int64_t xx = 0; xx < w; ++xx) {
+        const float* pixel = x + b * stride_n + y * stride_h + xx * stride_w;
+        uint64_t* dst = out + ((b * h + y) * w + xx) * words;
+        for (int64_t k = 0; k < words; ++k) {
+          const int64_t first = k * 64, count = c - first < 64 ? c - first : 64;
+          uint64_t word = 0;
+          for (int64_t j = 0; j < count; ++j) {
+            const float v = pixel[(first + j) * stride_c];
+            const double z = (double)v * mul[first + j] + add[first + j];
+            word |= (uint64_t)(z < 0.0) << j;
+            nans += v != v;
+          }
+          dst[k] = word;
+        }
+      }
+  return nans;
 }
 
 // Max-pool of signs on packed NHWC words [n][h][w][words]: per bit the AND (where and_mask has a

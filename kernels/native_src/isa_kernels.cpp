@@ -743,6 +743,159 @@ int32_t quantize_row(const float* x, int64_t k, int64_t kp, float rms_eps, int8_
   return sum;
 }
 
+// bq_float_conv_sign: one task per output row (image b, row oy); NaN outputs are counted.  The
+// accumulators of one pixel's 64-channel block live in NV native-width vectors (GCC vector
+// extensions, VB bytes: the instruction set's register).
+#if defined(BQ_ISA_AVX512)
+constexpr int VB = 64;
+#elif defined(BQ_ISA_AVX2)
+constexpr int VB = 32;
+#else
+constexpr int VB = 16;
+#endif
+constexpr int FL = VB / 4, DL = VB / 8;  // floats, doubles per vector
+constexpr int ACC_REGS = VB == 64 ? 24 : 8;  // accumulator vectors that fit in the register file (32 / 16)
+// Unaligned, and allowed to alias the floats / doubles they are loaded from (loads through a
+// pointer cast, not memcpy: GCC splits a memcpy into halves, stalling store forwarding).
+typedef float FV __attribute__((vector_size(VB), aligned(4), may_alias));
+typedef float FH __attribute__((vector_size(VB / 2), aligned(4), may_alias));
+typedef double DV __attribute__((vector_size(VB), aligned(8), may_alias));
+
+struct FloatConvSignPlan {
+  const BqFloatConvSignArgs* a;
+  int64_t blocks, taps_c;  // 64-channel blocks, c * kh * kw
+  int64_t nans;            // summed with an atomic add
+};
+
+// Bit i of the result = (z[i] < 0) for the DL doubles of z.
+inline unsigned negative_bits(DV z) {
+#if defined(BQ_ISA_AVX512)
+  return (unsigned)_mm512_cmp_pd_mask((__m512d)z, _mm512_setzero_pd(), _CMP_LT_OQ);
+#elif defined(BQ_ISA_AVX2)
+  return (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)z, _mm256_setzero_pd(), _CMP_LT_OQ));
+#else
+  unsigned bits = 0;
+  for (int i = 0; i < DL; ++i) bits |= (unsigned)(z[i] < 0.0) << i;
+  return bits;
+#endif
+}
+
+// The accumulators of P pixels in a row (P independent add chains, so the adds' latency overlaps).
+// Inside the image each tap reads x through `offsets` (relative to a window's corner `base`, tap
+// order (c, i, j); the next pixel's corner is `step` floats on); a pixel at the border (P = 1,
+// offsets = NULL) checks every tap.
+template <int NV, int P>
+void accumulate(const BqFloatConvSignArgs& a, const float* wb, const float* base, int64_t step,
+                const int64_t* offsets, int64_t b, int64_t oy, int64_t ox, FV (*acc)[NV]) {
+  for (int p = 0; p < P; ++p)
+    for (int v = 0; v < NV; ++v) acc[p][v] = FV{};
+  if (offsets) {
+    const int64_t taps = a.c * a.kh * a.kw;
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* xt = base + offsets[t];
+      for (int v = 0; v < NV; ++v) {
+        const FV w = *(const FV*)(wb + t * 64 + FL * v);
+        for (int p = 0; p < P; ++p) acc[p][v] += xt[p * step] * w;
+      }
+    }
+    return;
+  }
+  for (int64_t ch = 0; ch < a.c; ++ch)
+    for (int64_t i = 0; i < a.kh; ++i) {
+      const int64_t iy = oy * a.sh - a.ph + i * a.dh;
+      if (iy < 0 || iy >= a.h) continue;
+      const float* row = a.x + b * a.stride_n + ch * a.stride_c + iy * a.stride_h;
+      const float* wt = wb + (ch * a.kh + i) * a.kw * 64;
+      for (int64_t j = 0; j < a.kw; ++j, wt += 64) {
+        const int64_t ix = ox * a.sw - a.pw + j * a.dw;
+        if (ix < 0 || ix >= a.w) continue;
+        const float x = row[ix * a.stride_w];
+        for (int v = 0; v < NV; ++v) acc[0][v] += x * *(const FV*)(wt + FL * v);
+      }
+    }
+}
+
+// P pixels' words of output channels [first, first + count): accumulate, + bias, then the signs
+// of y * mul + add in float64, DL channels at a time.  dst[p * dst_step] gets pixel p's word.
+template <int NV, int P>
+int64_t float_conv_sign_block(const BqFloatConvSignArgs& a, const float* wb, const float* base, int64_t step,
+                              const int64_t* offsets, int64_t b, int64_t oy, int64_t ox, int64_t first,
+                              int64_t count, uint64_t* dst, int64_t dst_step) {
+  FV acc[P][NV];
+  accumulate<NV, P>(a, wb, base, step, offsets, b, oy, ox, acc);
+  int64_t nans = 0;
+  for (int p = 0; p < P; ++p) {
+    float y[FL * NV];
+    for (int v = 0; v < NV; ++v) *(FV*)(y + FL * v) = acc[p][v];
+    if (a.bias)
+      for (int64_t k = 0; k < count; ++k) y[k] += a.bias[first + k];
+    for (int64_t k = 0; k < count; ++k) nans += y[k] != y[k];
+    uint64_t word = 0;
+    for (int q = 0; q < 2 * NV; ++q) {
+      DV z = __builtin_convertvector(*(const FH*)(y + DL * q), DV) * *(const DV*)(a.mul + first + DL * q);
+      z = z + *(const DV*)(a.add + first + DL * q);
+      word |= (uint64_t)negative_bits(z) << (DL * q);
+    }
+    dst[p * dst_step] = count < 64 ? word & ((uint64_t(1) << count) - 1) : word;
+  }
+  return nans;
+}
+
+// float_conv_sign_block<NV, P> for the fewest vectors that hold count channels (the weights, mul
+// and add are zero past o, so whole vectors compute nothing wrong).
+template <int NV, int P>
+int64_t float_conv_sign_any(const BqFloatConvSignArgs& a, const float* wb, const float* base, int64_t step,
+                            const int64_t* offsets, int64_t b, int64_t oy, int64_t ox, int64_t first, int64_t count,
+                            uint64_t* dst, int64_t dst_step) {
+  if constexpr (NV < 64 / FL) {
+    if (count > NV * FL)
+      return float_conv_sign_any<NV + 1, P>(a, wb, base, step, offsets, b, oy, ox, first, count, dst, dst_step);
+  }
+  // at most ACC_REGS accumulators, so they stay in registers: fewer pixels per pass when NV is large
+  constexpr int PASS = NV * P <= ACC_REGS ? P : (ACC_REGS / NV > 0 ? ACC_REGS / NV : 1);
+  static_assert(P % PASS == 0 || PASS == 1, "pixels per pass must divide P");
+  int64_t nans = 0;
+  for (int p = 0; p < P; p += PASS)
+    nans += float_conv_sign_block<NV, PASS>(a, wb, base + p * step, step, offsets, b, oy, ox + p, first, count,
+                                            dst + p * dst_step, dst_step);
+  return nans;
+}
+
+void float_conv_sign_task(void* ctx, int64_t task) {
+  FloatConvSignPlan* plan = (FloatConvSignPlan*)ctx;
+  const BqFloatConvSignArgs& a = *plan->a;
+  const int64_t b = task / a.ho, oy = task % a.ho;
+  constexpr int64_t MAX_TAPS = 256;
+  int64_t offsets[MAX_TAPS];
+  const int64_t y0 = oy * a.sh - a.ph;
+  const bool rows_inside = y0 >= 0 && y0 + (a.kh - 1) * a.dh < a.h && plan->taps_c <= MAX_TAPS;
+  if (rows_inside)
+    for (int64_t ch = 0, t = 0; ch < a.c; ++ch)
+      for (int64_t i = 0; i < a.kh; ++i)
+        for (int64_t j = 0; j < a.kw; ++j, ++t)
+          offsets[t] = ch * a.stride_c + i * a.dh * a.stride_h + j * a.dw * a.stride_w;
+  constexpr int P = 4;  // pixels per call inside the image
+  const int64_t step = a.sw * a.stride_w;
+  int64_t nans = 0;
+  for (int64_t ox = 0; ox < a.wo;) {
+    const int64_t x0 = ox * a.sw - a.pw;
+    const bool inside = rows_inside && x0 >= 0 && (ox + P - 1) * a.sw - a.pw + (a.kw - 1) * a.dw < a.w;
+    const float* base = a.x + b * a.stride_n + y0 * a.stride_h + x0 * a.stride_w;
+    uint64_t* dst = a.out + ((b * a.ho + oy) * a.wo + ox) * plan->blocks;
+    for (int64_t blk = 0; blk < plan->blocks; ++blk) {
+      const int64_t first = blk * 64, count = a.o - first < 64 ? a.o - first : 64;
+      const float* wb = a.weight + blk * plan->taps_c * 64;
+      if (inside && ox + P <= a.wo)
+        nans += float_conv_sign_any<1, P>(a, wb, base, step, offsets, b, oy, ox, first, count, dst + blk,
+                                          plan->blocks);
+      else
+        nans += float_conv_sign_any<1, 1>(a, wb, base, step, nullptr, b, oy, ox, first, count, dst + blk, 0);
+    }
+    ox += inside && ox + P <= a.wo ? P : 1;
+  }
+  if (nans) __atomic_fetch_add(&plan->nans, nans, __ATOMIC_RELAXED);
+}
+
 }  // namespace
 
 extern "C" {
@@ -761,6 +914,14 @@ void BQ_EXPORT(conv)(const BqConvArgs* a) {
       memset((uint64_t*)a->out + p * a->out_stride, 0, sizeof(uint64_t) * ((a->groups * a->out_per_group + 63) / 64));
   const int64_t work = plan.pixels * a->groups * plan.panels_per_group * NR * plan.taps * a->group_words;
   run_tasks(plan.pixel_blocks * a->groups * plan.chunks_per_group, work, conv_task, &plan);
+}
+
+int64_t BQ_EXPORT(float_conv_sign)(const BqFloatConvSignArgs* a) {
+  FloatConvSignPlan plan{a, (a->o + 63) / 64, a->c * a->kh * a->kw, 0};
+  // work in the units run_tasks counts (word pairs): about one per 16 float multiply-adds
+  const int64_t work = a->n * a->ho * a->wo * plan.blocks * 64 * plan.taps_c / 16;
+  run_tasks(a->n * a->ho, work, float_conv_sign_task, &plan);
+  return plan.nans;
 }
 
 void BQ_EXPORT(ternary_gemm)(const uint64_t* sa, const uint64_t* ma, int64_t m, const uint64_t* sb_panels,

@@ -25,7 +25,14 @@ float32 operations in the same order, so bit-identical, without the two passes o
 
 Where a *float* layer's output reaches a binary conv through such a chain holding a BatchNorm or a
 max-pool, a ``SignPacker`` takes the chain's place: ``sign(y * M + A)`` packed, then the same bit
-pools (e.g. mnist_cnn's float first conv -> max-pool -> BatchNorm -> binary conv).
+pools (e.g. mnist_cnn's float first conv -> max-pool -> BatchNorm -> binary conv).  When that float
+layer is a small ``nn.Conv2d`` (at most ``SMALL_CONV_TAPS`` = C x kh x kw, groups 1, zero padding)
+used only there, the sign packer computes the conv too (``cpu_native.FloatConvSign``): the float
+output is never written.  Its float32 sum runs in (c, i, j) order, which may differ from torch's
+conv in the last bit -- again only a value within a rounding of the sign threshold can change.
+
+Each fused layer keeps its kernel call plans per input shape (at batch 1 the per-call checks cost
+more than mnist_cnn's kernels); a state-dict load empties them.
 
 What changes: the sign is taken of ``acc * M + A`` computed in float64, where the float model
 rounds each step in float32 -- the same kind of difference BatchNorm folding makes (a value
@@ -61,10 +68,17 @@ class PackedMaxPool2d(nn.Module):
         self.kernel_size, self.stride = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size)
         self.padding, self.dilation = pair(pool.padding), pair(pool.dilation)
         self.register_buffer("and_mask", and_mask)
+        self._plans = cpu_native.PlanCache()  # input shape -> MaxPoolBitsPlan
+
+    def plan(self, shape) -> cpu_native.MaxPoolBitsPlan:
+        plan = self._plans.get(shape)
+        if plan is None or plan.and_mask is not self.and_mask:  # a new buffer (a load, .to()) gets a new plan
+            plan = self._plans[shape] = cpu_native.MaxPoolBitsPlan(shape, self.and_mask, self.kernel_size,
+                                                                   self.stride, self.padding, self.dilation)
+        return plan
 
     def forward(self, bits: torch.Tensor) -> torch.Tensor:
-        return cpu_native.maxpool_bits(bits, self.and_mask, self.kernel_size, self.stride, self.padding,
-                                       self.dilation)
+        return self.plan(bits.shape).run(bits.contiguous())
 
 
 @dataclass
@@ -82,16 +96,33 @@ class FusedBinaryLayer(nn.Module):
     def __init__(self, layer: PackedLayer, takes_bits: bool, emit: Emit | None, flattened_input: bool = False):
         super().__init__()
         self.layer, self.takes_bits, self.flattened_input = layer, takes_bits, flattened_input
-        self.emit = emit
+        self.emits = emit is not None
+        if emit is not None:  # buffers, so that a state dict carries them
+            self.register_buffer("emit_mul", emit.mul.double().contiguous())
+            self.register_buffer("emit_add", emit.add.double().contiguous())
         self.pools = nn.ModuleList(emit.pools if emit else [])
         self.clamp = None  # (lo, hi): a Hardtanh after the residual add, applied as the output is written
         self._as_conv = {}  # flattened-input linear: spatial size -> prepacked conv weights
+        # (input shape, with residual) -> _Step; at batch 1 the per-call checks cost more than the kernels.
+        # Emptied by a state-dict load; an in-place edit of the buffers is not seen.
+        self._steps = cpu_native.PlanCache()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._as_conv, self._steps = {}, cpu_native.PlanCache()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        native_weights = self.layer.native_weights()
+        step = self._steps.get((x.shape, residual is None))
+        if step is None or step.native_weights is not native_weights or step.clamp != self.clamp:
+            step = self._steps[x.shape, residual is None] = self._step(x, residual, native_weights)
+        return step.run(x, residual)
+
+    def _step(self, x, residual, native_weights) -> _Step:
         layer = self.layer
-        weights, mul, add = layer.native_weights()
-        if self.emit is not None:
-            mode, mul, add = native.OUT_SIGN, self.emit.mul, self.emit.add
+        weights, mul, add = native_weights
+        if self.emits:
+            mode, mul, add = native.OUT_SIGN, self.emit_mul, self.emit_add
         else:
             mode = native.OUT_FLOAT
         if self.takes_bits:
@@ -100,19 +131,23 @@ class FusedBinaryLayer(nn.Module):
             x_bits, padding = layer.native_input(x)
         output = {"mode": mode, "mul": mul, "add": add}
         if self.flattened_input:  # bits [N, H, W, words] of the map the linear reads flattened
-            conv_weights = self._conv_weights(x_bits.shape[1:3])
-            y = cpu_native.conv(x_bits, conv_weights, **output).reshape(x_bits.shape[0], -1)
+            plan = cpu_native.conv_plan(x_bits.shape, self._conv_weights(x_bits.shape[1:3]), **output)
+        elif isinstance(layer, PackedConv2d):
+            s = layer.spec
+            plan = cpu_native.conv_plan(x_bits.shape, weights, s.stride, padding, s.dilation, **output,
+                                        with_residual=residual is not None, clamp=self.clamp)
+        else:  # a linear: a 1x1 conv over the rows
+            plan = cpu_native.conv_plan((1, 1, *x_bits.shape), weights, **output)
+        pools, shape = [], plan.final_shape[:3] + (plan.cols,)
+        for pool in self.pools:
+            pools.append(pool.plan(shape))
+            shape = pools[-1].out_shape
+        if self.flattened_input or not isinstance(layer, PackedConv2d):
+            layout, rows = "rows", x_bits.shape[0]  # [N, features] / the linear's [M, features]
         else:
-            if residual is not None:
-                output.update(residual=residual.permute(0, 2, 3, 1), clamp=self.clamp)
-            y = layer.native_compute(x_bits, padding, weights, **output)
-        if self.emit is not None:
-            for pool in self.pools:
-                y = pool(y)
-            return y
-        if isinstance(layer, PackedConv2d):
-            y = y.permute(0, 3, 1, 2)  # channels_last, the layout of the packed pipeline
-        return y
+            layout, rows = ("bits" if self.emits else "nchw"), None
+        return _Step(native_weights, self.clamp, None if self.takes_bits else layer.native_input, plan, pools,
+                     layout, rows)
 
     def _conv_weights(self, size):
         size = tuple(int(s) for s in size)
@@ -122,6 +157,31 @@ class FusedBinaryLayer(nn.Module):
             codes = self.layer.codes().reshape(spec.out_features, channels, *size)  # NCHW flatten order
             self._as_conv[size] = cpu_native.prepack_conv([kernels.pack_conv_weight(codes)], size, channels)
         return self._as_conv[size]
+
+
+@dataclass
+class _Step:
+    """One input shape of a :class:`FusedBinaryLayer`: the packing, the kernel's call plan, the bit
+    pools and the output's layout, worked out once."""
+
+    native_weights: tuple
+    clamp: tuple | None
+    pack: object  # the layer's native_input for float input; None when it takes bits
+    plan: object  # cpu_native conv plan
+    pools: list
+    layout: str  # "bits": packed NHWC words; "nchw": a channels_last float view; "rows": [rows, features]
+    rows: int | None
+
+    def run(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        bits = x.contiguous() if self.pack is None else self.pack(x)[0]
+        if bits.dim() == 2:  # a linear's rows
+            bits = bits.view(1, 1, *bits.shape)
+        y = self.plan.run(bits, None if residual is None else residual.permute(0, 2, 3, 1))
+        for pool in self.pools:
+            y = pool.run(y)
+        if self.layout == "nchw":
+            return y.permute(0, 3, 1, 2)  # channels_last, the layout of the packed pipeline
+        return y.reshape(self.rows, -1) if self.layout == "rows" else y
 
 
 class _Tracer(torch.fx.Tracer):
@@ -240,20 +300,49 @@ def _follow(producer, modules):
 
 class SignPacker(nn.Module):
     """Packs the signs of a float layer's output for a binary layer, in place of the BatchNorms,
-    sign-keeping activations and max-pools between them: ``bits = sign(y * mul + add)`` (float32),
-    then the bit pools."""
+    sign-keeping activations and max-pools between them: ``bits = sign(y * mul + add)`` per
+    channel (float64, two roundings, as a binary layer's ``OUT_SIGN``), then the bit pools, in one
+    native pass over ``y`` plus one per pool."""
 
-    def __init__(self, emit: Emit):
+    def __init__(self, emit: Emit, conv: nn.Conv2d | None = None):
         super().__init__()
-        self.register_buffer("mul", emit.mul.float().view(1, -1, 1, 1))
-        self.register_buffer("add", emit.add.float().view(1, -1, 1, 1))
+        self.register_buffer("mul", emit.mul.double().contiguous())
+        self.register_buffer("add", emit.add.double().contiguous())
         self.pools = nn.ModuleList(emit.pools)
+        self.conv = conv  # taken in: its output is read only through the sign
+        self._conv_sign = None
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        bits = cpu_native.pack_pixels(torch.addcmul(self.add, y, self.mul))
+        if self.conv is None:
+            bits = cpu_native.affine_sign_pack(y, self.mul, self.add)
+        else:  # y is the conv's input
+            if self._conv_sign is None:
+                c = self.conv
+                self._conv_sign = cpu_native.FloatConvSign(c.weight, c.bias, c.stride, c.padding, c.dilation,
+                                                           self.mul, self.add)
+            bits = self._conv_sign.run(y)
         for pool in self.pools:
-            bits = pool(bits)
+            bits = pool.plan(bits.shape).run(bits)
         return bits
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._conv_sign = None
+
+
+# A float conv folds into the sign packer that follows it when its taps are this few (C x kh x kw):
+# there the separate conv, BatchNorm and packing passes cost more than the arithmetic.
+SMALL_CONV_TAPS = 32
+
+
+def _small_float_conv(node, modules) -> nn.Conv2d | None:
+    """The float ``nn.Conv2d`` computing ``node`` when the sign packer can compute it itself."""
+    conv = modules.get(node.target) if node.op == "call_module" else None
+    if not (type(conv) is nn.Conv2d and len(node.users) == 1 and len(node.args) == 1 and not node.kwargs):
+        return None
+    small = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= SMALL_CONV_TAPS
+    plain = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    return conv if small and plain and conv.weight.dtype == torch.float32 else None
 
 
 def _float_feeds(graph_module, modules, fused_consumers):
@@ -289,7 +378,7 @@ def _residual_tails(graph_module, modules):
     found = []
     for node in graph_module.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        if not (isinstance(layer, FusedBinaryLayer) and layer.emit is None and isinstance(layer.layer, PackedConv2d)):
+        if not (isinstance(layer, FusedBinaryLayer) and not layer.emits and isinstance(layer.layer, PackedConv2d)):
             continue
         chain, value = [], node
         while len(value.users) == 1:
@@ -346,12 +435,15 @@ def fuse_binary_chains(packed: nn.Module, inplace: bool = False) -> nn.Module:
         for node in reversed(chain):
             graph_module.graph.erase_node(node)
     for index, (start, chain, consumer, emit) in enumerate(feeds):
-        graph_module.add_submodule(f"sign_packer_{index}", SignPacker(emit))
+        conv = _small_float_conv(start, modules)
+        graph_module.add_submodule(f"sign_packer_{index}", SignPacker(emit, conv))
         with graph_module.graph.inserting_after(start):
-            packer = graph_module.graph.call_module(f"sign_packer_{index}", (start,))
+            packer = graph_module.graph.call_module(f"sign_packer_{index}", start.args if conv else (start,))
         consumer.args = (packer,)
         for node in reversed(chain):
             graph_module.graph.erase_node(node)
+        if conv is not None:
+            graph_module.graph.erase_node(start)
     modules = dict(graph_module.named_modules())
     for node, chain, add_node, other, clamp_node in _residual_tails(graph_module, modules):
         last = clamp_node or add_node

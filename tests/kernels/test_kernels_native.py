@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import kernels
 from conftest import native_isas
 from kernels import cpu_native, native
+from kernels.conv import conv_output_size
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: "
                                 f"{native.unavailable_reason() if not native.available() else ''}")
@@ -218,6 +219,87 @@ def test_packing_equals_pack_bits(isa, gen):
         cpu_native.pack_rows(torch.tensor([[1.0, float("nan")]]))
     with pytest.raises(ValueError, match="NaN"):
         cpu_native.pack_pixels(torch.full((1, 3, 2, 2), float("nan")))
+
+
+def signs_packed(negative: torch.Tensor) -> torch.Tensor:
+    """Packed NHWC words of a boolean ``[N, H, W, C]`` "is negative" map (bit 1 = negative)."""
+    return kernels.pack_activations(torch.where(negative, -1.0, 1.0).permute(0, 3, 1, 2).contiguous())
+
+
+def float_conv_in_tap_order(x, w, b, stride, padding, dilation):
+    """float32 ``conv(x, w) (+ b)`` summed in (c, i, j) order, one rounding per product and per add."""
+    o, _, kh, kw = w.shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C kh kw, L]
+    acc = torch.zeros(x.shape[0], o, cols.shape[2])
+    for k, column in enumerate(w.reshape(o, -1).t()):
+        acc = acc + cols[:, k:k + 1] * column.view(1, o, 1)
+    return acc if b is None else acc + b.view(1, o, 1)
+
+
+FLOAT_CONV_CASES = [  # out channels, in channels, kernel, stride, padding, dilation, bias, batch, size
+    (32, 1, 3, 1, 0, 1, False, 2, (28, 28)),   # mnist_cnn's first conv
+    (70, 3, 3, 2, 1, 1, True, 3, (11, 9)),      # two words, the second partly used; padding, stride 2
+    (64, 2, 5, 1, 2, 2, False, 1, (9, 10)),     # dilation 2: every tap of the border pixels checked
+    (24, 2, 3, 2, 0, 1, False, 2, (9, 21)),     # stride 2 inside the image (pixels four at a time)
+    (130, 1, 3, 1, 1, 1, True, 1, (6, 12)),     # three words; 64-channel blocks in several passes
+    (1, 1, 1, 1, 0, 1, True, 1, (1, 1)),
+    (16, 3, 3, 1, 1, 1, False, 64, (16, 16)),  # enough work for the thread pool
+]
+
+
+@pytest.mark.parametrize("case", FLOAT_CONV_CASES, ids=str)
+def test_float_conv_sign_equals_the_float32_sum_in_tap_order(isa, gen, case):
+    o, c, k, stride, padding, dilation, with_bias, n, size = case
+    w, x = torch.randn(o, c, k, k, generator=gen), with_zeros(torch.randn(n, c, *size, generator=gen))
+    b = torch.randn(o, generator=gen) if with_bias else None
+    mul, add = torch.randn(o, generator=gen, dtype=torch.float64), torch.randn(o, generator=gen, dtype=torch.float64)
+    mul[0] = 0.0  # a constant channel: the sign of add alone
+    geometry = [(v, v) for v in (stride, padding, dilation)]
+    y = float_conv_in_tap_order(x, w, b, *geometry)
+    ho, wo = (conv_output_size(side, k, stride, padding, dilation) for side in size)
+    z = y.double() * mul.view(1, o, 1) + add.view(1, o, 1)
+    expected = signs_packed((z < 0).reshape(n, o, ho, wo).permute(0, 2, 3, 1))
+    conv = cpu_native.FloatConvSign(w, b, *geometry, mul, add)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        assert torch.equal(conv.run(x.contiguous(memory_format=memory_format)), expected), (isa, memory_format)
+
+
+def test_float_conv_sign_refuses_nan_and_wrong_input():
+    conv = cpu_native.FloatConvSign(torch.ones(4, 2, 3, 3), None, (1, 1), (1, 1), (1, 1), torch.ones(4),
+                                    torch.zeros(4))
+    x = torch.randn(1, 2, 5, 5)
+    x[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        conv.run(x)
+    with pytest.raises(ValueError, match=r"float32 \[N, 2, H, W\]"):
+        conv.run(torch.randn(1, 3, 5, 5))
+
+
+def test_affine_sign_pack_takes_the_sign_in_float64(gen):
+    x = with_zeros(torch.randn(3, 70, 5, 4, generator=gen))
+    mul, add = torch.randn(70, generator=gen, dtype=torch.float64), torch.randn(70, generator=gen, dtype=torch.float64)
+    z = x.double() * mul.view(1, -1, 1, 1) + add.view(1, -1, 1, 1)
+    expected = kernels.pack_activations(torch.where(z < 0, -1.0, 1.0).float())
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        assert torch.equal(cpu_native.affine_sign_pack(x.contiguous(memory_format=memory_format), mul, add), expected)
+    x[0, 3, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        cpu_native.affine_sign_pack(x, mul, add)
+
+
+def test_plans_refuse_inputs_of_another_shape(gen):
+    weight = torch.randn(8, 64, 3, 3, generator=gen)
+    x_words = cpu_native.pack_pixels(torch.randn(1, 64, 6, 6, generator=gen))
+    weights = prepacked_conv(weight, 1)
+    plan = cpu_native.conv_plan(x_words.shape, weights)
+    assert torch.equal(plan.run(x_words), cpu_native.conv(x_words, weights))
+    with pytest.raises(ValueError, match="shape"):
+        plan.run(x_words[:, :5].contiguous())
+    pool = cpu_native.MaxPoolBitsPlan(x_words.shape, torch.zeros(1, dtype=torch.int64), (2, 2), (2, 2), (0, 0),
+                                      (1, 1))
+    assert pool.run(x_words).shape == (1, 3, 3, 1)
+    with pytest.raises(ValueError, match="shape"):
+        pool.run(x_words[:, :4].contiguous())
 
 
 @pytest.mark.parametrize("pool", ["openmp", "own"])

@@ -138,3 +138,41 @@ def test_residual_adds_fuse_bit_identically(monkeypatch):
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         assert torch.equal(fused(x), unfused_adds(x))
+
+
+def test_a_small_first_conv_is_computed_by_its_sign_packer():
+    """mnist_cnn: float conv (1 -> 32) -> max-pool -> BN -> binary conv becomes one sign packer
+    that runs the conv itself; the result equals the separate float conv's within rounding."""
+    from qat.export import chains
+
+    torch.manual_seed(0)
+    fused, packed = fused_and_packed(models.build("mnist_cnn", num_classes=10, in_channels=1))
+    packer = next(m for m in fused.modules() if isinstance(m, SignPacker))
+    assert isinstance(packer.conv, nn.Conv2d)
+    assert not any(n.op == "call_module" and type(fused.get_submodule(n.target)) is nn.Conv2d
+                   for n in fused.graph.nodes)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        with_conv = fused(x)
+        separate = chains.SMALL_CONV_TAPS
+        try:
+            chains.SMALL_CONV_TAPS = 0
+            without = fuse_binary_chains(packed)
+        finally:
+            chains.SMALL_CONV_TAPS = separate
+        assert next(m for m in without.modules() if isinstance(m, SignPacker)).conv is None
+        assert float((with_conv - without(x)).abs().max()) <= 1e-4 * float(with_conv.abs().max())
+
+
+def test_fused_layers_follow_a_state_dict_load():
+    """Call plans are kept per input shape; a load must not leave them on the old weights."""
+    torch.manual_seed(0)
+    first, _ = fused_and_packed(models.build("mnist_cnn", num_classes=10, in_channels=1))
+    torch.manual_seed(1)
+    second, _ = fused_and_packed(models.build("mnist_cnn", num_classes=10, in_channels=1))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.inference_mode():
+        before, target = first(x), second(x)
+        assert not torch.equal(before, target)
+        first.load_state_dict(second.state_dict())
+        assert torch.equal(first(x), target)
