@@ -15,7 +15,14 @@ a shared machine), with the same thread count for torch and the native engine:
   a model would (so the per-call Python overhead is included), float against packed.  Attention,
   softmax and the normalizations are float in both and not timed.
 
-Usage: ``nice -n 19 python benchmarks/ternary_linear.py [--threads N] [--rounds R] [--layers L]``.
+With ``--lut`` it times instead, per instruction set (avx512, avx2 where this CPU runs them), the
+integer product alone of the two exact int8 x ternary kernels, the maddubs one
+(``ternary_i8_matmul``, 2-bit codes) and the lookup-table one (``ternary_i8_lut_matmul``, T-MAC /
+bitnet.cpp TL2 style: 27-entry int16 tables per group of three weights), against float32
+``F.linear``, all three interleaved round by round (issue 8: "two planes, or a lookup-table scheme
+if it is faster: measure both").
+
+Usage: ``nice -n 19 python benchmarks/ternary_linear.py [--threads N] [--rounds R] [--layers L] [--lut]``.
 """
 from __future__ import annotations
 
@@ -77,6 +84,40 @@ def layer_table(rounds: int, gen: torch.Generator) -> list[str]:
     return lines
 
 
+LUT_SIZES = [(256, 768), (384, 1536), (1536, 384), (4096, 4096)]
+LUT_ISAS = ("avx512", "avx2")
+
+
+def lut_table(rounds: int, gen: torch.Generator) -> list[str]:
+    """The integer product only: float32 F.linear vs the maddubs kernel vs the lookup-table kernel,
+    interleaved, per ISA this CPU runs, M = 1 and 8 (int8 codes given, int32 out)."""
+    lines = ["| ISA | M | K -> N | F.linear fp32 (us) | maddubs kernel (us) | LUT kernel (us) | "
+             "LUT speed vs maddubs | LUT speed vs fp32 | weight bytes maddubs / LUT |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    runs = [name for name, ok in native.isas() if ok]
+    for isa in [name for name in LUT_ISAS if name in runs] or [native.isa()]:
+        with native.using_isa(isa):
+            for m in (1, 8):
+                for k, n in LUT_SIZES:
+                    weight = torch.randn(n, k, generator=gen) * 0.02
+                    ternary = (weight / weight.abs().mean()).round().clamp(-1, 1)
+                    planes = kernels.pack_ternary(ternary)
+                    madd = cpu_native.ternary_i8_prepack(planes, k)
+                    lut = cpu_native.ternary_i8_lut_prepack(planes, k)
+                    x = torch.randn(m, k, generator=gen)
+                    codes, _ = cpu_native.quantize_i8(x)
+                    if not torch.equal(cpu_native.ternary_i8_lut_matmul(codes, lut),
+                                       cpu_native.ternary_i8_matmul(codes, madd)):
+                        raise AssertionError(f"the two kernels disagree at {isa}, M={m}, {k} -> {n}")
+                    t = interleaved_min({"float": lambda: F.linear(x, weight),
+                                         "madd": lambda: cpu_native.ternary_i8_matmul(codes, madd),
+                                         "lut": lambda: cpu_native.ternary_i8_lut_matmul(codes, lut)}, rounds)
+                    lines.append(f"| {isa} | {m} | {k} -> {n} | {t['float'] * 1e6:.1f} | {t['madd'] * 1e6:.1f} | "
+                                 f"{t['lut'] * 1e6:.1f} | **{t['madd'] / t['lut']:.2f}x** | "
+                                 f"{t['float'] / t['lut']:.2f}x | {madd.nbytes:,} / {lut.nbytes:,} |")
+    return lines
+
+
 def call_overhead(rounds: int, gen: torch.Generator) -> str:
     """Per-call fixed cost: both layers at K = 128, N = 4, where the arithmetic takes nanoseconds."""
     weight, layer = packed_layer(128, 4, gen)
@@ -119,6 +160,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and native threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=200, help="interleaved rounds per row (min is kept)")
     parser.add_argument("--layers", type=int, default=6, help="GPT blocks in the stack estimate")
+    parser.add_argument("--lut", action="store_true",
+                        help="only the product table: maddubs kernel vs lookup-table kernel vs F.linear, per ISA")
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -138,6 +181,12 @@ def main(argv=None) -> None:
     print(f"Timing: min of {args.rounds} rounds, float and packed interleaved round by round; on a shared "
           "machine run it with nice and read ratios, not absolute times.")
     print()
+    if args.lut:
+        print("Integer product only (int8 codes [M, K] given, int32 [M, N] out; F.linear: float32 x and W), "
+              "both kernels exact and checked equal; speed = time ratio (> 1: the LUT kernel is faster)")
+        print()
+        print("\n".join(lut_table(args.rounds, gen)))
+        return
     print("\n".join(layer_table(args.rounds, gen)))
     print()
     print(call_overhead(args.rounds, gen))

@@ -50,6 +50,9 @@ __all__ = [
     "ternary_i8_prepack",
     "binary_i8_prepack",
     "ternary_i8_matmul",
+    "TernaryI8LutWeights",
+    "ternary_i8_lut_prepack",
+    "ternary_i8_lut_matmul",
     "quantize_i8",
     "ternary_i8_linear",
     "TernaryI8Linear",
@@ -544,6 +547,84 @@ def ternary_i8_matmul(x_codes: torch.Tensor, weights: TernaryI8Weights) -> torch
     native.library().bq_ternary_i8_gemm(rows.data_ptr(), m, weights.in_features, weights.in_features,
                                         weights.codes.data_ptr(), weights.out_features, weights.padded_in,
                                         out.data_ptr())
+    return out
+
+
+LUT_PANEL = 32
+
+
+@dataclass(frozen=True)
+class TernaryI8LutWeights:
+    r"""Ternary weights in the lookup-table kernel's layout (:func:`ternary_i8_lut_matmul`).
+
+    ``codes``: uint8 ``[ceil(N / 32), ceil(K / 9), 64]``, the bytes of little-endian 16-bit words
+    ``[ceil(N / 32)][ceil(K / 9)][32]``: per panel of 32 output rows and line ``l`` of nine weights, one
+    word per row, ``c0 | c1 << 5 | c2 << 10``, where ``c_g = q0 + 3 q1 + 9 q2`` (0..26, ``q = t + 1``)
+    codes the three weights at ``k = 9l + 3g + (0, 1, 2)`` (pad rows and weights past K are t = 0,
+    c = 13).  16 bits per 9 weights: 1.78 bits a weight, against 2 for :class:`TernaryI8Weights`.
+    """
+
+    codes: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def __post_init__(self):  # checked once here, not per call (the kernel reads codes through a raw pointer)
+        shape = (-(-self.out_features // LUT_PANEL), -(-self.in_features // 9), 2 * LUT_PANEL)
+        if not (isinstance(self.codes, torch.Tensor) and self.codes.dtype == torch.uint8 and self.codes.is_cpu
+                and self.codes.is_contiguous() and tuple(self.codes.shape) == shape):
+            raise ValueError(f"codes must be a contiguous CPU uint8 tensor {shape} for {self.out_features} x "
+                             f"{self.in_features} weights")
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.numel()
+
+
+def ternary_i8_lut_prepack(b_planes, k: int) -> TernaryI8LutWeights:
+    """The lookup-table kernel's weights from ternary planes ``(sign, nonzero)``
+    (``kernels.pack_ternary``) of a ``[N, k]`` weight (``t = m (1 - 2 s)``)."""
+    from .packing import _check_planes, check_packed
+
+    sign, nonzero = (p.detach().cpu().contiguous() for p in _check_planes(b_planes, "b_planes"))
+    words = check_packed(sign, k, "b_planes")
+    if sign.dim() != 2:
+        raise ValueError(f"b_planes must be 2-D [N, words], got {tuple(sign.shape)}")
+    n = sign.shape[0]
+    codes = torch.empty((-(-n // LUT_PANEL), -(-k // 9), 2 * LUT_PANEL), dtype=torch.uint8)
+    native.library().bq_ternary_i8_lut_prepack(_ptr(sign), _ptr(nonzero), n, k, words, _ptr(codes))
+    return TernaryI8LutWeights(codes, n, k)
+
+
+def ternary_i8_lut_matmul(x_codes: torch.Tensor, weights: TernaryI8LutWeights) -> torch.Tensor:
+    r"""Exact int32 ``acc[..., N] = x_codes[..., K] @ T[N, K]^T`` by table lookup (T-MAC, bitnet.cpp
+    TL2 style), equal to :func:`ternary_i8_matmul` for every int8 input; a second kernel, measured
+    against it in ``benchmarks/ternary_linear.py --lut``.
+
+    Scheme: weights in groups of g = 3 (27 combinations, a 5-bit index; three indices share a 16-bit
+    word, 1.78 bits a weight); for each activation row and group j a table of the 27 sums
+    ``T_j[c] = t0(c) x[3j] + t1(c) x[3j+1] + t2(c) x[3j+2]`` (int16, ``|T| <= 384``) is built once and
+    then read by every output row: ``acc[i, r] = sum_j T_j[c[r, j]]``, one lookup for three
+    multiply-adds.  On AVX-512 the table is one register of 32 int16 words and ``vpermw`` (AVX512BW)
+    looks up 32 rows at once, reading only the low 5 bits of each index word, so the three indices of
+    a word need two shifts and no masking, and neither the low/high byte split of a 16-entry
+    ``vpshufb`` table (bitnet.cpp TL1/TL2, T-MAC) nor TL2's sign trick (27 entries folded to 14 to fit
+    it) is needed: per 32 rows x 9 weights one load, two shifts, three ``vpermw`` and three int16 adds,
+    against nine ``maddubs`` lanes' worth of work per weight in the 2-bit kernel.  g = 3 rather than
+    TL1's g = 2: a third fewer lookups and adds, and 27 entries still fit one register.  On AVX2
+    ``vpshufb`` looks up 16 bytes: the int16 table is split into low and high bytes, each in two
+    16-entry halves chosen by bit 4 of the index, and the bytes interleaved back into int16 (about
+    the maddubs kernel's cost: measured, not switched).  Scalar builds: a plain lookup loop.  The int16
+    partial sums are widened to int32 every 28 words (``28 * 9 * 128 < 32768``), so the result is exact
+    for any int8 codes (-128 included) and any K.
+    """
+    if not isinstance(weights, TernaryI8LutWeights):
+        raise ValueError("weights must be a TernaryI8LutWeights (from ternary_i8_lut_prepack), "
+                         f"got {type(weights).__name__}")
+    rows, m = _rows(x_codes, torch.int8, weights.in_features, "x_codes")
+    out = torch.empty((*x_codes.shape[:-1], weights.out_features), dtype=torch.int32)
+    native.sync_threads()
+    native.library().bq_ternary_i8_lut_gemm(rows.data_ptr(), m, weights.in_features, weights.in_features,
+                                            weights.codes.data_ptr(), weights.out_features, out.data_ptr())
     return out
 
 

@@ -220,6 +220,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_affine_sign_pack": (c_i64, [c_ptr, *[c_i64] * 8, c_ptr, c_ptr, c_ptr]),
         "bq_ternary_i8_prepack": (None, [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_ptr]),
         "bq_ternary_i8_gemm": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_ptr]),
+        "bq_ternary_i8_lut_prepack": (None, [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_ptr]),
+        "bq_ternary_i8_lut_gemm": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_ptr]),
         "bq_quantize_i8": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_ptr]),
         "bq_ternary_i8_layer": (c_i64, [ctypes.POINTER(I8Layer), c_ptr, c_i64, c_ptr]),
         "bq_ternary_i8_linear": (c_i64, [c_ptr, c_i64, c_i64, c_i64, ctypes.c_float, c_ptr, c_i64, c_i64,

@@ -43,12 +43,14 @@
                                             float*);                                                  \
   extern "C" int64_t bq_##isa##_ternary_i8_linear(const float*, int64_t, int64_t, int64_t, float,     \
                                                   const uint8_t*, int64_t, int64_t, float, const float*, float*); \
-  extern "C" int64_t bq_##isa##_float_conv_sign(const BqFloatConvSignArgs*);
+  extern "C" int64_t bq_##isa##_float_conv_sign(const BqFloatConvSignArgs*);                       \
+  extern "C" void bq_##isa##_ternary_i8_lut_gemm(const int8_t*, int64_t, int64_t, int64_t, const uint16_t*, \
+                                                 int64_t, int32_t*);
 
 #define BQ_ENTRY(isa, supported)                                                                   \
   {#isa, supported, bq_##isa##_conv, bq_##isa##_ternary_gemm, bq_##isa##_pack_rows,               \
    bq_##isa##_pack_planes, bq_##isa##_peak_bitmacs, bq_##isa##_ternary_i8_gemm, bq_##isa##_quantize_i8, \
-   bq_##isa##_ternary_i8_linear, bq_##isa##_float_conv_sign}
+   bq_##isa##_ternary_i8_linear, bq_##isa##_float_conv_sign, bq_##isa##_ternary_i8_lut_gemm}
 
 #ifdef BQ_HAVE_SCALAR
 BQ_DECLARE(scalar)
@@ -82,6 +84,7 @@ struct Isa {
   int64_t (*ternary_i8_linear)(const float*, int64_t, int64_t, int64_t, float, const uint8_t*, int64_t, int64_t,
                                float, const float*, float*);
   int64_t (*float_conv_sign)(const BqFloatConvSignArgs*);
+  void (*ternary_i8_lut_gemm)(const int8_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int32_t*);
 };
 
 bool always() { return true; }
@@ -91,7 +94,7 @@ bool has_avx2() { __builtin_cpu_init(); return __builtin_cpu_supports("avx2") &&
 bool has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
-         __builtin_cpu_supports("avx2");
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx2");
 }
 #endif
 
@@ -280,6 +283,12 @@ void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void* ctx) {
   pool->run(tasks, fn, ctx);
 }
 
+// The threads bq_parallel_for runs on (the kernels size their tasks by it).
+int bq_thread_count() {
+  std::lock_guard<std::mutex> lock(g_pool_mu);
+  return g_threads;
+}
+
 __attribute__((visibility("default"))) void bq_set_num_threads(int threads) {
   std::lock_guard<std::mutex> lock(g_pool_mu);
   g_threads = threads < 1 ? 1 : threads;
@@ -384,6 +393,46 @@ __attribute__((visibility("default"))) void bq_ternary_i8_prepack(const uint64_t
       dst[at] = (uint8_t)((dst[at] & ~(3u << shift)) | (q << shift));
     }
   }
+}
+
+// Ternary planes -> the lookup-table kernel's weights (isa_kernels.cpp, "by table lookup"): per panel of
+// 32 rows and line of 9 weights, one 16-bit word per row holding three 5-bit group indices
+// c0 | c1 << 5 | c2 << 10, c = q0 + 3 q1 + 9 q2 (q = t + 1) of weights 9l + 3g + (0, 1, 2):
+// [ceil(n / 32)][ceil(k / 9)][32]; pad rows and weights past k are t = 0 (c = 13).
+__attribute__((visibility("default"))) void bq_ternary_i8_lut_prepack(const uint64_t* sign, const uint64_t* nonzero,
+                                                                      int64_t n, int64_t k, int64_t words,
+                                                                      uint16_t* out) {
+  const int64_t lines = (k + 8) / 9, panels = (n + 31) / 32;
+  const uint16_t pad = 13 | 13 << 5 | 13 << 10;
+  for (int64_t i = 0; i < panels * lines * 32; ++i) out[i] = pad;
+  for (int64_t r = 0; r < n; ++r) {
+    uint16_t* dst = out + (r / 32) * lines * 32 + r % 32;
+    for (int64_t l = 0; l < lines; ++l) {
+      unsigned word = 0;
+      for (int g = 0; g < 3; ++g) {
+        unsigned c = 0;
+        for (int i = 2; i >= 0; --i) {
+          const int64_t e = 9 * l + 3 * g + i;
+          unsigned q = 1;
+          if (e < k) {
+            const uint64_t bit = (uint64_t)1 << (e & 63);
+            const unsigned nz = (nonzero[r * words + (e >> 6)] & bit) != 0;
+            const unsigned s = (sign[r * words + (e >> 6)] & bit) != 0;
+            q = 1u + nz - 2u * (nz & s);
+          }
+          c = 3 * c + q;
+        }
+        word |= c << (5 * g);
+      }
+      dst[l * 32] = (uint16_t)word;
+    }
+  }
+}
+
+__attribute__((visibility("default"))) void bq_ternary_i8_lut_gemm(const int8_t* x, int64_t m, int64_t k,
+                                                                   int64_t ldx, const uint16_t* w, int64_t n,
+                                                                   int32_t* out) {
+  g_isa->ternary_i8_lut_gemm(x, m, k, ldx, w, n, out);
 }
 
 __attribute__((visibility("default"))) void bq_ternary_i8_gemm(const int8_t* x, int64_t m, int64_t k, int64_t ldx,

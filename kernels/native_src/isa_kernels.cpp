@@ -35,6 +35,7 @@
 #define BQ_EXPORT(name) BQ_CAT(bq_, BQ_ISA_NAME, _##name)
 
 extern "C" void bq_parallel_for(int64_t tasks, void (*fn)(void*, int64_t), void* ctx);
+extern "C" int bq_thread_count();
 
 namespace {
 
@@ -896,6 +897,247 @@ void float_conv_sign_task(void* ctx, int64_t task) {
   if (nans) __atomic_fetch_add(&plan->nans, nans, __ATOMIC_RELAXED);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Ternary weights x int8 activations by table lookup (T-MAC / bitnet.cpp TL2 style), exact.
+// ---------------------------------------------------------------------------------------------
+// Weights in groups of three: index c = q0 + 3 q1 + 9 q2 (q = t + 1, so c in 0..26, 5 bits); three
+// groups (9 weights) of one output row share a 16-bit word c0 | c1 << 5 | c2 << 10 (1.78 bits a
+// weight), in panels of 32 rows: [ceil(n / 32)][ceil(k / 9)][32] words, one 64-byte line per panel
+// and 9 weights (bq_ternary_i8_lut_prepack; pad rows and pad weights are t = 0, c = 13).  For each
+// activation row and group j the caller builds a table of the 27 sums
+//   T_j[c] = t0(c) x[3j] + t1(c) x[3j+1] + t2(c) x[3j+2]        (|T| <= 384, int16)
+// and the product is acc[i, r] = sum_j T_j[c[r, j]]: one lookup replaces three multiply-adds.
+//   avx512: the table is 32 int16 words (27 used) in one register, and vpermw (AVX512BW) looks up
+//           32 rows at once; it reads only bits 0-4 of each index word, so a line w gives group 0's
+//           indices as is and groups 1 and 2's as w >> 5, w >> 10 (done as mulhi by 2^11, 2^6, on
+//           the multiply pipes: the shuffle pipe is the bound).  Per 32 rows x 9 weights: one load,
+//           two mulhi, three vpermw, three int16 adds.
+//   avx2:   vpshufb looks up 16 bytes: the int16 table is split into low and high bytes, each in
+//           two 16-entry halves (entries 0-15, 16-26) chosen by bit 4 of the index; the indices are
+//           masked out of the words and packed to bytes, the looked-up bytes interleaved back into
+//           int16 (packus then unpacklo/hi: the two lane permutations cancel).
+//   other:  a plain lookup loop.
+// The int16 sums hold LUT_FLUSH lines (28 * 9 * 128 = 32256 < 32768) before they are widened.
+// A table is 64 bytes per (activation row, group): int16[32] (avx512, scalar), or the avx2 byte
+// tables [low 0-15][low 16-31][high 0-15][high 16-31]; groups past k (to a whole line) are zero.
+constexpr int LUT_ROWS = 32;      // weight rows per panel (one 16-bit word each per line)
+constexpr int64_t LUT_FLUSH = 28;  // lines (3 groups each) per int16 partial sum
+constexpr int LUT_TABLE = 64;     // bytes per table
+
+// t0, t1, t2 of index c (0 past 26): the digits of c in base 3, minus 1.
+struct LutDigits {
+  alignas(64) int16_t d[3][32];
+  LutDigits() {
+    for (int c = 0; c < 32; ++c)
+      for (int i = 0, v = c; i < 3; ++i, v /= 3) d[i][c] = c < 27 ? (int16_t)(v % 3 - 1) : 0;
+  }
+};
+const LutDigits kLutDigits;
+
+// The tables of one activation row: groups [0, groups), x past k read as 0.
+void lut_build_row(const int8_t* x, int64_t k, int64_t groups, unsigned char* dst) {
+  for (int64_t j = 0; j < groups; ++j, dst += LUT_TABLE) {
+    int16_t v[3];
+    for (int i = 0; i < 3; ++i) v[i] = 3 * j + i < k ? x[3 * j + i] : 0;
+#if defined(BQ_ISA_AVX512)
+    const __m512i* d = (const __m512i*)kLutDigits.d;
+    __m512i t = _mm512_mullo_epi16(_mm512_load_si512(d), _mm512_set1_epi16(v[0]));
+    t = _mm512_add_epi16(t, _mm512_mullo_epi16(_mm512_load_si512(d + 1), _mm512_set1_epi16(v[1])));
+    t = _mm512_add_epi16(t, _mm512_mullo_epi16(_mm512_load_si512(d + 2), _mm512_set1_epi16(v[2])));
+    _mm512_storeu_si512((void*)dst, t);
+#elif defined(BQ_ISA_AVX2)
+    __m256i t[2];
+    for (int h = 0; h < 2; ++h) {
+      const int16_t* d = &kLutDigits.d[0][16 * h];
+      t[h] = _mm256_mullo_epi16(_mm256_load_si256((const __m256i*)d), _mm256_set1_epi16(v[0]));
+      t[h] = _mm256_add_epi16(t[h], _mm256_mullo_epi16(_mm256_load_si256((const __m256i*)(d + 32)),
+                                                       _mm256_set1_epi16(v[1])));
+      t[h] = _mm256_add_epi16(t[h], _mm256_mullo_epi16(_mm256_load_si256((const __m256i*)(d + 64)),
+                                                       _mm256_set1_epi16(v[2])));
+    }
+    const __m256i low = _mm256_set1_epi16(0xff);
+    // packus per 128-bit lane: [a 0-7, b 0-7 | a 8-15, b 8-15]; the permute puts a's 16 bytes first
+    const __m256i lo = _mm256_permute4x64_epi64(
+        _mm256_packus_epi16(_mm256_and_si256(t[0], low), _mm256_and_si256(t[1], low)), 0xD8);
+    const __m256i hi = _mm256_permute4x64_epi64(
+        _mm256_packus_epi16(_mm256_srli_epi16(t[0], 8), _mm256_srli_epi16(t[1], 8)), 0xD8);
+    _mm256_storeu_si256((__m256i*)dst, lo);
+    _mm256_storeu_si256((__m256i*)(dst + 32), hi);
+#else
+    int16_t* t = (int16_t*)dst;
+    for (int c = 0; c < 32; ++c)
+      t[c] = (int16_t)(kLutDigits.d[0][c] * v[0] + kLutDigits.d[1][c] * v[1] + kLutDigits.d[2][c] * v[2]);
+#endif
+  }
+}
+
+// acc[r][p * 32 + row] = sum over all lines and their 3 groups of tables[r][group][index] for R
+// activation rows and P panels (panel p's lines at w + p * pstride words).
+#if defined(BQ_ISA_AVX512)
+constexpr int LUT_MAX_R = 4, LUT_MAX_P = 8, LUT_MULTI_P = 2;  // 1 x 8 or 4 x 2 int16 sums in registers
+template <int R, int P>
+void lut_micro(const unsigned char* const* tab, const uint16_t* w, int64_t pstride, int64_t lines, int32_t* acc) {
+  alignas(64) int32_t wide[R][P][2][16];  // int32 sums, rows 0-15 and 16-31 (touched once per LUT_FLUSH lines)
+  memset(wide, 0, sizeof(wide));
+  const __m512i by5 = _mm512_set1_epi16(1 << 11), by10 = _mm512_set1_epi16(1 << 6);  // mulhi: >> 5, >> 10
+  for (int64_t l0 = 0; l0 < lines; l0 += LUT_FLUSH) {
+    const int64_t l1 = lines - l0 > LUT_FLUSH ? l0 + LUT_FLUSH : lines;
+    __m512i sum[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) sum[r][p] = _mm512_setzero_si512();
+    for (int64_t l = l0; l < l1; ++l) {
+      __m512i t[R][3];
+      for (int r = 0; r < R; ++r)
+        for (int g = 0; g < 3; ++g) t[r][g] = _mm512_load_si512((const void*)(tab[r] + (3 * l + g) * LUT_TABLE));
+      for (int p = 0; p < P; ++p) {
+        const __m512i i0 = _mm512_loadu_si512((const void*)(w + p * pstride + l * LUT_ROWS));
+        const __m512i i1 = _mm512_mulhi_epu16(i0, by5), i2 = _mm512_mulhi_epu16(i0, by10);
+        for (int r = 0; r < R; ++r) {
+          const __m512i a = _mm512_add_epi16(_mm512_permutexvar_epi16(i0, t[r][0]), _mm512_permutexvar_epi16(i1, t[r][1]));
+          sum[r][p] = _mm512_add_epi16(sum[r][p], _mm512_add_epi16(a, _mm512_permutexvar_epi16(i2, t[r][2])));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) {
+        const __m512i lo = _mm512_cvtepi16_epi32(_mm512_castsi512_si256(sum[r][p]));
+        const __m512i hi = _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(sum[r][p], 1));
+        _mm512_store_si512((void*)wide[r][p][0], _mm512_add_epi32(_mm512_load_si512((const void*)wide[r][p][0]), lo));
+        _mm512_store_si512((void*)wide[r][p][1], _mm512_add_epi32(_mm512_load_si512((const void*)wide[r][p][1]), hi));
+      }
+  }
+  memcpy(acc, wide, sizeof(wide));  // [r][p][32] in row order
+}
+#elif defined(BQ_ISA_AVX2)
+constexpr int LUT_MAX_R = 2, LUT_MAX_P = 2, LUT_MULTI_P = 1;
+template <int R, int P>
+void lut_micro(const unsigned char* const* tab, const uint16_t* w, int64_t pstride, int64_t lines, int32_t* acc) {
+  alignas(32) int32_t wide[R][P][32];
+  memset(wide, 0, sizeof(wide));
+  const __m256i mask5 = _mm256_set1_epi16(31);
+  for (int64_t l0 = 0; l0 < lines; l0 += LUT_FLUSH) {
+    const int64_t l1 = lines - l0 > LUT_FLUSH ? l0 + LUT_FLUSH : lines;
+    __m256i u[R][P][2];  // int16 sums of rows 0-15, 16-31
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) u[r][p][0] = u[r][p][1] = _mm256_setzero_si256();
+    for (int64_t l = l0; l < l1; ++l)
+      for (int p = 0; p < P; ++p) {
+        const uint16_t* line = w + p * pstride + l * LUT_ROWS;
+        const __m256i w0 = _mm256_loadu_si256((const __m256i*)line), w1 = _mm256_loadu_si256((const __m256i*)(line + 16));
+        for (int g = 0; g < 3; ++g) {
+          // bytes: lane 0 rows 0-7, 16-23; lane 1 rows 8-15, 24-31 (packus per lane); w >> 10 < 32
+          const __m256i a = g == 0 ? _mm256_and_si256(w0, mask5)
+                            : g == 1 ? _mm256_and_si256(_mm256_srli_epi16(w0, 5), mask5) : _mm256_srli_epi16(w0, 10);
+          const __m256i b = g == 0 ? _mm256_and_si256(w1, mask5)
+                            : g == 1 ? _mm256_and_si256(_mm256_srli_epi16(w1, 5), mask5) : _mm256_srli_epi16(w1, 10);
+          const __m256i idx = _mm256_packus_epi16(a, b);
+          const __m256i upper = _mm256_slli_epi16(idx, 3);  // bit 4 of each index -> bit 7 (blend select)
+          for (int r = 0; r < R; ++r) {
+            const __m128i* t = (const __m128i*)(tab[r] + (3 * l + g) * LUT_TABLE);
+            const __m256i lo = _mm256_blendv_epi8(
+                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t)), idx),
+                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t + 1)), idx), upper);
+            const __m256i hi = _mm256_blendv_epi8(
+                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t + 2)), idx),
+                _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128(t + 3)), idx), upper);
+            // unpacklo: lane 0 rows 0-7, lane 1 rows 8-15; unpackhi: rows 16-23, 24-31
+            u[r][p][0] = _mm256_add_epi16(u[r][p][0], _mm256_unpacklo_epi8(lo, hi));
+            u[r][p][1] = _mm256_add_epi16(u[r][p][1], _mm256_unpackhi_epi8(lo, hi));
+          }
+        }
+      }
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p)
+        for (int h = 0; h < 2; ++h)
+          for (int s = 0; s < 2; ++s) {
+            __m256i* d = (__m256i*)(wide[r][p] + 16 * h + 8 * s);
+            const __m128i part = s ? _mm256_extracti128_si256(u[r][p][h], 1) : _mm256_castsi256_si128(u[r][p][h]);
+            _mm256_store_si256(d, _mm256_add_epi32(_mm256_load_si256(d), _mm256_cvtepi16_epi32(part)));
+          }
+  }
+  memcpy(acc, wide, sizeof(wide));
+}
+#else
+constexpr int LUT_MAX_R = 1, LUT_MAX_P = 1, LUT_MULTI_P = 1;
+template <int R, int P>
+void lut_micro(const unsigned char* const* tab, const uint16_t* w, int64_t pstride, int64_t lines, int32_t* acc) {
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) {
+      int32_t* dst = acc + (r * P + p) * LUT_ROWS;
+      for (int row = 0; row < LUT_ROWS; ++row) dst[row] = 0;
+      for (int64_t l = 0; l < lines; ++l) {
+        const int16_t* t = (const int16_t*)(tab[r] + 3 * l * LUT_TABLE);
+        const uint16_t* line = w + p * pstride + l * LUT_ROWS;
+        for (int row = 0; row < LUT_ROWS; ++row)  // & 31: as vpermw, never out of a table
+          dst[row] += t[line[row] & 31] + t[32 + ((line[row] >> 5) & 31)] + t[64 + ((line[row] >> 10) & 31)];
+      }
+    }
+}
+#endif
+
+struct LutPlan {
+  unsigned char* tables;  // [m][3 * lines][64]
+  const uint16_t* w;      // [panels][lines][32]
+  int64_t m, n, lines, panels, panels_per_task, panel_tasks, m_block;
+  int32_t* out;
+  const int8_t* x;        // non-null: each task builds its rows' tables first (it alone reads them)
+  int64_t ldx, k;
+};
+
+template <int R, int P>
+void lut_block(const LutPlan& p, int64_t i, int64_t panel) {
+  const unsigned char* tab[R];
+  for (int r = 0; r < R; ++r) tab[r] = p.tables + (i + r) * 3 * p.lines * LUT_TABLE;
+  const int64_t pstride = p.lines * LUT_ROWS;
+  alignas(64) int32_t acc[R * P * LUT_ROWS];
+  lut_micro<R, P>(tab, p.w + panel * pstride, pstride, p.lines, acc);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) {
+      const int64_t j0 = (panel + q) * LUT_ROWS, cols = p.n - j0 < LUT_ROWS ? p.n - j0 : LUT_ROWS;
+      memcpy(p.out + (i + r) * p.n + j0, acc + (r * P + q) * LUT_ROWS, sizeof(int32_t) * (size_t)cols);
+    }
+}
+
+// Panels [q0, q1) of rows i..i+R-1, P at a time, then fewer.
+template <int R, int P>
+void lut_panels(const LutPlan& p, int64_t i, int64_t q0, int64_t q1) {
+  int64_t q = q0;
+  for (; q + P <= q1; q += P) lut_block<R, P>(p, i, q);
+  if constexpr (P > 1) lut_panels<R, P / 2>(p, i, q, q1);
+}
+
+void lut_task(void* ctx, int64_t task) {
+  const LutPlan& p = *(const LutPlan*)ctx;
+  const int64_t mb = task / p.panel_tasks, pt = task % p.panel_tasks;
+  const int64_t i0 = mb * p.m_block, i1 = i0 + p.m_block < p.m ? i0 + p.m_block : p.m;
+  const int64_t q0 = pt * p.panels_per_task, q1 = q0 + p.panels_per_task < p.panels ? q0 + p.panels_per_task : p.panels;
+  for (int64_t i = i0; i < i1;) {
+    // one activation row: P panels share each table load; several: R rows share each index line
+    const int r = (int)(i1 - i < LUT_MAX_R ? i1 - i : LUT_MAX_R);
+    if (p.x)  // built just before they are read (in cache)
+      for (int64_t e = i; e < i + r; ++e)
+        lut_build_row(p.x + e * p.ldx, p.k, 3 * p.lines, p.tables + e * 3 * p.lines * LUT_TABLE);
+    switch (r) {
+      case 4: lut_panels<(LUT_MAX_R >= 4 ? 4 : 1), LUT_MULTI_P>(p, i, q0, q1); break;
+      case 3: lut_panels<(LUT_MAX_R >= 3 ? 3 : 1), LUT_MULTI_P>(p, i, q0, q1); break;
+      case 2: lut_panels<(LUT_MAX_R >= 2 ? 2 : 1), LUT_MULTI_P>(p, i, q0, q1); break;
+      default: lut_panels<1, LUT_MAX_P>(p, i, q0, q1); break;
+    }
+    i += r;
+  }
+}
+
+struct LutTablePlan {
+  const int8_t* x;
+  int64_t ldx, k, groups;
+  unsigned char* tables;
+};
+
+void lut_table_task(void* ctx, int64_t i) {
+  const LutTablePlan& t = *(const LutTablePlan*)ctx;
+  lut_build_row(t.x + i * t.ldx, t.k, t.groups, t.tables + i * t.groups * LUT_TABLE);
+}
+
 }  // namespace
 
 extern "C" {
@@ -1067,6 +1309,47 @@ int64_t BQ_EXPORT(ternary_i8_linear)(const float* x, int64_t m, int64_t k, int64
   I8Plan p{codes, xsum, w, m, n, kp, 0, 0, 0, nullptr, out, mul, bias};
   i8_run(p);
   return bad;
+}
+
+// acc[m][n] = x[m][k] @ t[n][k]^T by table lookup (see "by table lookup" above): int8 codes x (row
+// stride ldx), weights [ceil(n / 32)][ceil(k / 9)][32] 16-bit words from bq_ternary_i8_lut_prepack.
+void BQ_EXPORT(ternary_i8_lut_gemm)(const int8_t* x, int64_t m, int64_t k, int64_t ldx, const uint16_t* w, int64_t n,
+                                    int32_t* out) {
+  const int64_t lines = (k + 8) / 9, groups = 3 * lines, panels = (n + LUT_ROWS - 1) / LUT_ROWS;
+  unsigned char* base = scratch_bytes((size_t)(m * groups * LUT_TABLE) + 64);
+  unsigned char* tables = base + (64 - (uintptr_t)base % 64) % 64;  // whole cache lines per table
+  LutPlan p{tables, w, m, n, lines, panels, panels, 1, 32, out, x, ldx, k};
+  const int64_t work = m * n * (k / I8_BLOCK + 1) / (m > 1 ? 2 : 1);
+  if (work < I8_INLINE_WORK) {  // on this thread: all panels in one pass per row block
+    for (int64_t t = 0; t < (m + p.m_block - 1) / p.m_block; ++t) lut_task(&p, t);
+    return;
+  }
+  const int threads = bq_thread_count();
+  const int64_t row_blocks = (m + LUT_MAX_R - 1) / LUT_MAX_R;
+  if (m > 1 && row_blocks >= threads) {
+    // Split by rows: a task builds the tables of its rows and reads them over all panels.  (Tables
+    // built on one core and read on another cost a transfer of every line between the cores: at
+    // 2 threads that took as long as the product.)
+    p.m_block = (row_blocks + threads - 1) / threads * LUT_MAX_R;
+    bq_parallel_for((m + p.m_block - 1) / p.m_block, lut_task, &p);
+    return;
+  }
+  // Split by panels: the tables first (shared by every task), then about 16 tasks, each an even
+  // number of panels where there are several (P panels share a table load).
+  LutTablePlan tp{x, ldx, k, groups, tables};
+  if (m > 1 && m * groups >= 4096) {
+    bq_parallel_for(m, lut_table_task, &tp);
+  } else {
+    for (int64_t i = 0; i < m; ++i) lut_table_task(&tp, i);
+  }
+  p.x = nullptr;
+  const int64_t m_blocks = (m + p.m_block - 1) / p.m_block;
+  const int64_t chunks = (16 + m_blocks - 1) / m_blocks;
+  int64_t per = (panels + chunks - 1) / chunks;
+  if (per > 1 || m > 1) per = (per + 1) / 2 * 2;  // (4 rows x 1 panel would wait on the table loads)
+  p.panels_per_task = per;
+  p.panel_tasks = (panels + per - 1) / per;
+  bq_parallel_for(m_blocks * p.panel_tasks, lut_task, &p);
 }
 
 }  // extern "C"

@@ -202,3 +202,85 @@ def test_weight_bytes_are_two_bits():
     n, k = 384, 1536
     weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(torch.zeros(n, k)), k)
     assert weights.nbytes * 16 == n * k * 4  # 1/16 of float32
+
+
+# ---------------------------------------------------------------------------------------------
+# The lookup-table kernel (ternary_i8_lut_matmul): the same products, by 27-entry tables per group
+# of three weights; equal to the int64 reference and to the maddubs kernel, on every ISA here.
+# ---------------------------------------------------------------------------------------------
+# groups of 3 and words of 9 weights with every number of pads; 252 = 28 words (one int16 run), 253 one more
+LUT_K = [1, 2, 3, 8, 9, 10, 63, 64, 65, 252, 253, 1000, 4097]
+
+
+def lut_both(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = t.shape[1]
+    planes = kernels.pack_ternary(t)
+    lut = cpu_native.ternary_i8_lut_matmul(x, cpu_native.ternary_i8_lut_prepack(planes, k))
+    return lut, cpu_native.ternary_i8_matmul(x, cpu_native.ternary_i8_prepack(planes, k))
+
+
+@pytest.mark.parametrize("k", LUT_K)
+@pytest.mark.parametrize("m,n", [(1, 1), (1, 77), (3, 129), (3, 5), (5, 64), (9, 200)])
+def test_lut_matmul_equals_reference_and_maddubs_kernel(isa, gen, m, n, k):
+    t, x = ternary(n, k, gen), codes(m, k, gen)
+    lut, maddubs = lut_both(x, t)
+    want = reference(x, t)
+    assert lut.dtype == torch.int32 and torch.equal(lut, want), (isa, m, n, k)
+    assert torch.equal(lut, maddubs), (isa, m, n, k)
+
+
+@pytest.mark.parametrize("k", [64, 1000, 4097])
+@pytest.mark.parametrize("m", [1, 3])
+def test_lut_extremes_and_zeros(isa, m, k):
+    """-128 / 127 against all -1, all +1, all 0 and mixed rows: K = 1000, 4097 fill the int16 runs
+    (28 words * 9 * 128 = 32256) to their limit in both signs; zero codes give zero; odd N past two
+    32-row panels."""
+    n = 67
+    t = torch.stack([torch.full((k,), v) for v in (-1.0, 1.0, 0.0, -1.0, 1.0)] +
+                    [torch.arange(k).add(j).remainder(3).float() - 1 for j in range(n - 5)])
+    for fill in (-128, 127):
+        x = torch.full((m, k), fill, dtype=torch.int8)
+        x[-1, ::2] = -128 if fill == 127 else 127
+        lut, maddubs = lut_both(x, t)
+        assert torch.equal(lut, reference(x, t)) and torch.equal(lut, maddubs), (isa, fill)
+    lut, _ = lut_both(torch.full((1, k), -128, dtype=torch.int8), t)
+    assert lut[0, :3].tolist() == [128 * k, -128 * k, 0]
+    zeros, _ = lut_both(torch.zeros(m, k, dtype=torch.int8), t)
+    assert torch.equal(zeros, torch.zeros(m, n, dtype=torch.int32))
+    weights = cpu_native.ternary_i8_lut_prepack(kernels.pack_ternary(torch.zeros(5, k)), k)
+    x = torch.full((m, k), -128, dtype=torch.int8)
+    assert torch.equal(cpu_native.ternary_i8_lut_matmul(x, weights), torch.zeros(m, 5, dtype=torch.int32))
+
+
+def test_lut_threads_layout_and_refusals(gen):
+    """A layer on the worker threads at M = 1, 3, 8 and 40, a [B, T, K] and a strided input, the stored
+    layout (a 16-bit word per row and 9 weights: three 5-bit indices), and wrong inputs."""
+    n, k = 1536, 1536
+    t = ternary(n, k, gen)
+    weights = cpu_native.ternary_i8_lut_prepack(kernels.pack_ternary(t), k)
+    assert weights.codes.shape == (48, 171, 64) and weights.nbytes * 8 / (n * k) < 1.79  # 16 bits per 9 weights
+    q = (t + 1).long()
+    word = weights.codes[2, 7].view(torch.int16)[5].item() & 0xFFFF  # row 2 * 32 + 5, weights 63..71
+    for g in range(3):
+        c = q[69, 63 + 3 * g] + 3 * q[69, 64 + 3 * g] + 9 * q[69, 65 + 3 * g]
+        assert (word >> 5 * g) & 31 == c, g
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for m in (1, 3, 8, 40):  # tables built up front and shared (1, 3), or per task of rows (8, 40)
+            x = codes(m, k, gen)
+            assert torch.equal(cpu_native.ternary_i8_lut_matmul(x, weights), reference(x, t)), m
+    finally:
+        torch.set_num_threads(threads)
+    x = codes(6, k, gen).reshape(2, 3, k)
+    assert torch.equal(cpu_native.ternary_i8_lut_matmul(x, weights), reference(x.reshape(6, k), t).reshape(2, 3, n))
+    strided = codes(k, 4, gen).T
+    assert torch.equal(cpu_native.ternary_i8_lut_matmul(strided, weights), reference(strided, t))
+    with pytest.raises(ValueError, match="TernaryI8LutWeights"):
+        cpu_native.ternary_i8_lut_matmul(x, cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k))
+    with pytest.raises(ValueError, match="dtype torch.int8"):
+        cpu_native.ternary_i8_lut_matmul(torch.zeros(1, k), weights)
+    with pytest.raises(ValueError, match=f"last dimension {k}"):
+        cpu_native.ternary_i8_lut_matmul(torch.zeros(1, k + 1, dtype=torch.int8), weights)
+    with pytest.raises(ValueError, match=r"codes must be a contiguous CPU uint8 tensor \(48, 171, 64\)"):
+        cpu_native.TernaryI8LutWeights(weights.codes[:, :-1], n, k)
