@@ -44,6 +44,24 @@ SHAPES = [(1, 1, 1), (1, 5, 31), (1, 4, 128), (1, 7, 129), (2, 3, 100), (3, 17, 
           (7, 33, 383), (8, 768, 256), (9, 13, 1536), (33, 6, 65), (1, 1023, 384)]
 
 
+def check_threads_and_layouts(matmul, weights, t, gen, rows):
+    """``matmul(x, weights)`` equals the reference on 2 threads for each M in ``rows``, on a
+    [2, 3, K] input and on a non-contiguous one."""
+    n, k = t.shape
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for m in rows:
+            x = codes(m, k, gen)
+            assert torch.equal(matmul(x, weights), reference(x, t)), m
+    finally:
+        torch.set_num_threads(threads)
+    x = codes(6, k, gen).reshape(2, 3, k)
+    assert torch.equal(matmul(x, weights), reference(x.reshape(6, k), t).reshape(2, 3, n))
+    strided = codes(k, 4, gen).T  # not contiguous
+    assert torch.equal(matmul(strided, weights), reference(strided, t))
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_matmul_equals_int64_reference(isa, gen, m, n, k):
     t, x = ternary(n, k, gen), codes(m, k, gen)
@@ -84,18 +102,7 @@ def test_threads_and_leading_dims(gen):
     n, k = 1536, 1536
     t = ternary(n, k, gen)
     weights = cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for m in (1, 8):
-            x = codes(m, k, gen)
-            assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x, t)), m
-    finally:
-        torch.set_num_threads(threads)
-    x = codes(6, k, gen).reshape(2, 3, k)
-    assert torch.equal(cpu_native.ternary_i8_matmul(x, weights), reference(x.reshape(6, k), t).reshape(2, 3, n))
-    strided = codes(k, 4, gen).T  # not contiguous
-    assert torch.equal(cpu_native.ternary_i8_matmul(strided, weights), reference(strided, t))
+    check_threads_and_layouts(cpu_native.ternary_i8_matmul, weights, t, gen, (1, 8))
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -264,18 +271,9 @@ def test_lut_threads_layout_and_refusals(gen):
     for g in range(3):
         c = q[69, 63 + 3 * g] + 3 * q[69, 64 + 3 * g] + 9 * q[69, 65 + 3 * g]
         assert (word >> 5 * g) & 31 == c, g
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        for m in (1, 3, 8, 40):  # tables built up front and shared (1, 3), or per task of rows (8, 40)
-            x = codes(m, k, gen)
-            assert torch.equal(cpu_native.ternary_i8_lut_matmul(x, weights), reference(x, t)), m
-    finally:
-        torch.set_num_threads(threads)
+    # tables built up front and shared (1, 3), or per task of rows (8, 40)
+    check_threads_and_layouts(cpu_native.ternary_i8_lut_matmul, weights, t, gen, (1, 3, 8, 40))
     x = codes(6, k, gen).reshape(2, 3, k)
-    assert torch.equal(cpu_native.ternary_i8_lut_matmul(x, weights), reference(x.reshape(6, k), t).reshape(2, 3, n))
-    strided = codes(k, 4, gen).T
-    assert torch.equal(cpu_native.ternary_i8_lut_matmul(strided, weights), reference(strided, t))
     with pytest.raises(ValueError, match="TernaryI8LutWeights"):
         cpu_native.ternary_i8_lut_matmul(x, cpu_native.ternary_i8_prepack(kernels.pack_ternary(t), k))
     with pytest.raises(ValueError, match="dtype torch.int8"):
