@@ -178,6 +178,15 @@ def pack_pixels(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
     return out
 
 
+def _checked_output_size(size_hw, kernel, stride, padding, dilation, window: str = "kernel") -> tuple[int, int]:
+    """:func:`_output_size`, refusing an input too small for one output pixel."""
+    ho, wo = _output_size(size_hw, kernel, stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input {size_hw[0]}x{size_hw[1]} is too small for {window} {tuple(kernel)} "
+                         "with this padding/dilation")
+    return ho, wo
+
+
 def _output_size(size_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
     """(Ho, Wo) by ``kernels.conv.conv_output_size``, remembered per geometry (batch-1 layers call it often)."""
     return _output_size_of(*(tuple(int(v) for v in arg) for arg in (size_hw, kernel, stride, padding, dilation)))
@@ -276,9 +285,7 @@ class _ConvPlan:
         if (with_residual or clamp is not None) and mode != native.OUT_FLOAT:
             raise ValueError("residual and clamp go with mode=OUT_FLOAT")
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = weights.kernel_size, stride, padding, dilation
-        ho, wo = _output_size((h, w), weights.kernel_size, stride, padding, dilation)
-        if ho < 1 or wo < 1:
-            raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
+        ho, wo = _checked_output_size((h, w), weights.kernel_size, stride, padding, dilation)
         self.keep = (mul, add)
         self.x_shape, self.with_residual = torch.Size(shape), with_residual
         self.mul_t, self.add_t = _transform(mode, mul, add, weights.out_features)
@@ -344,9 +351,7 @@ class MaxPoolBitsPlan:
 
     def __init__(self, shape, and_mask: torch.Tensor, kernel_size, stride, padding, dilation):
         n, h, w, words = shape
-        ho, wo = _output_size((h, w), kernel_size, stride, padding, dilation)
-        if ho < 1 or wo < 1:
-            raise ValueError(f"input {h}x{w} is too small for pooling window {tuple(kernel_size)}")
+        ho, wo = _checked_output_size((h, w), kernel_size, stride, padding, dilation, "pooling window")
         if tuple(and_mask.shape) != (words,):
             raise ValueError(f"and_mask must have {words} words, got {tuple(and_mask.shape)}")
         # kept with the plan: the call reads its pointer
@@ -422,9 +427,7 @@ class FloatConvSign:
         n, c, h, w = x.shape
         o, _, kh, kw = self.shape
         (sh, sw), (ph, pw), (dh, dw) = self.geometry
-        ho, wo = _output_size((h, w), (kh, kw), *self.geometry)
-        if ho < 1 or wo < 1:
-            raise ValueError(f"input {h}x{w} is too small for kernel {(kh, kw)} with this padding/dilation")
+        ho, wo = _checked_output_size((h, w), (kh, kw), *self.geometry)
         args = native.FloatConvSignArgs(None, n, c, h, w, *x.stride(), _ptr(self.weight), _ptr(self.bias),
                                         o, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, _ptr(self.mul), _ptr(self.add),
                                         None)

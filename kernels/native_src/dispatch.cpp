@@ -374,8 +374,16 @@ __attribute__((visibility("default"))) void bq_prepack_panels(const uint64_t* ro
       }
 }
 
-// Ternary planes (kernels/packing.py: sign bit 1 = -1, nonzero bit 1 = not 0) [n][words] -> the
-// int8 kernel's 2-bit codes q = t + 1 [n][kp / 4], kp = k rounded up to 128: in each 32-byte block
+// q = t + 1 in {0, 1, 2} of weight e of row r, from ternary planes (kernels/packing.py: sign bit 1 = -1,
+// nonzero bit 1 = not 0) [n][words].
+static inline unsigned ternary_code(const uint64_t* sign, const uint64_t* nonzero, int64_t words, int64_t r,
+                                    int64_t e) {
+  const uint64_t bit = (uint64_t)1 << (e & 63);
+  const unsigned nz = (nonzero[r * words + (e >> 6)] & bit) != 0, s = (sign[r * words + (e >> 6)] & bit) != 0;
+  return 1u + nz - 2u * (nz & s);
+}
+
+// Ternary planes [n][words] -> the int8 kernel's 2-bit codes q = t + 1 [n][kp / 4], kp = k rounded up to 128: in each 32-byte block
 // b, bits 2i..2i+1 of byte j hold the weight at k = 128 b + 32 i + j (pads q = 1, t = 0).
 __attribute__((visibility("default"))) void bq_ternary_i8_prepack(const uint64_t* sign, const uint64_t* nonzero,
                                                                   int64_t n, int64_t k, int64_t words,
@@ -385,9 +393,7 @@ __attribute__((visibility("default"))) void bq_ternary_i8_prepack(const uint64_t
     uint8_t* dst = out + r * bytes;
     memset(dst, 0x55, (size_t)bytes);  // every code 1
     for (int64_t e = 0; e < k; ++e) {
-      const uint64_t bit = (uint64_t)1 << (e & 63);
-      const int m = (nonzero[r * words + (e >> 6)] & bit) != 0, s = (sign[r * words + (e >> 6)] & bit) != 0;
-      const unsigned q = 1u + (unsigned)m - 2u * (unsigned)(m & s);
+      const unsigned q = ternary_code(sign, nonzero, words, r, e);
       const int64_t at = (e / 128) * 32 + (e % 32);
       const int shift = (int)(2 * ((e % 128) / 32));
       dst[at] = (uint8_t)((dst[at] & ~(3u << shift)) | (q << shift));
@@ -413,14 +419,7 @@ __attribute__((visibility("default"))) void bq_ternary_i8_lut_prepack(const uint
         unsigned c = 0;
         for (int i = 2; i >= 0; --i) {
           const int64_t e = 9 * l + 3 * g + i;
-          unsigned q = 1;
-          if (e < k) {
-            const uint64_t bit = (uint64_t)1 << (e & 63);
-            const unsigned nz = (nonzero[r * words + (e >> 6)] & bit) != 0;
-            const unsigned s = (sign[r * words + (e >> 6)] & bit) != 0;
-            q = 1u + nz - 2u * (nz & s);
-          }
-          c = 3 * c + q;
+          c = 3 * c + (e < k ? ternary_code(sign, nonzero, words, r, e) : 1u);
         }
         word |= c << (5 * g);
       }

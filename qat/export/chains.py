@@ -322,7 +322,7 @@ class SignPacker(nn.Module):
                                                            self.mul, self.add)
             bits = self._conv_sign.run(y)
         for pool in self.pools:
-            bits = pool.plan(bits.shape).run(bits)
+            bits = pool(bits)
         return bits
 
     def _load_from_state_dict(self, *args, **kwargs):
