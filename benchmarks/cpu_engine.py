@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 sys.path.append(str(Path(__file__).resolve().parent))  # appended: the packages above win their names
 
 import kernels  # noqa: E402
-from interleaved import interleaved_min  # noqa: E402
+from interleaved import CacheEvictor, interleaved_min  # noqa: E402
 from kernels import cpu_matmul, cpu_native, native  # noqa: E402
 from results_md import replace_section  # noqa: E402
 
@@ -79,6 +79,33 @@ def section_heading() -> str:
     return f"{SECTION}: {cpu_matmul.cpu_info().model or 'unknown CPU'}, {native.isa()}"
 
 
+def cold_rounds(m: int, rounds: int) -> int:
+    """Rounds for a matmul row: four times as many at M = 1, whose times from memory vary most
+    between calls (about 0.12-0.20 ms for the same 2 MiB read on the shared EPYC), a third at M = 256."""
+    return 4 * rounds if m == 1 else rounds if m < 256 else max(3, rounds // 3)
+
+
+def repeated_calls_table(rounds, weight, prepacked, ternary_weight, ternary_prepacked, gen) -> list[str]:
+    """M = 1 with the same layer called 10 times in a row, nothing evicted: the packed weights
+    (2 MiB binary, 4 MiB ternary) stay in the L3 cache between calls, float32's 64 MiB cannot, as
+    in a packed model whose layers all fit in cache (ResNet-18: 2 MiB)."""
+    x = torch.randn(1, K, generator=gen)
+    x_bits = kernels.pack_bits(x)
+    a = torch.randint(-1, 2, (1, K), generator=gen).float()
+    a_planes = kernels.pack_ternary(a)
+    t = interleaved_min({"float": lambda: F.linear(x, weight),
+                         "binary": lambda: kernels.binary_matmul(x_bits, prepacked, K),
+                         "float, ternary": lambda: F.linear(a, ternary_weight),
+                         "ternary": lambda: kernels.ternary_matmul(a_planes, ternary_prepacked, K)},
+                        rounds, repeat=10)
+    return ["", "The same layer called 10 times in a row (M = 1, nothing evicted: the packed weights stay in the "
+            "L3 cache, float32's 64 MiB cannot; mean of the 10 calls, min of the rounds):", "",
+            "| op | F.linear fp32 (ms) | native (ms) | ratio |", "|---|---|---|---|",
+            f"| binary | {t['float'] * 1e3:.3f} | {t['binary'] * 1e3:.3f} | {t['float'] / t['binary']:.1f}x |",
+            f"| ternary | {t['float, ternary'] * 1e3:.3f} | {t['ternary'] * 1e3:.3f} | "
+            f"{t['float, ternary'] / t['ternary']:.1f}x |"]
+
+
 def matmul_section(rounds: int, peak: float) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(N, K, generator=gen)
@@ -86,7 +113,8 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
     prepacked = kernels.prepack_binary(w_bits, K)
     ternary_weight = torch.randint(-1, 2, (N, K), generator=gen).float()
     ternary_prepacked = kernels.prepack_ternary(kernels.pack_ternary(ternary_weight), K)
-    lines = [f"### Matmul, N = K = {K} (min of {rounds} interleaved rounds)", "",
+    evict = CacheEvictor()  # every timed call starts from memory: no candidate inherits another's cache
+    lines = [f"### Matmul, N = K = {K} (min of {rounds} interleaved rounds; caches evicted before every call)", "",
              "| op | M | F.linear fp32 (ms) | native (ms) | ratio | incl. packing A (ms) | ratio | % of peak | "
              "NumPy path (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for m in (1, 16, 64, 256):
@@ -97,7 +125,7 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
                "native+pack": lambda: kernels.binary_matmul(cpu_native.pack_rows(x), prepacked, K)}
         if m <= 64:
             fns["numpy"] = lambda: kernels.binary_matmul(x_bits, w_bits, K, path="popcount")
-        t = interleaved_min(fns, rounds if m < 256 else max(3, rounds // 3))
+        t = interleaved_min(fns, cold_rounds(m, rounds), before=evict)
         numpy_ms = f"{t['numpy'] * 1e3:.2f}" if "numpy" in t else "-"
         lines.append(f"| binary | {m} | {t['float'] * 1e3:.3f} | {t['native'] * 1e3:.3f} | "
                      f"**{t['float'] / t['native']:.1f}x** | {t['native+pack'] * 1e3:.3f} | "
@@ -109,12 +137,15 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
         t = interleaved_min({"float": lambda: F.linear(a, ternary_weight),
                              "native": lambda: kernels.ternary_matmul(a_planes, ternary_prepacked, K),
                              "native+pack": lambda: kernels.ternary_matmul(kernels.pack_ternary(a),
-                                                                          ternary_prepacked, K)}, rounds)
+                                                                          ternary_prepacked, K)},
+                                cold_rounds(m, rounds), before=evict)
         lines.append(f"| ternary | {m} | {t['float'] * 1e3:.3f} | {t['native'] * 1e3:.3f} | "
                      f"**{t['float'] / t['native']:.1f}x** | {t['native+pack'] * 1e3:.3f} | "
                      f"{t['float'] / t['native+pack']:.1f}x | {100 * 2 * m * N * K / t['native'] / peak:.0f}% "
                      "(2 planes) | - |")
-    lines += ["", "Each instruction set forced (binary, prepacked weights, packed A):", "",
+    lines += repeated_calls_table(rounds, weight, prepacked, ternary_weight, ternary_prepacked, gen)
+    lines += ["", "Each instruction set forced (binary, prepacked weights, packed A; caches evicted before every "
+              "call):", "",
               "| instruction set | M = 1 (ms) | ratio to F.linear | M = 64 (ms) | ratio to F.linear |",
               "|---|---|---|---|---|"]
     rows = {}
@@ -128,7 +159,7 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
                     with native.using_isa(name):
                         kernels.binary_matmul(x_bits, prepacked, K)
                 fns[name] = run
-        rows[m] = interleaved_min(fns, max(3, rounds // 2))
+        rows[m] = interleaved_min(fns, cold_rounds(m, rounds) // 2, before=evict)
     for name, runs in native.isas():
         if runs:
             lines.append(f"| {name} | {rows[1][name] * 1e3:.3f} | {rows[1]['float'] / rows[1][name]:.1f}x | "
@@ -186,6 +217,7 @@ def packed_model(name, shape, spec):
                                                       activation=activation).eval()
 
 
+SLICE = 8  # samples per call in the sliced rows (qat.export.BatchSlices)
 SHORT_CALL = 1e-3  # seconds: below this one call's time is mostly noise (see interleaved_min's repeat)
 
 
@@ -197,7 +229,7 @@ def _seconds(fn) -> float:
 
 
 def end_to_end_section(rounds: int) -> list[str]:
-    from qat.export import fuse_binary_chains
+    from qat.export import BatchSlices, fuse_binary_chains
 
     lines = [f"### End to end (min of {rounds} interleaved rounds at batch 1, fewer at 64; where the float model "
              f"takes under {SHORT_CALL * 1e3:g} ms, a round is the mean of 20 calls in a row)", "",
@@ -206,12 +238,16 @@ def end_to_end_section(rounds: int) -> list[str]:
              "(binary layers pass packed bits). Packed models get channels_last input. Own pool: the fused model "
              "with the kernels' threads from the library's own pool instead of torch's OpenMP team "
              "(`BITQAT_CPU_POOL=own`), which spins beside torch's threads.", "",
-             "| model | batch | float (ms) | packed (ms) | fused (ms) | fused vs float | fused, own pool (ms) |",
-             "|---|---|---|---|---|---|---|"]
+             f"Fused in slices of {SLICE}: `qat.export.BatchSlices(fused, {SLICE})`, {SLICE} samples at a time "
+             "(the memory table's way to keep peak RSS low at batch 64).", "",
+             f"| model | batch | float (ms) | packed (ms) | fused (ms) | fused vs float | fused, own pool (ms) | "
+             f"fused in slices of {SLICE} (ms) | sliced vs float |",
+             "|---|---|---|---|---|---|---|---|---|"]
     pools = ["own"] if native.pool() != "own" else []  # the column: the same model on the own pool
     for label, name, shape, spec in MODELS:
         packed, float_model = packed_model(name, shape, spec)
         fused = fuse_binary_chains(packed)
+        sliced = BatchSlices(fused, SLICE)
         for batch in (1, 64):
             x = torch.randn(batch, *shape)
             x_last = x.contiguous(memory_format=torch.channels_last)
@@ -223,13 +259,16 @@ def end_to_end_section(rounds: int) -> list[str]:
             candidates = {"float": lambda: float_model(x), "float_cl": lambda: float_model(x_last),
                           "packed": lambda: packed(x_last), "fused": lambda: fused(x_last)}
             candidates.update({pool: (lambda pool=pool: with_pool(pool)) for pool in pools})
+            if batch > SLICE:
+                candidates["sliced"] = lambda x=x_last: sliced(x)
             with torch.inference_mode():
                 repeat = 20 if _seconds(candidates["float"]) < SHORT_CALL else 1
                 t = interleaved_min(candidates, rounds if batch == 1 else max(3, rounds // 4), repeat=repeat)
             best_float = min(t["float"], t["float_cl"])
             other = f"{t['own'] * 1e3:.2f}" if "own" in t else "-"
+            in_slices = (f"{t['sliced'] * 1e3:.2f} | {best_float / t['sliced']:.2f}x" if "sliced" in t else "- | -")
             lines.append(f"| {label} | {batch} | {best_float * 1e3:.2f} | {t['packed'] * 1e3:.2f} | "
-                         f"{t['fused'] * 1e3:.2f} | **{best_float / t['fused']:.2f}x** | {other} |")
+                         f"{t['fused'] * 1e3:.2f} | **{best_float / t['fused']:.2f}x** | {other} | {in_slices} |")
     return lines
 
 
@@ -273,9 +312,6 @@ def rss_worker(kind: str, batch: int, path: str) -> None:
     print(json.dumps({"base_kb": base, "peak_kb": status("VmHWM:")}))
 
 
-SLICE = 8  # samples per call in the memory table's sliced row
-
-
 def memory_section() -> list[str]:
     from qat.export import save_packed
 
@@ -287,7 +323,10 @@ def memory_section() -> list[str]:
              "`load_packed` of the saved file (a shape-only skeleton, no float weights), then "
              "`fuse_binary_chains(..., inplace=True)`. Batch 64 in slices of 8: both models wrapped in "
              f"`qat.export.BatchSlices(model, {SLICE})`, so 8 images' activations are alive at a time.", "",
-             "| batch | float (MiB) | packed (MiB) | packed / float |", "|---|---|---|---|"]
+             "The last column sets the packed model against the float model as PyTorch runs it (whole batch).", "",
+             "| batch | float (MiB) | packed (MiB) | packed / float | packed / float run whole |",
+             "|---|---|---|---|---|"]
+    whole_batch_float = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_packed(packed, Path(tmp) / "resnet18.safetensors")
         file_mib = path.stat().st_size / 2**20
@@ -303,8 +342,11 @@ def memory_section() -> list[str]:
             grow = {k.partition(":")[0]: (v["peak_kb"] - v["base_kb"]) / 1024 for k, v in figures.items()}
             whole = {k.partition(":")[0]: v["peak_kb"] / 1024 for k, v in figures.items()}
             label = f"{batch}, in slices of {SLICE}" if slices else f"{batch}"
+            if not slices:
+                whole_batch_float[batch] = grow["float"]
             lines.append(f"| {label} | {grow['float']:.1f} [{whole['float']:.0f}] | {grow['packed']:.1f} "
-                         f"[{whole['packed']:.0f}] | **1/{grow['float'] / max(grow['packed'], 1e-9):.1f}** |")
+                         f"[{whole['packed']:.0f}] | **1/{grow['float'] / max(grow['packed'], 1e-9):.1f}** | "
+                         f"1/{whole_batch_float[batch] / max(grow['packed'], 1e-9):.1f} |")
     lines += ["", f"The packed file: {file_mib:.2f} MiB (float32 weights of the same model: {float_mib:.1f} MiB)."]
     return lines
 
