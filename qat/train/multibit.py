@@ -6,6 +6,7 @@
       eval_bits: [8, 4, 2, ternary, 1]    # the widths every evaluation reports
       bn: per_width                       # BatchNorm running statistics per width, or shared by all
       bn_calibration_batches: 20          # re-estimate them before every evaluation (0: off)
+      mgda_weight: 0.0                    # 0: the widths' gradients summed; 1: MGDA's min-norm combination
 
 train_bits defaulting to every width (8, 4, 2, ternary, 1) for a model with multi-bit layers, bn to
 per_width, eval_bits to train_bits (bn: per_width) or every width (bn: shared). With per_width,
@@ -37,6 +38,20 @@ the train accuracy) are those of the first width in train_bits; its loss is the 
 width's loss is logged as train/loss@<width>. ``train_bits: [w]`` is a single-width run of the same
 quantizer: the per-width baseline at the same budget.
 
+Multi-objective weighting (``mgda_weight: m``, default 0: the sum above). The abstract says the
+shared weights are trained by "multi-objective optimization ... considering the performance of all
+networks"; MGDA (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS
+2018) is that method's standard form in deep learning, and this is its reading here [I]. With
+g_b = dL_b/dW (each width's own backward, kept apart) and k widths:
+
+    alpha_MGDA = argmin_{alpha in simplex} || sum_b alpha_b g_b ||^2      (exact, from the k x k Gram matrix)
+    alpha      = m alpha_MGDA + (1 - m) / k
+    gradient   = k sum_b alpha_b g_b                                       (m = 0: sum_b g_b, the plain sum)
+
+The min-norm combination is a direction along which no width's loss increases (to first order)
+while one exists; it leans on the widths whose gradients are small or agree with the others'.
+Each step logs train/mgda_alpha@<width>. Costs k copies of the gradient (the plain sum needs none).
+
 Evaluation: every split at every width of eval_bits, as <split>/<metric>@<width> (val/acc1@4b,
 test/acc1@ternary); the plain <split>/<metric> (which chooses best.pt and fills summary.json's
 val_acc1/test_acc1) is the mean over train_bits. The model is left at the first train width.
@@ -58,7 +73,44 @@ from qat.train.config import ConfigError, to_plain
 Step = Callable[[], tuple[torch.Tensor, torch.Tensor, dict]]
 #: multibit.bn_calibration_batches when the block does not set it
 CALIBRATION_BATCHES = 20
-KEYS = ("train_bits", "eval_bits", "bn", "bn_calibration_batches")
+KEYS = ("train_bits", "eval_bits", "bn", "bn_calibration_batches", "mgda_weight")
+
+
+def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
+    """The point of the simplex minimising alpha^T G alpha, for the Gram matrix ``G`` of k vectors
+    (G_ij = <g_i, g_j>): MGDA's min-norm element of their convex hull, solved exactly. The optimum
+    lies in the relative interior of one face S of the simplex, where it is the min-norm point of
+    the affine hull of {g_i : i in S}:
+
+        [G_SS  1] [alpha_S]   [0]
+        [1^T   0] [ -mu   ] = [1]          (least squares where G_SS is singular)
+
+    Every face (2^k - 1 of them; k <= 5 widths here) is solved, and the feasible solution
+    (alpha_S >= 0) of least norm is kept; on a tie with 1/k (e.g. all gradients zero), 1/k.
+    (Sener & Koltun approximate the same point by Frank-Wolfe, which converges slowly when it lies
+    on a face.)"""
+    gram = gram.double()
+    k = gram.shape[0]
+    best = torch.full((k,), 1.0 / k, dtype=torch.float64)  # kept on ties: the plain sum's weights
+    best_value = float(best @ gram @ best)
+    for size in range(1, k + 1):
+        for face in itertools.combinations(range(k), size):
+            index = list(face)
+            system = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+            system[:size, :size] = gram[index][:, index]
+            system[:size, size] = system[size, :size] = 1.0
+            rhs = torch.zeros(size + 1, dtype=torch.float64)
+            rhs[size] = 1.0
+            solution = torch.linalg.lstsq(system, rhs.unsqueeze(1)).solution.squeeze(1)
+            alpha_face = solution[:size]
+            if bool((alpha_face < -1e-12).any()) or abs(float(alpha_face.sum()) - 1.0) > 1e-9:
+                continue
+            alpha = torch.zeros(k, dtype=torch.float64)
+            alpha[index] = alpha_face.clamp_min(0.0) / alpha_face.clamp_min(0.0).sum()
+            value = float(alpha @ gram @ alpha)
+            if value < best_value - 1e-12 * max(abs(best_value), 1e-300):
+                best, best_value = alpha, value
+    return best
 
 
 def _widths(cfg: dict, key: str) -> list:
@@ -81,9 +133,10 @@ class Widths:
     """The widths a run trains and evaluates; a single pass (``train_bits = eval_bits = [None]``)
     for a model without multi-bit layers."""
 
-    def __init__(self, model: nn.Module, train_bits: list, eval_bits: list, calibration_batches: int = 0):
+    def __init__(self, model: nn.Module, train_bits: list, eval_bits: list, calibration_batches: int = 0,
+                 mgda_weight: float = 0.0):
         self.model, self.train_bits, self.eval_bits = model, train_bits, eval_bits
-        self.calibration_batches = calibration_batches
+        self.calibration_batches, self.mgda_weight = calibration_batches, mgda_weight
         if self.active:
             mb.set_bits(model, train_bits[0])
 
@@ -115,7 +168,11 @@ class Widths:
         if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
             raise ConfigError(f"multibit.bn_calibration_batches must be a number of training batches >= 0 "
                               f"(0: no BatchNorm calibration), got {calibration!r}")
-        widths = cls(model, train_bits, eval_bits, calibration)
+        mgda_weight = block.get("mgda_weight", 0.0)
+        if isinstance(mgda_weight, bool) or not isinstance(mgda_weight, (int, float)) or not 0 <= mgda_weight <= 1:
+            raise ConfigError(f"multibit.mgda_weight must be a number from 0 (the widths' gradients summed) to 1 "
+                              f"(MGDA's min-norm combination), got {mgda_weight!r}")
+        widths = cls(model, train_bits, eval_bits, calibration, float(mgda_weight))
         if bn == "per_width":
             mb.per_width_batchnorm(model)
         return widths
@@ -130,16 +187,36 @@ class Widths:
         if not self.active:
             return forward_backward()
         total, first_logits, parts = None, None, {}
+        weighted = self.mgda_weight > 0 and len(self.train_bits) > 1
+        params = [p for p in self.model.parameters() if p.requires_grad] if weighted else []
+        gradients = []
         for width in self.train_bits:
             mb.set_bits(self.model, width)
             loss, logits, width_parts = forward_backward()
+            if weighted:  # keep this width's gradient apart
+                gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                            for p in params]))
+                for p in params:
+                    p.grad = None
             label = mb.width_label(width)
             parts[f"train/loss@{label}"] = loss.detach()
             parts.update({f"{key}@{label}": value for key, value in width_parts.items()})
             total = loss.detach() if total is None else total + loss.detach()
             first_logits = logits if first_logits is None else first_logits
+        if weighted:
+            parts.update(self._combine(params, gradients))
         mb.set_bits(self.model, self.train_bits[0])
         return total, first_logits, parts
+
+    def _combine(self, params: list[nn.Parameter], gradients: list[torch.Tensor]) -> dict:
+        """Sets the parameters' gradients to k sum_b alpha_b g_b (module docstring); returns the alphas."""
+        stacked = torch.stack(gradients)
+        k = len(gradients)
+        alpha = self.mgda_weight * min_norm_weights(stacked.double() @ stacked.double().T) + (1 - self.mgda_weight) / k
+        combined = (alpha.to(stacked.dtype).unsqueeze(1) * stacked).sum(0) * k
+        for p, grad in zip(params, combined.split([p.numel() for p in params]), strict=True):
+            p.grad = grad.view_as(p).clone()
+        return {f"train/mgda_alpha@{mb.width_label(w)}": alpha[i].float() for i, w in enumerate(self.train_bits)}
 
     def calibrate(self, inputs: Iterator) -> int:
         """Re-estimate the BatchNorm statistics of every train width from ``inputs`` (the model's

@@ -18,7 +18,7 @@ from qat.export.__main__ import main as export_main
 from qat.export.__main__ import trained_model_from_checkpoint
 from qat.train import cli
 from qat.train.config import ConfigError
-from qat.train.multibit import Widths
+from qat.train.multibit import Widths, min_norm_weights
 from qat.train.trainer import Trainer
 
 TINY_RUN = ["data.channels=1", "data.image_size=28", "trainer.max_steps=2"]
@@ -77,12 +77,52 @@ def test_evaluation_reports_every_width_and_the_mean_of_the_trained_ones():
     assert mb.active_width(model) == 4
 
 
+def test_min_norm_weights_find_the_least_norm_point_of_the_convex_hull():
+    g = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # |a g1 + (1 - a) g2|^2 = a^2 + 4 (1 - a)^2: least at a = 4/5
+    assert torch.allclose(min_norm_weights(g @ g.T), torch.tensor([0.8, 0.2], dtype=torch.float64), atol=1e-9)
+    opposed = torch.tensor([[1.0, 1.0], [-2.0, -2.0], [0.5, -3.0]])  # 0 lies on the segment of the first two
+    alpha = min_norm_weights(opposed @ opposed.T)
+    assert float((alpha.float() @ opposed).norm()) < 1e-6 and abs(float(alpha.sum()) - 1) < 1e-12
+    assert torch.allclose(alpha, torch.tensor([2 / 3, 1 / 3, 0.0], dtype=torch.float64), atol=1e-9)
+    assert torch.equal(min_norm_weights(torch.eye(3) * 0), torch.full((3,), 1 / 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_mgda_weighting_combines_the_widths_gradients_with_the_min_norm_alphas(weight):
+    model, x, y = model_and_batch()
+    widths = Widths.from_config({"train_bits": [8, "ternary", 1], "mgda_weight": weight}, model)
+
+    def forward_backward():
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss, logits, {}
+
+    _, _, parts = widths.train_step(forward_backward)
+    combined = [p.grad.clone() for p in model.parameters()]
+    separate = []
+    for width in (8, "ternary", 1):
+        model.zero_grad()
+        with mb.bits(model, width):
+            F.cross_entropy(model(x), y).backward()
+        separate.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    stacked = torch.stack(separate)
+    alpha = weight * min_norm_weights(stacked.double() @ stacked.double().T) + (1 - weight) / 3
+    assert not torch.allclose(alpha, torch.full((3,), 1 / 3, dtype=torch.float64), atol=1e-3)  # not the plain sum
+    expected = (alpha.float().unsqueeze(1) * stacked).sum(0) * 3
+    assert torch.allclose(torch.cat([g.reshape(-1) for g in combined]), expected, rtol=1e-5, atol=1e-7)
+    assert [float(parts[f"train/mgda_alpha@{w}"]) for w in ("8b", "ternary", "1b")] == pytest.approx(
+        alpha.tolist(), rel=1e-6)
+
+
 @pytest.mark.parametrize("block, message", [
     ({"train_bits": [8, 1.58]}, "ternary is written 'ternary'"),
     ({"train_bits": [4, 4]}, "names a width twice"),
     ({"train_bits": []}, "non-empty list"),
     ({"eval_bits": 2}, "non-empty list"),
     ({"train_width": [2]}, "unknown key"),
+    ({"mgda_weight": 1.5}, "from 0"),
+    ({"mgda_weight": True}, "from 0"),
 ])
 def test_bad_width_settings_are_config_errors(block, message):
     model, _, _ = model_and_batch()
