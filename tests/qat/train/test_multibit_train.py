@@ -31,17 +31,21 @@ def model_and_batch():
     return model, torch.randn(10, 12), torch.randint(0, 3, (10,))
 
 
-def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
-    model, x, y = model_and_batch()
-    widths = Widths.from_config({"train_bits": [8, "ternary", 1]}, model)
-
+def cross_entropy_step(model, x, y):
+    """The trainer's forward_backward for a plain cross-entropy objective."""
     def forward_backward():
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         return loss, logits, {}
+    return forward_backward
 
-    loss, logits, parts = widths.train_step(forward_backward)
+
+def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
+    model, x, y = model_and_batch()
+    widths = Widths.from_config({"train_bits": [8, "ternary", 1]}, model)
+
+    loss, logits, parts = widths.train_step(cross_entropy_step(model, x, y))
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     separate = []
@@ -92,13 +96,7 @@ def test_mgda_weighting_combines_the_widths_gradients_with_the_min_norm_alphas(w
     model, x, y = model_and_batch()
     widths = Widths.from_config({"train_bits": [8, "ternary", 1], "mgda_weight": weight}, model)
 
-    def forward_backward():
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        return loss, logits, {}
-
-    _, _, parts = widths.train_step(forward_backward)
+    _, _, parts = widths.train_step(cross_entropy_step(model, x, y))
     combined = [p.grad.clone() for p in model.parameters()]
     separate = []
     for width in (8, "ternary", 1):
@@ -229,14 +227,7 @@ def test_training_steps_are_the_same_with_per_width_or_shared_statistics():
     for bn in ("per_width", "shared"):
         model = model_with_bn()
         widths = Widths.from_config({"train_bits": [8, "ternary", 1], "bn": bn}, model)
-
-        def forward_backward(model=model):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            return loss, logits, {}
-
-        widths.train_step(forward_backward)
+        widths.train_step(cross_entropy_step(model, x, y))
         grads[bn] = [p.grad for p in model.parameters()]
         stats[bn] = model[1]
     assert all(torch.equal(a, b) for a, b in zip(grads["per_width"], grads["shared"], strict=True))
