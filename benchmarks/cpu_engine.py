@@ -114,7 +114,8 @@ def matmul_section(rounds: int, peak: float) -> list[str]:
     ternary_weight = torch.randint(-1, 2, (N, K), generator=gen).float()
     ternary_prepacked = kernels.prepack_ternary(kernels.pack_ternary(ternary_weight), K)
     evict = CacheEvictor()  # every timed call starts from memory: no candidate inherits another's cache
-    lines = [f"### Matmul, N = K = {K} (min of {rounds} interleaved rounds; caches evicted before every call)", "",
+    lines = [f"### Matmul, N = K = {K} (min of {rounds} interleaved rounds, {cold_rounds(1, rounds)} at M = 1; caches "
+             "evicted before every call)", "",
              "| op | M | F.linear fp32 (ms) | native (ms) | ratio | incl. packing A (ms) | ratio | % of peak | "
              "NumPy path (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for m in (1, 16, 64, 256):
