@@ -18,8 +18,7 @@ def interleaved_min(fns: dict[str, Callable[[], object]], rounds: int, repeat: i
     ``before``, when given, runs untimed before every timed call (e.g. a ``CacheEvictor``, so that
     every candidate starts from the same cache state instead of the one its predecessor left).
     The order rotates by one candidate per round, so that none always runs right after the same
-    other one (a packed GEMV timed right after a 3 ms float GEMV, an eviction between them, was
-    1.3-1.5x slower than the same call after another candidate)."""
+    other one (whatever state a predecessor leaves, every candidate meets it in some rounds)."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
