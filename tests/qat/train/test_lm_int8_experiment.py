@@ -1,5 +1,6 @@
-"""lm_bitnet158_int8emb: the experiment composes to lm_bitnet158 plus 8-bit embeddings and head, builds
-those layers, trains, and `python -m qat.export` packs the run into a file that decides as it does."""
+"""The lm_bitnet158 variants. lm_bitnet158_int8emb: the experiment composes to lm_bitnet158 plus 8-bit
+embeddings and head, builds those layers, trains, and `python -m qat.export` packs the run into a file
+that decides as it does. lm_bitnet158_fitted: lm_bitnet158 with its two departures and its peak lr."""
 from __future__ import annotations
 
 import pytest
@@ -57,3 +58,15 @@ def test_an_embedding_method_the_tables_cannot_take_is_refused(compose, tmp_path
                    "device=cpu"])
     with pytest.raises(ValueError, match=f"embeddings: '{value}' is not a method for embedding tables"):
         Trainer(cfg, tmp_path / "run")
+
+
+def test_the_fitted_experiment_is_lm_bitnet158_with_its_two_departures_and_a_higher_peak_lr(compose):
+    cfg, base = compose(["+experiment=lm_bitnet158_fitted"]), compose(["+experiment=lm_bitnet158"])
+    quant, expected = OmegaConf.to_container(cfg.quant), OmegaConf.to_container(base.quant)
+    assert (quant.pop("input_norm"), quant.pop("weight_scale")) == (False, "fitted")
+    assert (expected.pop("input_norm"), expected.pop("weight_scale")) == (True, "absmean")
+    assert quant == expected
+    assert cfg.optim.lr == 2e-3 and base.optim.lr == 1.5e-3
+    assert {**cfg.optim, "lr": None} == {**base.optim, "lr": None}
+    for group in ("model", "data", "sched", "trainer"):  # the same model, data, schedule and steps
+        assert cfg[group] == base[group], group
