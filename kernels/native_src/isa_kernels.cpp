@@ -1084,6 +1084,11 @@ struct LutPlan {
   int64_t ldx, k;
 };
 
+// Builds activation row i's tables (every group of its 3 * lines) in their place in p.tables.
+void lut_build_tables(const LutPlan& p, int64_t i) {
+  lut_build_row(p.x + i * p.ldx, p.k, 3 * p.lines, p.tables + i * 3 * p.lines * LUT_TABLE);
+}
+
 template <int R, int P>
 void lut_block(const LutPlan& p, int64_t i, int64_t panel) {
   const unsigned char* tab[R];
@@ -1115,8 +1120,7 @@ void lut_task(void* ctx, int64_t task) {
     // one activation row: P panels share each table load; several: R rows share each index line
     const int r = (int)(i1 - i < LUT_MAX_R ? i1 - i : LUT_MAX_R);
     if (p.x)  // built just before they are read (in cache)
-      for (int64_t e = i; e < i + r; ++e)
-        lut_build_row(p.x + e * p.ldx, p.k, 3 * p.lines, p.tables + e * 3 * p.lines * LUT_TABLE);
+      for (int64_t e = i; e < i + r; ++e) lut_build_tables(p, e);
     switch (r) {
       case 4: lut_panels<(LUT_MAX_R >= 4 ? 4 : 1), LUT_MULTI_P>(p, i, q0, q1); break;
       case 3: lut_panels<(LUT_MAX_R >= 3 ? 3 : 1), LUT_MULTI_P>(p, i, q0, q1); break;
@@ -1127,16 +1131,7 @@ void lut_task(void* ctx, int64_t task) {
   }
 }
 
-struct LutTablePlan {
-  const int8_t* x;
-  int64_t ldx, k, groups;
-  unsigned char* tables;
-};
-
-void lut_table_task(void* ctx, int64_t i) {
-  const LutTablePlan& t = *(const LutTablePlan*)ctx;
-  lut_build_row(t.x + i * t.ldx, t.k, t.groups, t.tables + i * t.groups * LUT_TABLE);
-}
+void lut_table_task(void* ctx, int64_t i) { lut_build_tables(*(const LutPlan*)ctx, i); }
 
 }  // namespace
 
@@ -1336,13 +1331,12 @@ void BQ_EXPORT(ternary_i8_lut_gemm)(const int8_t* x, int64_t m, int64_t k, int64
   }
   // Split by panels: the tables first (shared by every task), then about 16 tasks, each an even
   // number of panels where there are several (P panels share a table load).
-  LutTablePlan tp{x, ldx, k, groups, tables};
   if (m > 1 && m * groups >= 4096) {
-    bq_parallel_for(m, lut_table_task, &tp);
+    bq_parallel_for(m, lut_table_task, &p);
   } else {
-    for (int64_t i = 0; i < m; ++i) lut_table_task(&tp, i);
+    for (int64_t i = 0; i < m; ++i) lut_build_tables(p, i);
   }
-  p.x = nullptr;
+  p.x = nullptr;  // the tasks below read the tables built here
   const int64_t m_blocks = (m + p.m_block - 1) / p.m_block;
   const int64_t chunks = (16 + m_blocks - 1) / m_blocks;
   int64_t per = (panels + chunks - 1) / chunks;
