@@ -106,7 +106,8 @@ def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
             if bool((alpha_face < -1e-12).any()) or abs(float(alpha_face.sum()) - 1.0) > 1e-9:
                 continue
             alpha = torch.zeros(k, dtype=torch.float64)
-            alpha[index] = alpha_face.clamp_min(0.0) / alpha_face.clamp_min(0.0).sum()
+            kept = alpha_face.clamp_min(0.0)
+            alpha[index] = kept / kept.sum()
             value = float(alpha @ gram @ alpha)
             if value < best_value - 1e-12 * max(abs(best_value), 1e-300):
                 best, best_value = alpha, value
@@ -212,7 +213,8 @@ class Widths:
         """Sets the parameters' gradients to k sum_b alpha_b g_b (module docstring); returns the alphas."""
         stacked = torch.stack(gradients)
         k = len(gradients)
-        alpha = self.mgda_weight * min_norm_weights(stacked.double() @ stacked.double().T) + (1 - self.mgda_weight) / k
+        as_double = stacked.double()
+        alpha = self.mgda_weight * min_norm_weights(as_double @ as_double.T) + (1 - self.mgda_weight) / k
         combined = (alpha.to(stacked.dtype).unsqueeze(1) * stacked).sum(0) * k
         for p, grad in zip(params, combined.split([p.numel() for p in params]), strict=True):
             p.grad = grad.view_as(p).clone()
