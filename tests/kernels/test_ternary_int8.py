@@ -259,6 +259,20 @@ def test_lut_extremes_and_zeros(isa, m, k):
     assert torch.equal(cpu_native.ternary_i8_lut_matmul(x, weights), torch.zeros(m, 5, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("m,k", [(2, 9000), (4, 4097)])
+def test_lut_tables_built_by_the_threads_then_shared(isa, gen, m, k):
+    """Fewer row blocks than threads and m x groups >= 4096: the threads build the tables first
+    (one task per row), then split the panels (bq_ternary_i8_lut_gemm's third path)."""
+    t, x = ternary(256, k, gen), codes(m, k, gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lut, _ = lut_both(x, t)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(lut, reference(x, t)), (isa, m, k)
+
+
 def test_lut_threads_layout_and_refusals(gen):
     """A layer on the worker threads at M = 1, 3, 8 and 40, a [B, T, K] and a strided input, the stored
     layout (a 16-bit word per row and 9 weights: three 5-bit indices), and wrong inputs."""
