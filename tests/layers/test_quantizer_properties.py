@@ -1,7 +1,7 @@
 """Hypothesis property tests of the quantizers' value sets and scale invariances."""
 import numpy as np
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -41,6 +41,7 @@ def test_ternary_has_three_levels_and_is_scale_equivariant(w, factor):
 
 @settings(max_examples=60, deadline=None)
 @given(w=weights, sparsity=st.floats(0.0, 0.95))
+@example(w=np.array([[5.19850512e-13], [1.0]]), sparsity=0.5)   # a row under the 1e-12 norm clamp (found in CI)
 def test_hq_filters_are_unit_ternary_and_scale_invariant(w, sparsity):
     w = torch.from_numpy(w)
     quantizer = quantizers.HypersphericalTernaryWeight(get("identity"), target_sparsity=sparsity, prune_end=0.5)
@@ -58,4 +59,8 @@ def test_hq_filters_are_unit_ternary_and_scale_invariant(w, sparsity):
     pruned = int(sparsity * w.numel())
     delta = unit.abs().flatten().sort().values[pruned - 1] if pruned else -1.0
     assert torch.equal(q == 0, unit.abs() <= delta)
-    torch.testing.assert_close(quantizer(5.0 * w), q)
+    # scale invariance holds where the quantizer divides by the true norm: a nonzero row whose norm is
+    # under its 1e-12 clamp is not scaled to unit length, and 5x the row may no longer be under it
+    norms = w.norm(dim=1)
+    if torch.all((norms == 0) | (norms >= 1e-12)):
+        torch.testing.assert_close(quantizer(5.0 * w), q)
