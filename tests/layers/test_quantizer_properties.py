@@ -55,12 +55,12 @@ def test_hq_filters_are_unit_ternary_and_scale_invariant(w, sparsity):
                                        torch.full((int(k),), float(1 / k.double().sqrt()), dtype=w.dtype))
     assert (q == 0).sum() >= int(sparsity * w.numel())
     # the zeros are exactly the entries at or below the floor(s N)-th smallest |w^| of the layer
-    unit = w / w.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    norms = w.norm(dim=1, keepdim=True)
+    unit = w / norms.clamp(min=1e-12)
     pruned = int(sparsity * w.numel())
     delta = unit.abs().flatten().sort().values[pruned - 1] if pruned else -1.0
     assert torch.equal(q == 0, unit.abs() <= delta)
     # scale invariance holds where the quantizer divides by the true norm: a nonzero row whose norm is
     # under its 1e-12 clamp is not scaled to unit length, and 5x the row may no longer be under it
-    norms = w.norm(dim=1)
     if torch.all((norms == 0) | (norms >= 1e-12)):
         torch.testing.assert_close(quantizer(5.0 * w), q)
