@@ -1,7 +1,7 @@
 """Hypothesis property tests of the quantizers' value sets and scale invariances."""
 import numpy as np
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -26,13 +26,17 @@ def test_bwn_values_are_plus_minus_channel_mean(w):
 @given(w=weights, factor=st.floats(0.0, 1.5))
 def test_ternary_has_three_levels_and_is_scale_equivariant(w, factor):
     w = torch.from_numpy(w)
+    # An entry within rounding of the threshold is kept or not depending on the order of the sum
+    # (here, in the layer, and for 3 w): the properties are claimed away from such ties.
+    delta = factor * w.abs().mean()
+    assume(delta == 0 or not torch.any((w.abs() - delta).abs() <= 1e-12 * delta))
     quantizer = quantizers.TernaryWeight(get("identity"), threshold_factor=factor)
     q = quantizer(w)
     levels = q.abs().unique()
     assert len(levels) <= 2 and (levels.numel() == 1 or levels[0] == 0)
     assert torch.all((q == 0) | (torch.sign(q) == torch.sign(w)))
     # survivors are exactly the entries above the threshold, all at alpha = their mean magnitude
-    kept = w.abs() > factor * w.abs().mean()
+    kept = w.abs() > delta
     assert torch.equal(q != 0, kept)
     if kept.any():
         torch.testing.assert_close(q[kept], w[kept].abs().mean() * torch.sign(w[kept]))
