@@ -39,9 +39,12 @@ extern "C" int bq_thread_count();
 
 namespace {
 
-// Below this many word pairs (about 10-20 microseconds on one core) waking another thread costs
-// more than it saves, and on two cores it would compete with torch's own threads: run inline.
-constexpr int64_t INLINE_WORK = 1 << 17;
+// Below this many word pairs (a few microseconds on one core) waking another thread costs more
+// than it saves: run inline.  Measured on a Zen 4 (2 cores, torch's OpenMP team, AVX2 and AVX-512
+// builds), 3x3 sign-output convs at batch 1 inline against on both threads: even at 9-14 K word
+// pairs, threads ahead from 37 K (16.5 against 14.5 us with AVX2; 70 K: 28 against 17 us).  It was
+// 1 << 17 when the kernels ran on their own pool, whose wake-up cost more.
+constexpr int64_t INLINE_WORK = 1 << 14;
 
 void run_tasks(int64_t tasks, int64_t work, void (*fn)(void*, int64_t), void* ctx) {
   if (work < INLINE_WORK) {
