@@ -41,6 +41,7 @@ __all__ = [
     "PlanCache",
     "maxpool_bits",
     "MaxPoolBitsPlan",
+    "PoolChain",
     "affine_sign_pack",
     "FloatConvSign",
     "ternary_prepack",
@@ -297,8 +298,9 @@ class _ConvPlan:
         self.sums = weights.tap_sums if zero_padding and (ph or pw) else None
         out_features = weights.out_features
         template = _output(0, out_features, mode)
-        self.rows, self.cols, self.dtype = n * ho * wo, template.shape[1], template.dtype
-        self.final_shape, self.residual_shape = (n, ho, wo, -1), (n, ho, wo, out_features)
+        self.cols, self.dtype = template.shape[1], template.dtype
+        # allocated in this shape: a reshape per call costs as much as a batch-1 layer's kernel
+        self.final_shape, self.residual_shape = (n, ho, wo, self.cols), (n, ho, wo, out_features)
         lo, hi = clamp if clamp is not None else (0.0, 0.0)
         float_out, sign_out = mode == native.OUT_FLOAT, mode == native.OUT_SIGN
         self.args = native.ConvArgs(
@@ -309,15 +311,23 @@ class _ConvPlan:
             _ptr(self.mul_t) if sign_out else None, _ptr(self.add_t) if sign_out else None,
             None, out_features, int(clamp is not None), lo, hi)
 
-    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, x_words: torch.Tensor, residual: torch.Tensor | None = None,
+            pools: PoolChain | None = None) -> torch.Tensor:
+        """The output for ``x_words``; with ``pools`` (sign output only) the pooled output, in the same call."""
         if x_words.shape != self.x_shape or x_words.dtype != torch.int64 or not x_words.is_contiguous():
             raise ValueError(f"this plan takes contiguous int64 words of shape {tuple(self.x_shape)}, "
                              f"got {x_words.dtype} {tuple(x_words.shape)}")
         if (residual is not None) != self.with_residual:
             raise ValueError("this plan was made " + ("with" if self.with_residual else "without") + " a residual")
-        out = torch.empty((self.rows, self.cols), dtype=self.dtype)
         args = native.ConvArgs.from_buffer_copy(self.args)
-        args.x, args.out = x_words.data_ptr(), out.data_ptr()
+        args.x = x_words.data_ptr()
+        if pools is not None:
+            if self.args.mode != native.OUT_SIGN:
+                raise ValueError("pools follow a sign output (mode=OUT_SIGN) only")
+            native.sync_threads()
+            return pools.call(native.library().bq_conv_pooled, args, self.final_shape)[0]
+        out = torch.empty(self.final_shape, dtype=self.dtype)
+        args.out = out.data_ptr()
         if residual is not None:
             if residual.shape != self.residual_shape:
                 raise ValueError(f"residual must be [N, Ho, Wo, O] = {self.residual_shape}, "
@@ -326,7 +336,7 @@ class _ConvPlan:
             args.residual = residual.data_ptr()
         native.sync_threads()
         native.library().bq_conv(ctypes.byref(args))
-        return out.reshape(self.final_shape)
+        return out
 
 
 def linear(a_words: torch.Tensor, weights: Prepacked, *, mode: int = native.OUT_INT32, mul=None,
@@ -359,15 +369,44 @@ class MaxPoolBitsPlan:
         self.and_mask = and_mask if ready else and_mask.detach().to(torch.int64).contiguous()
         self.x_shape, self.out_shape = torch.Size(shape), (n, ho, wo, words)
         geometry = [int(v) for pair in (kernel_size, stride, padding, dilation) for v in pair]
-        self.args = (n, h, w, words, *geometry, ho, wo)
+        self.args = native.MaxPoolArgs(n, h, w, words, *geometry, ho, wo, _ptr(self.and_mask))
 
     def run(self, bits: torch.Tensor) -> torch.Tensor:
         if bits.shape != self.x_shape or bits.dtype != torch.int64 or not bits.is_contiguous():
             raise ValueError(f"this plan takes contiguous int64 words of shape {tuple(self.x_shape)}, "
                              f"got {bits.dtype} {tuple(bits.shape)}")
         out = torch.empty(self.out_shape, dtype=torch.int64)
-        native.library().bq_maxpool_bits(bits.data_ptr(), *self.args, self.and_mask.data_ptr(), out.data_ptr())
+        native.library().bq_maxpool_bits(bits.data_ptr(), ctypes.byref(self.args), out.data_ptr())
         return out
+
+
+class PoolChain:
+    """Bit max-pools that run inside the call of the sign-output kernel before them
+    (``_ConvPlan.run(x, pools=chain)``, ``FloatConvSign.run(x, pools=chain)``): one native call
+    and one output tensor instead of one per pool, which at batch 1 cost more than the pooling.
+    ``plans``: :class:`MaxPoolBitsPlan` of consecutive shapes (each one's input the last one's output)."""
+
+    def __init__(self, plans):
+        self.plans = tuple(plans)  # they hold the and_masks the arguments point into
+        if not self.plans:
+            raise ValueError("a pool chain needs at least one pool")
+        for before, after in zip(self.plans, self.plans[1:], strict=False):
+            if tuple(after.x_shape) != tuple(before.out_shape):
+                raise ValueError(f"pool input {tuple(after.x_shape)} does not follow pool output {before.out_shape}")
+        self.x_shape, self.out_shape = tuple(self.plans[0].x_shape), self.plans[-1].out_shape
+        self.args = (native.MaxPoolArgs * len(self.plans))(*(plan.args for plan in self.plans))
+
+    def call(self, entry, args, kernel_shape) -> tuple[torch.Tensor, int]:
+        """(output, result) of ``entry(args, pools)`` (a ``bq_*_pooled`` entry point) for a kernel whose
+        own output would be ``kernel_shape``; ``args.out`` is set to the returned tensor."""
+        if tuple(kernel_shape) != self.x_shape:
+            raise ValueError(f"the pools take {self.x_shape}, the kernel gives {tuple(kernel_shape)}")
+        out = torch.empty(self.out_shape, dtype=torch.int64)
+        args.out = out.data_ptr()
+        result = entry(ctypes.byref(args), self.args, len(self.plans))
+        if result < 0:
+            raise MemoryError("no memory for the pooling's intermediate buffers")
+        return out, result
 
 
 def affine_sign_pack(x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
@@ -408,20 +447,30 @@ class FloatConvSign:
         self.geometry = tuple(tuple(int(v) for v in pair) for pair in (stride, padding, dilation))
         self._plans = PlanCache()  # (shape, strides) -> (args, output shape)
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, pools: PoolChain | None = None) -> torch.Tensor:
+        """The packed signs for ``x``; with ``pools``, pooled in the same call."""
+        template, out_shape = self.plan(x)
+        args = native.FloatConvSignArgs.from_buffer_copy(template)
+        args.x = x.data_ptr()
+        native.sync_threads()
+        if pools is not None:
+            out, nans = pools.call(native.library().bq_float_conv_sign_pooled, args, out_shape)
+        else:
+            out = torch.empty(out_shape, dtype=torch.int64)
+            args.out = out.data_ptr()
+            nans = native.library().bq_float_conv_sign(ctypes.byref(args))
+        _refuse_nan(nans, "the convolution's output")
+        return out
+
+    def plan(self, x: torch.Tensor) -> tuple[native.FloatConvSignArgs, tuple]:
+        """(argument block, output shape ``[N, Ho, Wo, words]``) for inputs shaped and strided as ``x``."""
         if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.shape[1]:
             raise ValueError(f"x must be float32 [N, {self.shape[1]}, H, W], got {x.dtype} {tuple(x.shape)}")
         key = (x.shape, x.stride())
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._plan(x)
-        template, out_shape = plan
-        out = torch.empty(out_shape, dtype=torch.int64)
-        args = native.FloatConvSignArgs.from_buffer_copy(template)
-        args.x, args.out = x.data_ptr(), out.data_ptr()
-        native.sync_threads()
-        _refuse_nan(native.library().bq_float_conv_sign(ctypes.byref(args)), "the convolution's output")
-        return out
+        return plan
 
     def _plan(self, x):
         n, c, h, w = x.shape

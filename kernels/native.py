@@ -46,6 +46,7 @@ __all__ = [
     "using_pool",
     "library",
     "ConvArgs",
+    "MaxPoolArgs",
     "I8Layer",
     "OUT_INT32",
     "OUT_FLOAT",
@@ -114,6 +115,14 @@ class ConvArgs(ctypes.Structure):
         ("residual", ctypes.c_void_p), ("residual_stride", ctypes.c_int64),
         ("clamp", ctypes.c_int32), ("clamp_lo", ctypes.c_float), ("clamp_hi", ctypes.c_float),
     ]
+
+
+class MaxPoolArgs(ctypes.Structure):
+    """Mirror of ``BqMaxPoolArgs`` in ``native_src/bitkernels.h``."""
+
+    _fields_ = [*[(name, ctypes.c_int64) for name in ("n", "h", "w", "words", "kh", "kw", "sh", "sw", "ph", "pw",
+                                                     "dh", "dw", "ho", "wo")],
+                ("and_mask", ctypes.c_void_p)]
 
 
 class I8Layer(ctypes.Structure):
@@ -211,12 +220,14 @@ def _declare(lib: ctypes.CDLL) -> None:
         "bq_selected_isa": (ctypes.c_char_p, []),
         "bq_conv": (None, [ctypes.POINTER(ConvArgs)]),
         "bq_float_conv_sign": (c_i64, [ctypes.POINTER(FloatConvSignArgs)]),
+        "bq_conv_pooled": (c_i64, [ctypes.POINTER(ConvArgs), ctypes.POINTER(MaxPoolArgs), c_i64]),
+        "bq_float_conv_sign_pooled": (c_i64, [ctypes.POINTER(FloatConvSignArgs), ctypes.POINTER(MaxPoolArgs), c_i64]),
         "bq_ternary_gemm": (None, [c_ptr, c_ptr, c_i64, c_ptr, c_ptr, c_i64, c_i64, c_ptr]),
         "bq_pack_rows": (c_i64, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64]),
         "bq_pack_planes": (c_i64, [c_ptr, c_i64, c_i64, c_i64, c_i64, c_ptr]),
         "bq_prepack_panels": (None, [c_ptr, c_i64, c_i64, c_ptr]),
         "bq_peak_bitmacs_per_s": (ctypes.c_double, [c_i64]),
-        "bq_maxpool_bits": (None, [c_ptr, *[c_i64] * 14, c_ptr, c_ptr]),
+        "bq_maxpool_bits": (None, [c_ptr, ctypes.POINTER(MaxPoolArgs), c_ptr]),
         "bq_affine_sign_pack": (c_i64, [c_ptr, *[c_i64] * 8, c_ptr, c_ptr, c_ptr]),
         "bq_ternary_i8_prepack": (None, [c_ptr, c_ptr, c_i64, c_i64, c_i64, c_ptr]),
         "bq_ternary_i8_gemm": (None, [c_ptr, c_i64, c_i64, c_i64, c_ptr, c_i64, c_i64, c_ptr]),

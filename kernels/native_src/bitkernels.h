@@ -56,6 +56,16 @@ typedef struct {
   uint64_t* out;            // [n][ho][wo][ceil(o/64)]
 } BqFloatConvSignArgs;
 
+// A max-pool of signs on packed NHWC words (bq_maxpool_bits): per channel the AND (bit 1 in
+// and_mask[words]) or the OR of the window's bits; out-of-range taps are skipped.  The pooled
+// entry points (bq_conv_pooled, bq_float_conv_sign_pooled) run a chain of them on a sign-output
+// kernel's result in the same call: pool i reads pool i-1's [n][h][w][words] (pool 0 the kernel's),
+// the last writes the args' `out`, the others scratch buffers.
+typedef struct {
+  int64_t n, h, w, words, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo;
+  const uint64_t* and_mask;  // [words]
+} BqMaxPoolArgs;
+
 // A prepared ternary x int8 linear layer (bq_ternary_i8_layer): everything but the input, so that
 // a call from Python converts four arguments, not eleven (microseconds at batch 1).
 typedef struct {

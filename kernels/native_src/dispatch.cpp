@@ -6,6 +6,7 @@
 // is chosen at load time; bq_select_isa forces another (the BITQAT_CPU_ISA environment variable).
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <atomic>
@@ -16,6 +17,9 @@
 #include <vector>
 
 #include "bitkernels.h"
+
+extern "C" __attribute__((visibility("default"))) void bq_maxpool_bits(const uint64_t* x, const BqMaxPoolArgs* p,
+                                                                    uint64_t* out);
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -239,6 +243,30 @@ std::atomic<bool> g_use_openmp{true};
 std::atomic<bool> g_use_openmp{false};
 #endif
 
+// `kernel(first)` writes `first_words` words, then pools[0..count) run in turn, the last into `out`;
+// the stages between live in scratch buffers.  Returns the kernel's result, or -1 when a scratch
+// buffer cannot be allocated (nothing is written to `out` then).
+template <class Kernel>
+int64_t then_pools(Kernel kernel, int64_t first_words, const BqMaxPoolArgs* pools, int64_t count, uint64_t* out) {
+  if (count <= 0) return kernel(out);
+  uint64_t* src = (uint64_t*)malloc(sizeof(uint64_t) * (size_t)(first_words > 0 ? first_words : 1));
+  if (src == nullptr) return -1;
+  const int64_t result = kernel(src);
+  for (int64_t i = 0; i < count; ++i) {
+    const BqMaxPoolArgs& p = pools[i];
+    const int64_t words = p.n * p.ho * p.wo * p.words;
+    uint64_t* dst = i + 1 == count ? out : (uint64_t*)malloc(sizeof(uint64_t) * (size_t)(words > 0 ? words : 1));
+    if (dst == nullptr) {
+      free(src);
+      return -1;
+    }
+    bq_maxpool_bits(src, &p, dst);
+    free(src);
+    src = dst;
+  }
+  return result;
+}
+
 // A forked child has none of the parent's threads: forget the pool (never join it) and start anew.
 void forget_pool_in_child() { g_pool = nullptr; }
 struct AtFork {
@@ -344,6 +372,24 @@ __attribute__((visibility("default"))) void bq_conv(const BqConvArgs* args) { g_
 
 __attribute__((visibility("default"))) int64_t bq_float_conv_sign(const BqFloatConvSignArgs* args) {
   return g_isa->float_conv_sign(args);
+}
+
+// bq_conv (mode BQ_OUT_SIGN) and then count >= 1 bit max-pools (BqMaxPoolArgs); args->out gets the
+// last pool's output.  0, or -1 when out of memory.
+__attribute__((visibility("default"))) int64_t bq_conv_pooled(const BqConvArgs* args, const BqMaxPoolArgs* pools,
+                                                              int64_t count) {
+  BqConvArgs a = *args;
+  return then_pools([&](uint64_t* first) { a.out = first; g_isa->conv(&a); return (int64_t)0; },
+                    a.n * a.ho * a.wo * a.out_stride, pools, count, (uint64_t*)args->out);
+}
+
+// bq_float_conv_sign and then count >= 1 bit max-pools; args->out gets the last pool's output.
+// The NaN count of the conv's output, or -1 when out of memory.
+__attribute__((visibility("default"))) int64_t bq_float_conv_sign_pooled(const BqFloatConvSignArgs* args,
+                                                                         const BqMaxPoolArgs* pools, int64_t count) {
+  BqFloatConvSignArgs a = *args;
+  return then_pools([&](uint64_t* first) { a.out = first; return g_isa->float_conv_sign(&a); },
+                    a.n * a.ho * a.wo * ((a.o + 63) / 64), pools, count, args->out);
 }
 
 __attribute__((visibility("default"))) void bq_ternary_gemm(const uint64_t* sa, const uint64_t* ma, int64_t m,
@@ -492,28 +538,25 @@ __attribute__((visibility("default"))) int64_t bq_affine_sign_pack(const float* 
 
 // Max-pool of signs on packed NHWC words [n][h][w][words]: per bit the AND (where and_mask has a
 // 1) or the OR of the window's bits; taps outside the input are skipped (the neutral element).
-__attribute__((visibility("default"))) void bq_maxpool_bits(const uint64_t* x, int64_t n, int64_t h, int64_t w,
-                                                            int64_t words, int64_t kh, int64_t kw, int64_t sh,
-                                                            int64_t sw, int64_t ph, int64_t pw, int64_t dh,
-                                                            int64_t dw, int64_t ho, int64_t wo,
-                                                            const uint64_t* and_mask, uint64_t* out) {
-  for (int64_t b = 0; b < n; ++b)
-    for (int64_t oy = 0; oy < ho; ++oy)
-      for (int64_t ox = 0; ox < wo; ++ox)
+__attribute__((visibility("default"))) void bq_maxpool_bits(const uint64_t* x, const BqMaxPoolArgs* p, uint64_t* out) {
+  const int64_t h = p->h, w = p->w, words = p->words;
+  for (int64_t b = 0; b < p->n; ++b)
+    for (int64_t oy = 0; oy < p->ho; ++oy)
+      for (int64_t ox = 0; ox < p->wo; ++ox)
         for (int64_t k = 0; k < words; ++k) {
           uint64_t all = ~(uint64_t)0, any = 0;
-          for (int64_t i = 0; i < kh; ++i) {
-            const int64_t iy = oy * sh - ph + i * dh;
+          for (int64_t i = 0; i < p->kh; ++i) {
+            const int64_t iy = oy * p->sh - p->ph + i * p->dh;
             if (iy < 0 || iy >= h) continue;
-            for (int64_t j = 0; j < kw; ++j) {
-              const int64_t ix = ox * sw - pw + j * dw;
+            for (int64_t j = 0; j < p->kw; ++j) {
+              const int64_t ix = ox * p->sw - p->pw + j * p->dw;
               if (ix < 0 || ix >= w) continue;
               const uint64_t v = x[((b * h + iy) * w + ix) * words + k];
               all &= v;
               any |= v;
             }
           }
-          out[((b * ho + oy) * wo + ox) * words + k] = (all & and_mask[k]) | (any & ~and_mask[k]);
+          out[((b * p->ho + oy) * p->wo + ox) * words + k] = (all & p->and_mask[k]) | (any & ~p->and_mask[k]);
         }
 }
 

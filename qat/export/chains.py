@@ -138,10 +138,7 @@ class FusedBinaryLayer(nn.Module):
                                         with_residual=residual is not None, clamp=self.clamp)
         else:  # a linear: a 1x1 conv over the rows
             plan = cpu_native.conv_plan((1, 1, *x_bits.shape), weights, **output)
-        pools, shape = [], plan.final_shape[:3] + (plan.cols,)
-        for pool in self.pools:
-            pools.append(pool.plan(shape))
-            shape = pools[-1].out_shape
+        pools = _pool_chain(self.pools, plan.final_shape)
         if self.flattened_input or not isinstance(layer, PackedConv2d):
             layout, rows = "rows", x_bits.shape[0]  # [N, features] / the linear's [M, features]
         else:
@@ -168,7 +165,7 @@ class _Step:
     clamp: tuple | None
     pack: object  # the layer's native_input for float input; None when it takes bits
     plan: object  # cpu_native conv plan
-    pools: list
+    pools: cpu_native.PoolChain | None  # run by the plan's call (a sign output's bit pools)
     layout: str  # "bits": packed NHWC words; "nchw": a channels_last float view; "rows": [rows, features]
     rows: int | None
 
@@ -176,9 +173,7 @@ class _Step:
         bits = x.contiguous() if self.pack is None else self.pack(x)[0]
         if bits.dim() == 2:  # a linear's rows
             bits = bits.view(1, 1, *bits.shape)
-        y = self.plan.run(bits, None if residual is None else residual.permute(0, 2, 3, 1))
-        for pool in self.pools:
-            y = pool.run(y)
+        y = self.plan.run(bits, None if residual is None else residual.permute(0, 2, 3, 1), self.pools)
         if self.layout == "nchw":
             return y.permute(0, 3, 1, 2)  # channels_last, the layout of the packed pipeline
         return y.reshape(self.rows, -1) if self.layout == "rows" else y
@@ -311,23 +306,36 @@ class SignPacker(nn.Module):
         self.pools = nn.ModuleList(emit.pools)
         self.conv = conv  # taken in: its output is read only through the sign
         self._conv_sign = None
+        self._pool_chains = cpu_native.PlanCache()  # the conv's input shape -> its pools' PoolChain
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             bits = cpu_native.affine_sign_pack(y, self.mul, self.add)
-        else:  # y is the conv's input
-            if self._conv_sign is None:
-                c = self.conv
-                self._conv_sign = cpu_native.FloatConvSign(c.weight, c.bias, c.stride, c.padding, c.dilation,
-                                                           self.mul, self.add)
-            bits = self._conv_sign.run(y)
-        for pool in self.pools:
-            bits = pool(bits)
-        return bits
+            for pool in self.pools:
+                bits = pool(bits)
+            return bits
+        # y is the conv's input: the conv, its signs and the pools in one call
+        if self._conv_sign is None:
+            c = self.conv
+            self._conv_sign = cpu_native.FloatConvSign(c.weight, c.bias, c.stride, c.padding, c.dilation,
+                                                       self.mul, self.add)
+        key = (y.shape, y.stride())
+        if key not in self._pool_chains:
+            self._pool_chains[key] = _pool_chain(self.pools, self._conv_sign.plan(y)[1])
+        return self._conv_sign.run(y, self._pool_chains[key])
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._conv_sign = None
+        self._conv_sign, self._pool_chains = None, cpu_native.PlanCache()
+
+
+def _pool_chain(pools, shape) -> cpu_native.PoolChain | None:
+    """The :class:`PackedMaxPool2d` modules ``pools`` as one chain for a first input of ``shape``."""
+    plans = []
+    for pool in pools:
+        plans.append(pool.plan(shape))
+        shape = plans[-1].out_shape
+    return cpu_native.PoolChain(plans) if plans else None
 
 
 # A float conv folds into the sign packer that follows it when its taps are this few (C x kh x kw):

@@ -302,6 +302,64 @@ def test_plans_refuse_inputs_of_another_shape(gen):
         pool.run(x_words[:, :4].contiguous())
 
 
+def pool_plans(shape, gen, geometries):
+    """MaxPoolBitsPlans of random AND/OR masks, one per (kernel, stride, padding, dilation), chained from ``shape``."""
+    plans = []
+    for kernel, stride, padding, dilation in geometries:
+        mask = torch.randint(-2**62, 2**62, (shape[3],), generator=gen, dtype=torch.int64)
+        plans.append(cpu_native.MaxPoolBitsPlan(shape, mask, (kernel, kernel), (stride, stride), (padding, padding),
+                                                (dilation, dilation)))
+        shape = plans[-1].out_shape
+    return plans
+
+
+POOL_CHAINS = [[(2, 2, 0, 1)], [(3, 2, 1, 1)], [(2, 2, 0, 1), (3, 1, 1, 2)]]
+
+
+@pytest.mark.parametrize("geometries", POOL_CHAINS, ids=str)
+def test_pooled_conv_equals_the_conv_then_each_pool(isa, gen, geometries):
+    x = torch.randn(2, 96, 11, 10, generator=gen)
+    x_words, weights = cpu_native.pack_pixels(x), prepacked_conv(torch.randn(130, 96, 3, 3, generator=gen), 1)
+    mul, add = (torch.randn(130, generator=gen, dtype=torch.float64) for _ in range(2))
+    plan = cpu_native.conv_plan(x_words.shape, weights, padding=(1, 1), mode=native.OUT_SIGN, mul=mul, add=add)
+    plans = pool_plans(plan.final_shape, gen, geometries)
+    expected = plan.run(x_words)
+    for pool in plans:
+        expected = pool.run(expected)
+    assert torch.equal(plan.run(x_words, pools=cpu_native.PoolChain(plans)), expected), isa
+
+
+@pytest.mark.parametrize("geometries", POOL_CHAINS, ids=str)
+def test_pooled_float_conv_sign_equals_the_conv_then_each_pool(isa, gen, geometries):
+    x, w = torch.randn(2, 1, 28, 27, generator=gen), torch.randn(70, 1, 3, 3, generator=gen)
+    mul, add = (torch.randn(70, generator=gen, dtype=torch.float64) for _ in range(2))
+    conv = cpu_native.FloatConvSign(w, None, (1, 1), (0, 0), (1, 1), mul, add)
+    plans = pool_plans(conv.plan(x)[1], gen, geometries)
+    expected = conv.run(x)
+    for pool in plans:
+        expected = pool.run(expected)
+    assert torch.equal(conv.run(x, pools=cpu_native.PoolChain(plans)), expected), isa
+    x[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        conv.run(x, pools=cpu_native.PoolChain(plans))
+
+
+def test_pool_chains_refuse_mismatched_shapes_and_other_outputs(gen):
+    x_words, weights = cpu_native.pack_pixels(torch.randn(1, 64, 6, 6, generator=gen)), prepacked_conv(
+        torch.randn(8, 64, 3, 3, generator=gen), 1)
+    first, second = pool_plans((1, 4, 4, 1), gen, [(2, 2, 0, 1)] * 2)  # the second takes 2x2, gets 2x2: fine
+    with pytest.raises(ValueError, match="does not follow"):
+        cpu_native.PoolChain([first, first])
+    chain = cpu_native.PoolChain([first, second])
+    sign = cpu_native.conv_plan(x_words.shape, weights, mode=native.OUT_SIGN, mul=1.0, add=0.0)
+    assert sign.run(x_words, pools=chain).shape == (1, 1, 1, 1)
+    with pytest.raises(ValueError, match="sign output"):
+        cpu_native.conv_plan(x_words.shape, weights).run(x_words, pools=chain)
+    with pytest.raises(ValueError, match="the pools take"):
+        cpu_native.conv_plan(x_words.shape, weights, padding=(1, 1), mode=native.OUT_SIGN, mul=1.0,
+                             add=0.0).run(x_words, pools=chain)
+
+
 @pytest.mark.parametrize("pool", ["openmp", "own"])
 def test_results_do_not_depend_on_the_thread_count_or_pool(gen, pool):
     if pool not in native.pools():

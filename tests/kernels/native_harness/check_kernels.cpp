@@ -39,9 +39,7 @@ void bq_ternary_gemm(const uint64_t* sa, const uint64_t* ma, int64_t m, const ui
 int64_t bq_pack_rows(const float* x, int64_t rows, int64_t k, int64_t ld, uint64_t* out, int64_t out_ld);
 int64_t bq_pack_planes(const float* x, int64_t n, int64_t c, int64_t hw, int64_t groups, uint64_t* out);
 void bq_prepack_panels(const uint64_t* rows, int64_t n, int64_t words, uint64_t* panels);
-void bq_maxpool_bits(const uint64_t* x, int64_t n, int64_t h, int64_t w, int64_t words, int64_t kh, int64_t kw,
-                     int64_t sh, int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw, int64_t ho, int64_t wo,
-                     const uint64_t* and_mask, uint64_t* out);
+void bq_maxpool_bits(const uint64_t* x, const BqMaxPoolArgs* p, uint64_t* out);
 double bq_peak_bitmacs_per_s(int64_t reps);
 }
 
@@ -497,7 +495,8 @@ void check_maxpool(Rng& r, int64_t n, int64_t h, int64_t w, int64_t words, int64
           if (ch % 64 == 0) dst = 0;
           if (use_and ? all : any) dst |= (uint64_t)1 << (ch % 64);
         }
-  bq_maxpool_bits(x.data(), n, h, w, words, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mask.data(), out.data());
+  const BqMaxPoolArgs args = {n, h, w, words, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, mask.data()};
+  bq_maxpool_bits(x.data(), &args, out.data());
   char what[160];
   snprintf(what, sizeof what, "maxpool %lldx%lldx%lld words=%lld k=%lldx%lld s=%lld,%lld p=%lld,%lld d=%lld,%lld",
            (long long)n, (long long)h, (long long)w, (long long)words, (long long)kh, (long long)kw, (long long)sh,
