@@ -37,6 +37,7 @@ __all__ = [
     "pack_pixels",
     "conv",
     "linear",
+    "linear_plan",
     "conv_plan",
     "PlanCache",
     "maxpool_bits",
@@ -250,10 +251,15 @@ def conv_plan(x_shape, weights: Prepacked, stride=(1, 1), padding=(0, 0), dilati
     layer many times, as a fused chain does at batch 1, keeps the plan)."""
     key = (tuple(x_shape), tuple(stride), tuple(padding), tuple(dilation), bool(zero_padding), mode,
            _identity(mul), _identity(add), bool(with_residual), None if clamp is None else tuple(clamp))
+    return _cached_plan(weights, key, lambda: _ConvPlan(weights, key[0], key[1], key[2], key[3], zero_padding, mode,
+                                                        mul, add, bool(with_residual), clamp))
+
+
+def _cached_plan(weights: Prepacked, key, make) -> _ConvPlan:
+    """``weights.plans[key]``, made by ``make()`` and kept if it may be (``_ConvPlan.cacheable``)."""
     plan = weights.plans.get(key)
     if plan is None:
-        plan = _ConvPlan(weights, key[0], key[1], key[2], key[3], zero_padding, mode, mul, add, bool(with_residual),
-                         clamp)
+        plan = make()
         if plan.cacheable:
             if len(weights.plans) >= 64:  # a bound for callers that pass new mul / add tensors every time
                 weights.plans.clear()
@@ -345,8 +351,22 @@ def linear(a_words: torch.Tensor, weights: Prepacked, *, mode: int = native.OUT_
     m, words = a_words.shape
     if weights.taps != 1 or weights.groups != 1 or words != weights.group_words:
         raise ValueError(f"a has {words} words per row, the weights need {weights.group_words} (one group, 1x1)")
-    out = conv(a_words.reshape(1, 1, m, words), weights, mode=mode, mul=mul, add=add)
-    return out.reshape(m, -1)
+    return linear_plan(m, weights, mode=mode, mul=mul, add=add).run(a_words.contiguous())
+
+
+def linear_plan(m: int, weights: Prepacked, *, mode: int = native.OUT_INT32, mul=None, add=None) -> _ConvPlan:
+    """The checked call of :func:`linear` for ``m`` rows: ``plan.run(a_words)`` takes contiguous
+    ``a_words[M, W]`` and returns ``[M, N]`` (or ``[M, words]`` of sign bits) as they are, with no
+    reshape on either side (the 1x1 conv over M pixels reads and writes the same memory)."""
+    key = ("linear", m, mode, _identity(mul), _identity(add))
+
+    def make():
+        plan = _ConvPlan(weights, (1, 1, m, weights.group_words), (1, 1), (0, 0), (1, 1), True, mode, mul, add,
+                         False, None)
+        plan.x_shape, plan.final_shape = torch.Size((m, weights.group_words)), (m, plan.cols)
+        return plan
+
+    return _cached_plan(weights, key, make)
 
 
 def maxpool_bits(bits: torch.Tensor, and_mask: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Tensor:

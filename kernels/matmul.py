@@ -100,6 +100,12 @@ def binary_matmul(
     'int_mm' (:mod:`kernels.cpu_matmul`), on CUDA 'gemv' / 'gemm' / 'tc' (:mod:`kernels.cuda_matmul`).
     ``b_bits`` may be a :func:`prepack_binary` result (CPU).
     """
+    if path == "auto" and isinstance(b_bits, PrepackedBinary) and b_bits.native is not None and b_bits.k == k:
+        # The common call (prepacked weights, native engine) in as few steps as checking it takes: a
+        # layer's weights come from memory anyway, and every Python step between is a cache miss more.
+        if (isinstance(a_bits, torch.Tensor) and a_bits.dtype == torch.int64 and a_bits.dim() == 2
+                and a_bits.device.type == "cpu" and a_bits.shape[1] == b_bits.native.group_words):
+            return cpu_native.linear_plan(a_bits.shape[0], b_bits.native).run(a_bits.contiguous())
     b_bits, prepacked = _unwrap(b_bits, PrepackedBinary, k)
     _check_pair(a_bits, b_bits, k, "a_bits", "b_bits")
     a_bits, b_bits = a_bits.contiguous(), b_bits.contiguous()

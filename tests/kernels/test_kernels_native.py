@@ -69,6 +69,27 @@ def test_binary_matmul_equals_reference(isa, gen, m, n, k):
     assert torch.equal(kernels.binary_matmul(kernels.pack_bits(a), prepacked, k), expected)
 
 
+def test_prepacked_binary_matmul_checks_what_the_general_path_checks(gen):
+    """The prepacked call's short path: any row count, non-contiguous rows, and the general path's
+    errors for operands it does not take."""
+    b, k = torch.randn(9, 130, generator=gen), 130
+    prepacked = kernels.prepack_binary(kernels.pack_bits(b), k)
+    for m in (1, 4, 1):  # a cached plan per row count
+        a = torch.randn(m, k, generator=gen)
+        assert torch.equal(kernels.binary_matmul(kernels.pack_bits(a), prepacked, k),
+                           (signs(a) @ signs(b).T).to(torch.int32))
+    a = torch.randn(k, 3, generator=gen).T  # [3, 130], not contiguous once packed along the rows
+    a_bits = kernels.pack_bits(a.contiguous()).T.contiguous().T
+    assert not a_bits.is_contiguous()
+    assert torch.equal(kernels.binary_matmul(a_bits, prepacked, k), (signs(a) @ signs(b).T).to(torch.int32))
+    with pytest.raises(ValueError, match="word counts differ"):
+        kernels.binary_matmul(torch.zeros(1, 4, dtype=torch.int64), prepacked, k)
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        kernels.binary_matmul(torch.zeros(1, 3, dtype=torch.int32), prepacked, k)
+    with pytest.raises(ValueError, match="k=130"):
+        kernels.binary_matmul(kernels.pack_bits(a.contiguous()), prepacked, 129)
+
+
 @pytest.mark.parametrize("m,n,k", MATMUL_SHAPES)
 def test_ternary_matmul_equals_reference(isa, gen, m, n, k):
     a = torch.randint(-1, 2, (m, k), generator=gen).float()
