@@ -7,6 +7,7 @@
       bn: per_width                       # BatchNorm running statistics per width, or shared by all
       bn_calibration_batches: 20          # re-estimate them before every evaluation (0: off)
       mgda_weight: 0.0                    # 0: the widths' gradients summed; 1: MGDA's min-norm combination
+      loss_weights: null                  # or one weight per train width: L = sum_b w_b L_b (null: all 1)
 
 train_bits defaulting to every width (8, 4, 2, ternary, 1) for a model with multi-bit layers, bn to
 per_width, eval_bits to train_bits (bn: per_width) or every width (bn: shared). With per_width,
@@ -37,6 +38,12 @@ the gradient of the sum, with one width's activations in memory at a time. The s
 the train accuracy) are those of the first width in train_bits; its loss is the sum, and each
 width's loss is logged as train/loss@<width>. ``train_bits: [w]`` is a single-width run of the same
 quantizer: the per-width baseline at the same budget.
+
+Fixed weights (``loss_weights: [w_1, ..., w_k]``, one positive number per train width in its order;
+default null, every w_b = 1, the sum above): L = sum_b w_b L_b, each width's backward taking its
+loss times w_b, so the gradient is sum_b w_b dL_b/dW with nothing kept apart. The weighted sum is
+the plain scalarization of the widths' objectives [I]; the step's logged loss is that sum, the
+parts stay unweighted. It and MGDA are two ways to weigh the widths: a run sets one.
 
 Multi-objective weighting (``mgda_weight: m``, default 0: the sum above). The abstract says the
 shared weights are trained by "multi-objective optimization ... considering the performance of all
@@ -70,10 +77,11 @@ from torch.utils.data import DataLoader, Dataset
 import qat.multibit as mb
 from qat.train.config import ConfigError, to_plain
 
-Step = Callable[[], tuple[torch.Tensor, torch.Tensor, dict]]
+#: forward, objective, backward of (objective x loss_scale); returns (objective, logits, loss parts)
+Step = Callable[..., tuple[torch.Tensor, torch.Tensor, dict]]
 #: multibit.bn_calibration_batches when the block does not set it
 CALIBRATION_BATCHES = 20
-KEYS = ("train_bits", "eval_bits", "bn", "bn_calibration_batches", "mgda_weight")
+KEYS = ("train_bits", "eval_bits", "bn", "bn_calibration_batches", "mgda_weight", "loss_weights")
 
 
 def min_norm_weights(gram: torch.Tensor) -> torch.Tensor:
@@ -130,14 +138,28 @@ def _widths(cfg: dict, key: str) -> list:
     return widths
 
 
+def _loss_weights(value, train_bits: list) -> list[float] | None:
+    """multibit.loss_weights checked against train_bits: None (equal), or one positive number per width."""
+    if value is None:
+        return None
+    numbers = isinstance(value, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value)
+    if not numbers or len(value) != len(train_bits):
+        labels = ", ".join(mb.width_label(w) for w in train_bits)
+        raise ConfigError(f"multibit.loss_weights must be {len(train_bits)} positive numbers, one per train width "
+                          f"({labels}), or null for equal weights; got {value!r}")
+    return [float(v) for v in value]
+
+
 class Widths:
     """The widths a run trains and evaluates; a single pass (``train_bits = eval_bits = [None]``)
     for a model without multi-bit layers."""
 
     def __init__(self, model: nn.Module, train_bits: list, eval_bits: list, calibration_batches: int = 0,
-                 mgda_weight: float = 0.0):
+                 mgda_weight: float = 0.0, loss_weights: list[float] | None = None):
         self.model, self.train_bits, self.eval_bits = model, train_bits, eval_bits
         self.calibration_batches, self.mgda_weight = calibration_batches, mgda_weight
+        self.loss_weights = loss_weights or [1.0] * len(train_bits)
         if self.active:
             mb.set_bits(model, train_bits[0])
 
@@ -173,7 +195,11 @@ class Widths:
         if isinstance(mgda_weight, bool) or not isinstance(mgda_weight, (int, float)) or not 0 <= mgda_weight <= 1:
             raise ConfigError(f"multibit.mgda_weight must be a number from 0 (the widths' gradients summed) to 1 "
                               f"(MGDA's min-norm combination), got {mgda_weight!r}")
-        widths = cls(model, train_bits, eval_bits, calibration, float(mgda_weight))
+        loss_weights = _loss_weights(block.get("loss_weights"), train_bits)
+        if loss_weights is not None and mgda_weight > 0:
+            raise ConfigError("multibit.loss_weights and multibit.mgda_weight > 0 are two ways to weigh the widths; "
+                              "set one of them")
+        widths = cls(model, train_bits, eval_bits, calibration, float(mgda_weight), loss_weights)
         if bn == "per_width":
             mb.per_width_batchnorm(model)
         return widths
@@ -183,17 +209,18 @@ class Widths:
         return self.train_bits != [None]
 
     def train_step(self, forward_backward: Step) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(summed loss, first width's logits, loss parts) of ``forward_backward()`` (forward, loss,
-        backward; returns (loss, logits, parts)) run once per train width."""
+        """(summed loss, first width's logits, loss parts) of ``forward_backward(loss_scale)`` (forward,
+        loss, backward of loss x loss_scale; returns (loss, logits, parts)) run once per train width,
+        with the width's loss weight as the scale."""
         if not self.active:
             return forward_backward()
         total, first_logits, parts = None, None, {}
         weighted = self.mgda_weight > 0 and len(self.train_bits) > 1
         params = [p for p in self.model.parameters() if p.requires_grad] if weighted else []
         gradients = []
-        for width in self.train_bits:
+        for width, weight in zip(self.train_bits, self.loss_weights, strict=True):
             mb.set_bits(self.model, width)
-            loss, logits, width_parts = forward_backward()
+            loss, logits, width_parts = forward_backward(weight)
             if weighted:  # keep this width's gradient apart
                 gradients.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                                             for p in params]))
@@ -202,7 +229,7 @@ class Widths:
             label = mb.width_label(width)
             parts[f"train/loss@{label}"] = loss.detach()
             parts.update({f"{key}@{label}": value for key, value in width_parts.items()})
-            total = loss.detach() if total is None else total + loss.detach()
+            total = weight * loss.detach() if total is None else total + weight * loss.detach()
             first_logits = logits if first_logits is None else first_logits
         if weighted:
             parts.update(self._combine(params, gradients))

@@ -388,13 +388,14 @@ class Trainer:
         distributed.all_reduce_sum(sums.sums, self.context)
         return sums.result("train"), local_sums
 
-    def _forward_backward(self, images, labels):
-        """(loss, logits, loss parts) of one forward, objective and backward (gradients accumulate)."""
+    def _forward_backward(self, images, labels, loss_scale: float = 1.0):
+        """(loss, logits, loss parts) of one forward, objective and backward of loss x loss_scale
+        (gradients accumulate; a multi-bit run's per-width weights, qat.train.multibit)."""
         with self._saving(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp), \
                 self.objective.student_forward():
             logits = self.ddp_model(images)
         loss, loss_parts = self.objective(logits, labels, images)
-        loss.backward()
+        (loss if loss_scale == 1.0 else loss * loss_scale).backward()
         return loss, logits, loss_parts
 
     @torch.no_grad()

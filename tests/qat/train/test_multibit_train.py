@@ -33,10 +33,10 @@ def model_and_batch():
 
 def cross_entropy_step(model, x, y):
     """The trainer's forward_backward for a plain cross-entropy objective."""
-    def forward_backward():
+    def forward_backward(loss_scale=1.0):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        loss.backward()
+        (loss * loss_scale).backward()
         return loss, logits, {}
     return forward_backward
 
@@ -113,6 +113,24 @@ def test_mgda_weighting_combines_the_widths_gradients_with_the_min_norm_alphas(w
         alpha.tolist(), rel=1e-6)
 
 
+def test_loss_weights_weigh_each_widths_loss_and_gradient():
+    model, x, y = model_and_batch()
+    weights = [2.0, 0.5, 1.5]
+    widths = Widths.from_config({"train_bits": [8, "ternary", 1], "loss_weights": weights}, model)
+
+    loss, _, parts = widths.train_step(cross_entropy_step(model, x, y))
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    separate = []
+    for width in (8, "ternary", 1):
+        with mb.bits(model, width):
+            separate.append(F.cross_entropy(model(x), y))
+    sum(w * part for w, part in zip(weights, separate, strict=True)).backward()
+    assert torch.allclose(loss, sum(w * part for w, part in zip(weights, separate, strict=True)).detach(), rtol=1e-6)
+    assert all(torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7) for g, p in zip(grads, model.parameters(), strict=True))
+    assert float(parts["train/loss@ternary"]) == pytest.approx(float(separate[1]), rel=1e-6)  # unweighted
+
+
 @pytest.mark.parametrize("block, message", [
     ({"train_bits": [8, 1.58]}, "ternary is written 'ternary'"),
     ({"train_bits": [4, 4]}, "names a width twice"),
@@ -121,6 +139,10 @@ def test_mgda_weighting_combines_the_widths_gradients_with_the_min_norm_alphas(w
     ({"train_width": [2]}, "unknown key"),
     ({"mgda_weight": 1.5}, "from 0"),
     ({"mgda_weight": True}, "from 0"),
+    ({"train_bits": [8, 1], "loss_weights": [1.0]}, r"2 positive numbers, one per train width \(8b, 1b\)"),
+    ({"train_bits": [8, 1], "loss_weights": [1.0, 0]}, "positive numbers"),
+    ({"train_bits": [8, 1], "loss_weights": [1.0, True]}, "positive numbers"),
+    ({"train_bits": [8, 1], "loss_weights": [2, 1], "mgda_weight": 0.5}, "set one of them"),
 ])
 def test_bad_width_settings_are_config_errors(block, message):
     model, _, _ = model_and_batch()
