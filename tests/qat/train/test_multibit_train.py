@@ -128,7 +128,7 @@ def test_loss_weights_weigh_each_widths_loss_and_gradient():
     sum(w * part for w, part in zip(weights, separate, strict=True)).backward()
     assert torch.allclose(loss, sum(w * part for w, part in zip(weights, separate, strict=True)).detach(), rtol=1e-6)
     assert all(torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7) for g, p in zip(grads, model.parameters(), strict=True))
-    assert float(parts["train/loss@ternary"]) == pytest.approx(float(separate[1]), rel=1e-6)  # unweighted
+    assert float(parts["train/loss@ternary"]) == pytest.approx(float(separate[1].detach()), rel=1e-6)  # unweighted
 
 
 @pytest.mark.parametrize("block, message", [
