@@ -15,7 +15,10 @@ the active width's stand as the module's ``running_mean`` / ``running_var`` / ``
 (the same tensors, so BatchNorm's in-place updates in training reach that width's buffers). The
 BatchNorm follows ``set_bits`` (which sets it with the quantizers) and, before every forward, re-selects
 its width's buffers (a pre-hook: safe after ``.to(device)``, which copies aliases apart). The affine
-gamma and beta stay shared by all widths (docs/multibit_notes.md: why). Without ``per_width_batchnorm``
+gamma and beta stay shared by all widths (docs/multibit_notes.md: why), unless
+``per_width_batchnorm(model, affine=True)`` (``multibit.bn: per_width_affine``) makes them private
+too: parameters ``weight_<w>``, ``bias_<w>``, the active width's standing as ``weight`` / ``bias``
+and saved once, under the width's name, as the statistics are. Without ``per_width_batchnorm``
 (``multibit.bn: shared``) a model is exactly as before: one set of statistics updated by every width.
 ``keep_active_width(model)`` turns the BatchNorms back into plain ones holding the active width's
 statistics (what a packed export of one width stores).
@@ -39,8 +42,10 @@ __all__ = ["WIDTHS", "BN_MODES", "bits", "set_bits", "multibit_quantizers", "act
            "calibrate_batchnorm"]
 
 #: multibit.bn: private running statistics per width (default), or one set shared by all widths
-BN_MODES = ("per_width", "shared")
+BN_MODES = ("per_width", "per_width_affine", "shared")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+#: a BatchNorm's affine parameters, private per width with ``per_width_batchnorm(model, affine=True)``
+AFFINE = ("weight", "bias")
 #: the attribute holding a per-width BatchNorm's active width (set only by set_bits / the pre-hook's owner)
 WIDTH_ATTRIBUTE = "multibit_width"
 
@@ -96,10 +101,32 @@ def _buffer_name(statistic: str, width) -> str:
 
 
 def _select(bn: nn.Module, width) -> None:
-    """Stand ``width``'s statistics as ``bn``'s running_mean / running_var / num_batches_tracked."""
+    """Stand ``width``'s statistics as ``bn``'s running_mean / running_var / num_batches_tracked (and,
+    where they are private, its gamma and beta as ``bn.weight`` / ``bn.bias``)."""
     setattr(bn, WIDTH_ATTRIBUTE, width)
     for statistic in STATISTICS:
         bn._buffers[statistic] = bn._buffers[_buffer_name(statistic, width)]
+    for name in _private_affine(bn):
+        bn._parameters[name] = bn._parameters[_buffer_name(name, width)]
+
+
+def _private_affine(bn: nn.Module) -> tuple[str, ...]:
+    """The affine parameters ``bn`` keeps per width (none, or weight and bias)."""
+    return AFFINE if _buffer_name(AFFINE[0], WIDTHS[0]) in bn._parameters else ()
+
+
+def _save_affine_once(bn: nn.Module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: the active width's gamma / beta are saved under their width's name only."""
+    for name in _private_affine(bn):
+        state_dict.pop(prefix + name, None)
+
+
+def _load_affine_alias(bn: nn.Module, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: ``weight`` / ``bias`` (the active width's, not saved) read from that width's key."""
+    for name in _private_affine(bn):
+        key = prefix + _buffer_name(name, getattr(bn, WIDTH_ATTRIBUTE))
+        if key in state_dict:
+            state_dict.setdefault(prefix + name, state_dict[key])
 
 
 def _select_before_forward(bn: nn.Module, args) -> None:
@@ -111,25 +138,35 @@ def per_width_batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, WIDTH_ATTRIBUTE)]
 
 
-def per_width_batchnorm(model: nn.Module) -> int:
+def per_width_batchnorm(model: nn.Module, affine: bool = False) -> int:
     """Give every BatchNorm (with running statistics) of multi-bit ``model`` private running statistics
     per width, each starting as a copy of the current ones, the active width selected; return how many
-    BatchNorms. Idempotent. ValueError for a model without multi-bit layers."""
+    BatchNorms. With ``affine`` (``multibit.bn: per_width_affine``), also a private gamma and beta per
+    width (parameters ``weight_<w>``, ``bias_<w>``, copies of the current ones, trained only by their
+    width's loss; Any-Precision DNNs' switchable BatchNorm). Idempotent. ValueError for a model
+    without multi-bit layers."""
     width = active_width(model)  # raises for a model without multi-bit layers
     count = 0
     for bn in model.modules():
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
             continue
         count += 1
-        if hasattr(bn, WIDTH_ATTRIBUTE):
-            continue
-        for statistic in STATISTICS:
-            current = getattr(bn, statistic)
-            for w in WIDTHS:
-                bn.register_buffer(_buffer_name(statistic, w), current.detach().clone())
-            bn._non_persistent_buffers_set.add(statistic)  # saved once, under the width's name
-        _select(bn, width)
-        bn.register_forward_pre_hook(_select_before_forward)
+        if not hasattr(bn, WIDTH_ATTRIBUTE):
+            for statistic in STATISTICS:
+                current = getattr(bn, statistic)
+                for w in WIDTHS:
+                    bn.register_buffer(_buffer_name(statistic, w), current.detach().clone())
+                bn._non_persistent_buffers_set.add(statistic)  # saved once, under the width's name
+            bn.register_forward_pre_hook(_select_before_forward)
+        if affine and bn.affine and not _private_affine(bn):
+            for name in AFFINE:
+                current = bn._parameters[name]
+                for w in WIDTHS:
+                    bn.register_parameter(_buffer_name(name, w), nn.Parameter(current.detach().clone(),
+                                                                               requires_grad=current.requires_grad))
+            bn.register_state_dict_post_hook(_save_affine_once)
+            bn.register_load_state_dict_pre_hook(_load_affine_alias)
+        _select(bn, getattr(bn, WIDTH_ATTRIBUTE, width))
     return count
 
 
@@ -144,18 +181,30 @@ def keep_active_width(model: nn.Module) -> nn.Module:
                 del bn._buffers[_buffer_name(statistic, w)]
             bn._non_persistent_buffers_set.discard(statistic)
             bn._buffers[statistic] = kept
-        for key, hook in list(bn._forward_pre_hooks.items()):
-            if hook is _select_before_forward:
-                del bn._forward_pre_hooks[key]
+        for name in _private_affine(bn):
+            kept = bn._parameters[name]
+            for w in WIDTHS:
+                del bn._parameters[_buffer_name(name, w)]
+            bn._parameters[name] = kept
+        for hooks in (bn._forward_pre_hooks, bn._state_dict_hooks, bn._load_state_dict_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "hook", hook) in (_select_before_forward, _save_affine_once, _load_affine_alias):
+                    del hooks[key]
         delattr(bn, WIDTH_ATTRIBUTE)
     return model
 
 
 def stored_batchnorm_mode(state_dict: dict) -> str:
-    """"per_width" when a state dict holds per-width BatchNorm statistics (``running_mean_8b``), else
-    "shared": what a checkpoint's model needs before it loads."""
-    marker = "." + _buffer_name("running_mean", WIDTHS[0])
-    return "per_width" if any(key.endswith(marker) or key == marker[1:] for key in state_dict) else "shared"
+    """"per_width_affine" when a state dict holds per-width BatchNorm gamma / beta (``weight_8b``),
+    "per_width" when per-width statistics only (``running_mean_8b``), else "shared": what a
+    checkpoint's model needs before it loads (``per_width_batchnorm(model, affine=...)``)."""
+    def holds(name):
+        marker = "." + _buffer_name(name, WIDTHS[0])
+        return any(key.endswith(marker) or key == marker[1:] for key in state_dict)
+
+    if holds(AFFINE[0]) or holds(AFFINE[1]):
+        return "per_width_affine"
+    return "per_width" if holds("running_mean") else "shared"
 
 
 # ------------------------------------------------------------------ BatchNorm calibration

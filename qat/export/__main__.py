@@ -57,8 +57,9 @@ def trained_run(path):
     cfg = OmegaConf.create(payload["config_yaml"])
     architecture = models.architecture(cfg.model, cfg.data.num_classes, cfg.data.get("channels", 1))
     model = qat.quantize_model(models.build_architecture(architecture), to_plain(cfg.quant))
-    if qat.multibit.stored_batchnorm_mode(payload["model"]) == "per_width":  # multibit.bn=per_width runs
-        qat.multibit.per_width_batchnorm(model)
+    bn_mode = qat.multibit.stored_batchnorm_mode(payload["model"])
+    if bn_mode != "shared":  # multibit.bn=per_width / per_width_affine runs
+        qat.multibit.per_width_batchnorm(model, affine=bn_mode == "per_width_affine")
     checkpoint.load_model_state(model, payload["model"], path)
     qat.set_progress(model, 1.0)
     if qat.multibit.multibit_quantizers(model):  # the width the run trained first (a baseline's only one)

@@ -4,7 +4,8 @@
     multibit:
       train_bits: [8, 4, 2, ternary, 1]   # the widths whose losses are summed every step
       eval_bits: [8, 4, 2, ternary, 1]    # the widths every evaluation reports
-      bn: per_width                       # BatchNorm running statistics per width, or shared by all
+      bn: per_width                       # BatchNorm running statistics per width (per_width_affine: and
+                                          # gamma / beta), or shared by all
       bn_calibration_batches: 20          # re-estimate them before every evaluation (0: off)
       mgda_weight: 0.0                    # 0: the widths' gradients summed; 1: MGDA's min-norm combination
       loss_weights: null                  # or one weight per train width: L = sum_b w_b L_b (null: all 1)
@@ -15,7 +16,9 @@ every BatchNorm keeps private running statistics per width (``qat.multibit.per_w
 "switchable BN"), selected with the width by ``set_bits``, so training at width b updates only b's
 statistics and evaluation at b uses exactly them; gamma and beta are shared; every
 evaluated width must be trained (an untrained width's statistics would be the initial ones).
-``bn: shared`` is the model as before: one set of statistics updated by every width's forward.
+``bn: per_width_affine`` also gives every width its own gamma and beta (trained by its own loss only;
+Any-Precision DNNs' switchable BatchNorm keeps both private). ``bn: shared`` is the model as before:
+one set of statistics updated by every width's forward.
 
 BatchNorm calibration (``bn_calibration_batches: N``, default 20; 0 turns it off). Training leaves
 each width's running statistics a momentum average over the last steps' weights, which still move
@@ -178,14 +181,15 @@ class Widths:
             return cls(model, [None], [None])
         bn = block.get("bn", "per_width")
         if bn not in mb.BN_MODES:
-            raise ConfigError(f"multibit.bn must be one of {', '.join(mb.BN_MODES)} (BatchNorm statistics per width "
-                              f"or shared by all widths), got {bn!r}")
+            raise ConfigError(f"multibit.bn must be one of {', '.join(mb.BN_MODES)} (BatchNorm statistics per width, "
+                              f"statistics and gamma / beta per width, or one set shared by all widths), got {bn!r}")
         train_bits = _widths(block, "train_bits")
-        eval_bits = train_bits if bn == "per_width" and block.get("eval_bits") is None else _widths(block, "eval_bits")
+        per_width = bn != "shared"
+        eval_bits = train_bits if per_width and block.get("eval_bits") is None else _widths(block, "eval_bits")
         untrained = [mb.width_label(w) for w in eval_bits if w not in train_bits]
-        if bn == "per_width" and untrained:
+        if per_width and untrained:
             raise ConfigError(f"multibit.eval_bits has width(s) {', '.join(untrained)} not in multibit.train_bits: "
-                              f"with multibit.bn=per_width their BatchNorm statistics would never be estimated; "
+                              f"with multibit.bn={bn} their BatchNorm statistics would never be estimated; "
                               f"train them too or set multibit.bn=shared")
         calibration = block.get("bn_calibration_batches", CALIBRATION_BATCHES)
         if isinstance(calibration, bool) or not isinstance(calibration, int) or calibration < 0:
@@ -200,8 +204,8 @@ class Widths:
             raise ConfigError("multibit.loss_weights and multibit.mgda_weight > 0 are two ways to weigh the widths; "
                               "set one of them")
         widths = cls(model, train_bits, eval_bits, calibration, float(mgda_weight), loss_weights)
-        if bn == "per_width":
-            mb.per_width_batchnorm(model)
+        if per_width:
+            mb.per_width_batchnorm(model, affine=bn == "per_width_affine")
         return widths
 
     @property

@@ -25,10 +25,10 @@ def float_model() -> nn.Module:
                          nn.Flatten(), nn.Linear(8 * 6 * 6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
 
 
-def multibit_model(per_width: bool = True) -> nn.Module:
+def multibit_model(per_width: bool = True, affine: bool = False) -> nn.Module:
     model = qat.quantize_model(float_model(), {"method": "multibit", "keep_fp": []})
     if per_width:
-        assert mb.per_width_batchnorm(model) == 3
+        assert mb.per_width_batchnorm(model, affine=affine) == 3
     return model
 
 
@@ -166,6 +166,59 @@ def test_packed_export_holds_the_widths_statistics_and_reproduces_the_model(widt
     for index in (1, 4, 8):
         for statistic, tensor in zip(STATISTICS, width_statistics(model[index], width), strict=True):
             assert torch.equal(tensors[f"{index}.{statistic}"], tensor)
+
+
+def test_private_affine_parameters_are_trained_by_their_width_only():
+    model = multibit_model(affine=True).train()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters(remove_duplicate=False)}
+    mb.set_bits(model, 2)
+    F.cross_entropy(model(torch.randn(16, 3, 6, 6)), torch.randint(0, 4, (16,))).backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()  # one step: what changes is what the 2-bit loss reaches
+    for name, p in model.named_parameters(remove_duplicate=False):
+        private = name.split(".")[-1].split("_")
+        moved = not torch.equal(p, initial[name])
+        if len(private) == 2:  # weight_<w> / bias_<w> of a BatchNorm
+            assert moved == (private[1] == "2b"), name
+        else:
+            assert moved, name  # the shared weights and the active width's gamma / beta (named weight / bias)
+    for bn in batchnorms(model):
+        assert bn.weight is bn.weight_2b and bn.bias is bn.bias_2b
+        with mb.bits(model, 8):
+            assert bn.weight is bn.weight_8b
+    assert len(list(model.parameters())) == len(set(map(id, model.parameters())))  # each once
+
+
+def test_private_affine_state_dict_round_trip_and_export(tmp_path):
+    model = train_at_every_width(multibit_model(affine=True))
+    with torch.no_grad():
+        for bn in batchnorms(model):  # every width's gamma / beta its own
+            for index, label in enumerate(LABELS.values()):
+                getattr(bn, f"weight_{label}").add_(0.1 * (index + 1))
+                getattr(bn, f"bias_{label}").sub_(0.05 * (index + 1))
+    mb.set_bits(model, "ternary")
+    state = model.state_dict()
+    assert {f"1.{name}_{label}" for name in ("weight", "bias") for label in LABELS.values()} <= set(state)
+    assert "1.weight" not in state and "1.bias" not in state  # saved once, under the width's name
+    assert mb.stored_batchnorm_mode(state) == "per_width_affine"
+    fresh = multibit_model(affine=True)
+    mb.set_bits(fresh, 4)
+    fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+    x = torch.randn(4, 3, 6, 6)
+    outputs = {}
+    for width in mb.WIDTHS:
+        with mb.bits(fresh, width), mb.bits(model, width), torch.no_grad():
+            outputs[width] = model(x)
+            assert torch.equal(fresh(x), outputs[width])
+    assert not torch.allclose(outputs[8], outputs[4])
+    mb.set_bits(model, 1)
+    with torch.no_grad():
+        packed = qat.export.pack_model(model)
+        path = qat.export.save_packed(packed, tmp_path / "m.safetensors", architecture=False)
+        tensors, _ = qat.export.read_packed(path)
+        assert not any(key.endswith(("_8b", "_1b")) for key in tensors)
+        assert torch.equal(tensors["1.bias"], model[1].bias_1b)
+        assert torch.equal(qat.export.load_packed(path, model=float_model()).eval()(x), outputs[1])
 
 
 def test_per_width_batchnorm_needs_a_multibit_model():

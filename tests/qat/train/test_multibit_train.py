@@ -185,6 +185,25 @@ def test_run_reports_each_width_and_exports_a_chosen_one(compose, smoke_override
     assert cli.guard(lambda: export_main(bad), "python -m qat.export") == 2  # one line, status 2
 
 
+def test_private_affine_run_resumes_its_checkpoint_and_exports_a_width(compose, smoke_overrides, tmp_path):
+    cfg = compose(["+experiment=mnist_bnn_multibit", *smoke_overrides, *TINY_RUN, "multibit.bn=per_width_affine",
+                   "multibit.train_bits=[8,1]"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    model, _, input_shape = trained_model_from_checkpoint(tmp_path)
+    norms = mb.per_width_batchnorms(model)
+    assert norms and all(hasattr(bn, "bias_1b") for bn in norms)
+    trained = dict(trainer.model.named_parameters(remove_duplicate=False))
+    for name, p in model.named_parameters(remove_duplicate=False):  # the checkpoint holds every width's beta
+        assert torch.equal(p, trained[name]), name
+    out = tmp_path / "m1.safetensors"
+    assert export_main([str(tmp_path), "--out", str(out), "--bits", "1"]) == 0
+    mb.set_bits(model, 1)
+    x = torch.randn(4, *input_shape)
+    with torch.no_grad():
+        assert torch.equal(load_packed(out)(x), model(x))
+
+
 def test_single_width_baseline_trains_and_exports_its_width(compose, smoke_overrides, tmp_path):
     cfg = compose(["+experiment=mnist_bnn_multibit", *smoke_overrides, *TINY_RUN, "multibit.train_bits=[ternary]",
                    "multibit.eval_bits=[ternary]"])
@@ -197,7 +216,7 @@ def test_single_width_baseline_trains_and_exports_its_width(compose, smoke_overr
 
 
 @pytest.mark.parametrize("block, message", [
-    ({"bn": "private"}, "multibit.bn must be one of per_width, shared"),
+    ({"bn": "private"}, "multibit.bn must be one of per_width, per_width_affine, shared"),
     ({"train_bits": [8, 1], "eval_bits": [8, 2]}, "2b not in multibit.train_bits"),
 ])
 def test_bad_batchnorm_settings_are_config_errors(block, message):
