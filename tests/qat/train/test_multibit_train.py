@@ -41,9 +41,10 @@ def cross_entropy_step(model, x, y):
     return forward_backward
 
 
-def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
+@pytest.mark.parametrize("weights", [None, [2.0, 0.5, 1.5]], ids=["sum", "loss_weights"])
+def test_step_loss_and_gradient_equal_the_weighted_sum_of_separate_forwards(weights):
     model, x, y = model_and_batch()
-    widths = Widths.from_config({"train_bits": [8, "ternary", 1]}, model)
+    widths = Widths.from_config({"train_bits": [8, "ternary", 1], "loss_weights": weights}, model)
 
     loss, logits, parts = widths.train_step(cross_entropy_step(model, x, y))
     grads = [p.grad.clone() for p in model.parameters()]
@@ -52,10 +53,12 @@ def test_summed_loss_and_gradient_equal_the_sum_of_separate_forwards():
     for width in (8, "ternary", 1):
         with mb.bits(model, width):
             separate.append(F.cross_entropy(model(x), y))
-    torch.stack(separate).sum().backward()  # one graph through the three widths
-    assert torch.allclose(loss, sum(separate).detach(), rtol=1e-6, atol=0)
+    expected = sum(w * part for w, part in zip(weights or [1.0] * 3, separate, strict=True))
+    expected.backward()  # one graph through the three widths
+    assert torch.allclose(loss, expected.detach(), rtol=1e-6, atol=0)
     assert all(torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7) for g, p in zip(grads, model.parameters(), strict=True))
     assert set(parts) == {"train/loss@8b", "train/loss@ternary", "train/loss@1b"}
+    assert float(parts["train/loss@ternary"]) == pytest.approx(float(separate[1].detach()), rel=1e-6)  # unweighted
     assert torch.equal(parts["train/loss@ternary"], separate[1].detach())
     with mb.bits(model, 8):
         assert torch.equal(logits, model(x))  # the first width's logits
@@ -111,24 +114,6 @@ def test_mgda_weighting_combines_the_widths_gradients_with_the_min_norm_alphas(w
     assert torch.allclose(torch.cat([g.reshape(-1) for g in combined]), expected, rtol=1e-5, atol=1e-7)
     assert [float(parts[f"train/mgda_alpha@{w}"]) for w in ("8b", "ternary", "1b")] == pytest.approx(
         alpha.tolist(), rel=1e-6)
-
-
-def test_loss_weights_weigh_each_widths_loss_and_gradient():
-    model, x, y = model_and_batch()
-    weights = [2.0, 0.5, 1.5]
-    widths = Widths.from_config({"train_bits": [8, "ternary", 1], "loss_weights": weights}, model)
-
-    loss, _, parts = widths.train_step(cross_entropy_step(model, x, y))
-    grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    separate = []
-    for width in (8, "ternary", 1):
-        with mb.bits(model, width):
-            separate.append(F.cross_entropy(model(x), y))
-    sum(w * part for w, part in zip(weights, separate, strict=True)).backward()
-    assert torch.allclose(loss, sum(w * part for w, part in zip(weights, separate, strict=True)).detach(), rtol=1e-6)
-    assert all(torch.allclose(g, p.grad, rtol=1e-5, atol=1e-7) for g, p in zip(grads, model.parameters(), strict=True))
-    assert float(parts["train/loss@ternary"]) == pytest.approx(float(separate[1].detach()), rel=1e-6)  # unweighted
 
 
 @pytest.mark.parametrize("block, message", [
