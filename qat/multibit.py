@@ -41,7 +41,8 @@ __all__ = ["WIDTHS", "BN_MODES", "bits", "set_bits", "multibit_quantizers", "act
            "width_label", "per_width_batchnorm", "per_width_batchnorms", "keep_active_width", "stored_batchnorm_mode",
            "calibrate_batchnorm"]
 
-#: multibit.bn: private running statistics per width (default), or one set shared by all widths
+#: multibit.bn: private running statistics per width (default), statistics and gamma / beta per width, or one
+#: set shared by all widths
 BN_MODES = ("per_width", "per_width_affine", "shared")
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 #: a BatchNorm's affine parameters, private per width with ``per_width_batchnorm(model, affine=True)``
@@ -96,8 +97,9 @@ def bits(model: nn.Module, width):
 
 # ------------------------------------------------------------------ per-width BatchNorm statistics
 
-def _buffer_name(statistic: str, width) -> str:
-    return f"{statistic}_{width_label(width)}"
+def _width_name(name: str, width) -> str:
+    """A per-width copy's name: ``running_mean_4b``, ``bias_ternary``."""
+    return f"{name}_{width_label(width)}"
 
 
 def _select(bn: nn.Module, width) -> None:
@@ -105,14 +107,14 @@ def _select(bn: nn.Module, width) -> None:
     where they are private, its gamma and beta as ``bn.weight`` / ``bn.bias``)."""
     setattr(bn, WIDTH_ATTRIBUTE, width)
     for statistic in STATISTICS:
-        bn._buffers[statistic] = bn._buffers[_buffer_name(statistic, width)]
+        bn._buffers[statistic] = bn._buffers[_width_name(statistic, width)]
     for name in _private_affine(bn):
-        bn._parameters[name] = bn._parameters[_buffer_name(name, width)]
+        bn._parameters[name] = bn._parameters[_width_name(name, width)]
 
 
 def _private_affine(bn: nn.Module) -> tuple[str, ...]:
     """The affine parameters ``bn`` keeps per width (none, or weight and bias)."""
-    return AFFINE if _buffer_name(AFFINE[0], WIDTHS[0]) in bn._parameters else ()
+    return AFFINE if _width_name(AFFINE[0], WIDTHS[0]) in bn._parameters else ()
 
 
 def _save_affine_once(bn: nn.Module, state_dict, prefix, local_metadata) -> None:
@@ -124,7 +126,7 @@ def _save_affine_once(bn: nn.Module, state_dict, prefix, local_metadata) -> None
 def _load_affine_alias(bn: nn.Module, state_dict, prefix, *args) -> None:
     """load_state_dict pre-hook: ``weight`` / ``bias`` (the active width's, not saved) read from that width's key."""
     for name in _private_affine(bn):
-        key = prefix + _buffer_name(name, getattr(bn, WIDTH_ATTRIBUTE))
+        key = prefix + _width_name(name, getattr(bn, WIDTH_ATTRIBUTE))
         if key in state_dict:
             state_dict.setdefault(prefix + name, state_dict[key])
 
@@ -155,14 +157,14 @@ def per_width_batchnorm(model: nn.Module, affine: bool = False) -> int:
             for statistic in STATISTICS:
                 current = getattr(bn, statistic)
                 for w in WIDTHS:
-                    bn.register_buffer(_buffer_name(statistic, w), current.detach().clone())
+                    bn.register_buffer(_width_name(statistic, w), current.detach().clone())
                 bn._non_persistent_buffers_set.add(statistic)  # saved once, under the width's name
             bn.register_forward_pre_hook(_select_before_forward)
         if affine and bn.affine and not _private_affine(bn):
             for name in AFFINE:
                 current = bn._parameters[name]
                 for w in WIDTHS:
-                    bn.register_parameter(_buffer_name(name, w), nn.Parameter(current.detach().clone(),
+                    bn.register_parameter(_width_name(name, w), nn.Parameter(current.detach().clone(),
                                                                                requires_grad=current.requires_grad))
             bn.register_state_dict_post_hook(_save_affine_once)
             bn.register_load_state_dict_pre_hook(_load_affine_alias)
@@ -178,13 +180,13 @@ def keep_active_width(model: nn.Module) -> nn.Module:
         for statistic in STATISTICS:
             kept = bn._buffers[statistic]
             for w in WIDTHS:
-                del bn._buffers[_buffer_name(statistic, w)]
+                del bn._buffers[_width_name(statistic, w)]
             bn._non_persistent_buffers_set.discard(statistic)
             bn._buffers[statistic] = kept
         for name in _private_affine(bn):
             kept = bn._parameters[name]
             for w in WIDTHS:
-                del bn._parameters[_buffer_name(name, w)]
+                del bn._parameters[_width_name(name, w)]
             bn._parameters[name] = kept
         for hooks in (bn._forward_pre_hooks, bn._state_dict_hooks, bn._load_state_dict_pre_hooks):
             for key, hook in list(hooks.items()):
@@ -199,7 +201,7 @@ def stored_batchnorm_mode(state_dict: dict) -> str:
     "per_width" when per-width statistics only (``running_mean_8b``), else "shared": what a
     checkpoint's model needs before it loads (``per_width_batchnorm(model, affine=...)``)."""
     def holds(name):
-        marker = "." + _buffer_name(name, WIDTHS[0])
+        marker = "." + _width_name(name, WIDTHS[0])
         return any(key.endswith(marker) or key == marker[1:] for key in state_dict)
 
     if holds(AFFINE[0]) or holds(AFFINE[1]):
