@@ -27,9 +27,11 @@ Where a *float* layer's output reaches a binary conv through such a chain holdin
 max-pool, a ``SignPacker`` takes the chain's place: ``sign(y * M + A)`` packed, then the same bit
 pools (e.g. mnist_cnn's float first conv -> max-pool -> BatchNorm -> binary conv).  When that float
 layer is a small ``nn.Conv2d`` (at most ``SMALL_CONV_TAPS`` = C x kh x kw, groups 1, zero padding)
-used only there, the sign packer computes the conv too (``cpu_native.FloatConvSign``): the float
-output is never written.  Its float32 sum runs in (c, i, j) order, which may differ from torch's
-conv in the last bit -- again only a value within a rounding of the sign threshold can change.
+used only there, or a packed conv of that size with float input (binary weights on float pixels,
+Larq's BNN's first layer: its float weights ``scale * code``), the sign packer computes the conv too
+(``cpu_native.FloatConvSign``) and pools in the same call: the float output is never written.
+Its float32 sum runs in (c, i, j) order, which may differ from torch's conv in the last bit --
+again only a value within a rounding of the sign threshold can change.
 
 Each fused layer keeps its kernel call plans per input shape (at batch 1 the per-call checks cost
 more than mnist_cnn's kernels); a state-dict load empties them.
@@ -344,13 +346,38 @@ SMALL_CONV_TAPS = 32
 
 
 def _small_float_conv(node, modules) -> nn.Conv2d | None:
-    """The float ``nn.Conv2d`` computing ``node`` when the sign packer can compute it itself."""
-    conv = modules.get(node.target) if node.op == "call_module" else None
-    if not (type(conv) is nn.Conv2d and len(node.users) == 1 and len(node.args) == 1 and not node.kwargs):
+    """The float ``nn.Conv2d`` computing ``node`` when the sign packer can compute it itself: a
+    small ``nn.Conv2d``, or a small packed conv with float input (binary or ternary weights on
+    float pixels, as the first layer of Larq's BNN) as the ``nn.Conv2d`` of what its forward
+    convolves with, ``scale * code`` (:func:`_float_conv_of`)."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    if not (len(node.users) == 1 and len(node.args) == 1 and not node.kwargs):
         return None
-    small = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= SMALL_CONV_TAPS
-    plain = conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-    return conv if small and plain and conv.weight.dtype == torch.float32 else None
+    if isinstance(module, PackedConv2d) and module.spec.input_bits == 32 and module.spec.padding_mode == "zeros" \
+            and _taps(module.spec.in_features, module.spec.kernel_size) <= SMALL_CONV_TAPS:
+        module = _float_conv_of(module)
+    if type(module) is not nn.Conv2d:
+        return None
+    small = _taps(module.in_channels, module.kernel_size) <= SMALL_CONV_TAPS
+    plain = module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return module if small and plain and module.weight.dtype == torch.float32 else None
+
+
+def _taps(channels: int, kernel_size) -> int:
+    return channels * kernel_size[0] * kernel_size[1]
+
+
+@torch.no_grad()
+def _float_conv_of(layer: PackedConv2d) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with a float-input packed conv's weights ``scale * code`` and bias: the
+    convolution its forward runs (``float_op``), for a sign packer to compute."""
+    s = layer.spec
+    conv = nn.Conv2d(s.in_features, s.out_features, s.kernel_size, s.stride, layer._explicit_padding(), s.dilation,
+                     s.groups, bias=layer.bias is not None)
+    conv.weight.copy_(layer.float_weight(torch.float32))
+    if layer.bias is not None:
+        conv.bias.copy_(layer.bias.float())
+    return conv.eval()
 
 
 def _float_feeds(graph_module, modules, fused_consumers):

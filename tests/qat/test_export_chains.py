@@ -12,6 +12,7 @@ from kernels import cpu_native, native
 from qat import models
 from qat.export import fuse_binary_chains, pack_model
 from qat.export.chains import FusedBinaryLayer, PackedMaxPool2d, SignPacker
+from qat.export.packed import PackedConv2d
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="native kernels unavailable")
 
@@ -54,9 +55,13 @@ class PoolThenBatchNorm(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def fused_and_packed(model, keep_fp=("first",), negative_gamma=False):
+#: Larq's BNN (experiment mnist_bnn): every layer binary, the first on float pixels (its weights-only method)
+BNN_SPEC = {"method": "xnor", "keep_fp": [], "overrides": {"first": {"method": "bwn"}}}
+
+
+def fused_and_packed(model, keep_fp=("first",), negative_gamma=False, spec=None):
     model = randomize_batchnorms(model, negative_gamma)
-    quantized = qat.quantize_model(model, {"method": "xnor", "keep_fp": list(keep_fp)}).eval()
+    quantized = qat.quantize_model(model, spec or {"method": "xnor", "keep_fp": list(keep_fp)}).eval()
     packed = pack_model(quantized)
     return fuse_binary_chains(packed), packed
 
@@ -162,6 +167,25 @@ def test_a_small_first_conv_is_computed_by_its_sign_packer():
             chains.SMALL_CONV_TAPS = separate
         assert next(m for m in without.modules() if isinstance(m, SignPacker)).conv is None
         assert float((with_conv - without(x)).abs().max()) <= 1e-4 * float(with_conv.abs().max())
+
+
+def test_a_float_input_binary_first_conv_is_computed_by_its_sign_packer():
+    """mnist_bnn: the first layer has binary weights on float pixels; its sign packer convolves
+    with scale * code itself (and pools in the same call), within rounding of the packed conv."""
+    torch.manual_seed(0)
+    fused, packed = fused_and_packed(models.build("mnist_cnn", num_classes=10, in_channels=1, activation="hardtanh"),
+                                     spec=BNN_SPEC)
+    first = packed.features[0]
+    assert isinstance(first, PackedConv2d) and first.spec.input_bits == 32 and first.spec.code == "binary"
+    packer = next(m for m in fused.modules() if isinstance(m, SignPacker))
+    assert torch.equal(packer.conv.weight, first.float_weight())
+    assert not any(n.op == "call_module" and isinstance(fused.get_submodule(n.target), PackedConv2d)
+                   for n in fused.graph.nodes)  # every packed layer runs fused; the first inside the packer
+    x = torch.randn(8, 1, 28, 28)
+    with torch.inference_mode():
+        expected, got = packed(x), fused(x)
+    assert float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert torch.equal(got.argmax(1), expected.argmax(1))
 
 
 def test_fused_layers_follow_a_state_dict_load():
