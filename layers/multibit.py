@@ -15,7 +15,9 @@ Formulas (per tensor; ``per_channel=True`` computes S per output channel instead
     u_8    = round((W / S + 1) / 2 * 255)  in [0, 255]  the unsigned 8-bit code               [I]
     u_4    = floor(u_8 / 2^4),  u_2 = floor(u_4 / 2^2),  u_1 = floor(u_2 / 2)  (bits dropped)   [V]
     c_b    = 2 u_b - (2^b - 1)  odd, in [-(2^b - 1), 2^b - 1]    (binary: c_1 = +-1)
-    t      = sign(c_2) * 1[|c_2| = 3]  in {-1, 0, +1}  (the ternary code)                    [I]
+    t      = sign(c_k) * 1[|c_k| >= tau_k]  in {-1, 0, +1}  (the ternary code, k = ternary_from)  [I]
+             k = 2: tau_2 = 3, the 2-bit code's outer levels (nonzero where |W| >= S / 2)
+             k = 4: tau_4 = 5, the 4-bit code's levels from 5 on (nonzero where |W| >~ S / 4)
     W_b    = a_b * c_b                                  the b-bit weight: scale_b * code_b, with
     a_b    = <W, c_b> / <c_b, c_b>     (scale="fit", default: the least-squares scale of the code)  [I]
     a_b    = S / (2^b - 1)             (scale="range": the grid's own step; ternary: S)          [I]
@@ -24,10 +26,19 @@ The b-bit code is the b most significant bits of the 8-bit code, so c_b = 2 c_{b
 with e_b the dropped (enhance) bit: every width is the basic layer plus its enhance bits. The
 levels are mid-rise (DoReFa / Any-Precision style: u maps to 2u/(2^b-1) - 1 in [-1, 1]), which is
 what makes bit dropping symmetric: dropping a bit halves the code and adds -+1/2, no bias toward a
-sign. Ternary is not a bit width of this ladder; it is taken from the 2-bit code by zeroing its
-inner levels (+-1 -> 0, +-3 -> +-1): t is nonzero exactly where |c_2| = 3, and sign(t) = c_1
-there (the binary code is the ternary code's sign where it has one). So the codes nest:
-c_8 -> c_4 -> c_2 -> {t, c_1}, each computed from the one before it.
+sign. Ternary is not a bit width of this ladder; it is cut from a higher code by zeroing its inner
+levels, and sign(t) = c_1 wherever t is nonzero (the binary code is the ternary code's sign where
+it has one). ``ternary_from=2`` (the option's default, the rule of every run before it existed)
+cuts it from the 2-bit code (+-1 -> 0, +-3 -> +-1): the codes nest c_8 -> c_4 -> c_2 -> {t, c_1}.
+With S the max over a whole layer that zero set is most of the layer: |W| < S / 2 is 83-96 % of
+mnist_bnn's trained weights, where TWN's threshold 0.7 mean|W| zeroes 37-38 %; the ternary
+network is then the odd one out (its gradient 2-5x the other widths' norm, cosine 0.1-0.3 with
+theirs) and the summed loss leans on it. ``ternary_from=4`` (configs/quant/multibit.yaml) cuts it
+from the 4-bit code at |c_4| >= 5 (zero where |W| <~ S / 4, 39-56 % of those weights kept; TWN's
+threshold 0.7 mean|W| is 0.15-0.21 S there, between the 4-bit cuts 3 and 5): c_8 -> c_4 ->
+{t, c_2 -> c_1}. Measured (benchmarks/ACCURACY.md): better for the ternary network trained alone
+and for the multi-bit model at every width; the cut at 3 gave the same mean validation and a
+stronger one-width ternary model [I: the paper's ternary is unknown].
 
 The scale. The vertical layers are the codes' bits; each width's scale is one float per layer
 (per channel) stored beside them. With the grid's own step (scale="range", W_ternary = W_2 where t
@@ -56,6 +67,8 @@ WIDTHS: tuple = (8, 4, 2, "ternary", 1)
 TERNARY = "ternary"
 #: stored bits per weight of each width (ternary: 2, as TWN)
 STORED_BITS = {8: 8, 4: 4, 2: 2, TERNARY: 2, 1: 1}
+#: the ternary code's cut: nonzero where |c_k| >= TERNARY_CUT[k], k the code it is cut from (ternary_from)
+TERNARY_CUT = {2: 3, 4: 5}
 
 
 def parse_width(value) -> int | str:
@@ -92,15 +105,17 @@ def signed_code(u: torch.Tensor, bits: int) -> torch.Tensor:
     return 2.0 * u - (2 ** bits - 1)
 
 
-def cascade_codes(w: torch.Tensor, scale: torch.Tensor) -> dict:
-    """{width: signed code} for every width, each derived from the previous one (8 -> 4 -> 2 -> ternary, 1)."""
+def cascade_codes(w: torch.Tensor, scale: torch.Tensor, ternary_from: int = 2) -> dict:
+    """{width: signed code} for every width, each derived from the previous one (8 -> 4 -> 2 -> 1), the
+    ternary code cut from the ``ternary_from``-bit code: sign(c_k) * 1[|c_k| >= TERNARY_CUT[k]]."""
     u8 = unsigned_code8(w, scale)
     u4 = drop_bits(u8, 8, 4)
     u2 = drop_bits(u4, 4, 2)
     u1 = drop_bits(u2, 2, 1)
-    c2 = signed_code(u2, 2)
-    ternary = torch.sign(c2) * (c2.abs() == 3).to(w.dtype)
-    return {8: signed_code(u8, 8), 4: signed_code(u4, 4), 2: c2, TERNARY: ternary, 1: signed_code(u1, 1)}
+    codes = {8: signed_code(u8, 8), 4: signed_code(u4, 4), 2: signed_code(u2, 2), 1: signed_code(u1, 1)}
+    source = codes[ternary_from]
+    codes[TERNARY] = torch.sign(source) * (source.abs() >= TERNARY_CUT[ternary_from]).to(w.dtype)
+    return codes
 
 
 def code_scale(scale: torch.Tensor, width) -> torch.Tensor:
@@ -115,7 +130,9 @@ class MultiBitWeight(ProjectedWeight):
     bits = 8  # the stored precision of the full code; an instance follows its active width
     options = (Option("per_channel", bool, False, "S and a_b per output channel instead of per layer"),
                Option("scale", str, "fit", "a_b: the code's least-squares scale (fit) or the grid step (range)",
-                      choices=("fit", "range")))
+                      choices=("fit", "range")),
+               Option("ternary_from", int, 2, "the code the ternary one is cut from: 2 (|c_2| = 3, |W| >= S / 2) "
+                      "or 4 (|c_4| >= 5, |W| >~ S / 4)", choices=(2, 4)))
 
     def __init__(self, estimator, **options):
         super().__init__(estimator, **options)
@@ -149,7 +166,7 @@ class MultiBitWeight(ProjectedWeight):
     def _code_and_scale(self, w: torch.Tensor, width) -> tuple[torch.Tensor, torch.Tensor]:
         w = w.detach()
         grid = self.range_scale(w)
-        code = cascade_codes(w, grid)[width]
+        code = cascade_codes(w, grid, self.ternary_from)[width]
         if self.scale == "range":
             return code, code_scale(grid, width)
         reduce = (lambda t: per_channel(torch.sum, t)) if self.per_channel else torch.sum
@@ -160,4 +177,5 @@ class MultiBitWeight(ProjectedWeight):
         return code * scale
 
     def extra_repr(self):
-        return f"width={self.width}, per_channel={self.per_channel}, scale={self.scale}"
+        return (f"width={self.width}, per_channel={self.per_channel}, scale={self.scale}, "
+                f"ternary_from={self.ternary_from}")

@@ -3,8 +3,11 @@ bit-level transcription, code ranges, the nesting property, STE gradients, width
 packed export at every width."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import qat
@@ -23,9 +26,11 @@ def quantizer(**options) -> MultiBitWeight:
     return MultiBitWeight(get_estimator("identity"), **options)
 
 
-def direct_weights(w: torch.Tensor) -> dict:
+def direct_weights(w: torch.Tensor, ternary_from: int = 2) -> dict:
     """The module docstring's formulas, element by element with Python integers: u_8 rounded
-    (half to even, as torch.round), the b-bit code its top b bits (u_8 >> (8 - b))."""
+    (half to even, as torch.round), the b-bit code its top b bits (u_8 >> (8 - b)); ternary: the
+    2-bit code's outer levels (ternary_from=2) or the 4-bit code's levels from 5 on (ternary_from=4),
+    the grid's outer level S as its scale."""
     s = float(w.abs().max())
     out = {}
     for b in BITS:
@@ -35,18 +40,19 @@ def direct_weights(w: torch.Tensor) -> dict:
             u = u8 >> (8 - b)
             values.append(s / (2 ** b - 1) * (2 * u - (2 ** b - 1)))
         out[b] = torch.tensor(values, dtype=torch.float64).view_as(w)
-    c2 = torch.round(out[2] * 3 / s)
-    out[TERNARY] = s * torch.sign(c2) * (c2.abs() == 3)
+    source = torch.round(out[ternary_from] * (2 ** ternary_from - 1) / s)
+    out[TERNARY] = s * torch.sign(source) * (source.abs() >= {2: 3, 4: 5}[ternary_from])
     return out
 
 
+@pytest.mark.parametrize("ternary_from", [2, 4])
 @pytest.mark.parametrize("width", mb.WIDTHS)
-def test_cascade_matches_a_direct_bit_level_transcription(width):
+def test_cascade_matches_a_direct_bit_level_transcription(width, ternary_from):
     torch.manual_seed(0)
     w = torch.randn(6, 20)
-    q = quantizer(scale="range")
+    q = quantizer(scale="range", ternary_from=ternary_from)
     q.set_width(width)
-    expected = direct_weights(w)[width]
+    expected = direct_weights(w, ternary_from)[width]
     assert torch.allclose(q(w).double(), expected, rtol=0, atol=1e-6)
 
 
@@ -92,6 +98,11 @@ def test_lower_codes_are_the_higher_codes_with_bits_dropped():
     ternary = codes[TERNARY]
     assert torch.equal(ternary != 0, codes[2].abs() == 3)
     assert torch.equal(ternary[ternary != 0], codes[1][ternary != 0])
+    from_four = cascade_codes(w, w.abs().amax(), ternary_from=4)
+    assert all(torch.equal(from_four[b], codes[b]) for b in BITS)  # only the ternary code changes
+    kept = from_four[TERNARY] != 0
+    assert torch.equal(kept, codes[4].abs() >= 5) and torch.equal(from_four[TERNARY][kept], codes[1][kept])
+    assert bool((kept >= (ternary != 0)).all()) and kept.sum() > (ternary != 0).sum()  # a superset: denser
     # and the weights on the grid's own scale: ternary is the 2-bit weight where it is nonzero
     q = quantizer(scale="range")
     weights = {}
@@ -174,11 +185,13 @@ def test_summary_counts_the_active_widths_bits():
     assert sizes[8] > sizes[4] > sizes[2] == sizes[TERNARY] > sizes[1]
 
 
-@pytest.mark.parametrize("per_channel, scale", [(False, "fit"), (True, "fit"), (False, "range"), (True, "range")])
+@pytest.mark.parametrize("per_channel, scale, ternary_from", [(False, "fit", 2), (True, "fit", 2), (False, "range", 2),
+                                                               (True, "range", 2), (False, "fit", 4), (True, "fit", 4)])
 @pytest.mark.parametrize("width", mb.WIDTHS)
-def test_packed_export_at_a_width_reproduces_the_model_at_that_width(width, per_channel, scale, tmp_path):
+def test_packed_export_at_a_width_reproduces_the_model_at_that_width(width, per_channel, scale, ternary_from,
+                                                                      tmp_path):
     model = qat.quantize_model(small_model(), {"method": "multibit", "keep_fp": [], "per_channel": per_channel,
-                                               "scale": scale})
+                                               "scale": scale, "ternary_from": ternary_from})
     trained_like(model, (3, 6, 6))
     mb.set_bits(model, width)
     x = torch.randn(8, 3, 6, 6)
@@ -205,3 +218,14 @@ def test_int_codes_pack_to_b_bits_and_back(bits):
     assert torch.equal(unpack_int_codes(packed, bits, 37), code)
     with pytest.raises(ValueError, match="odd integers"):
         pack_int_codes(code + 1, bits)
+
+
+def test_a_quant_block_without_ternary_from_keeps_the_rule_it_was_trained_with():
+    """Checkpoints carry their config; one written before ``ternary_from`` existed has no such key and
+    must rebuild the 2-bit rule it was trained and calibrated with, while the experiment's quant
+    config asks for the 4-bit one."""
+    old = qat.quantize_model(small_model(), {"method": "multibit", "keep_fp": []})
+    assert {q.ternary_from for q in mb.multibit_quantizers(old)} == {2}
+    block = yaml.safe_load((Path(__file__).parents[2] / "configs" / "quant" / "multibit.yaml").read_text())
+    new = qat.quantize_model(small_model(), {**block, "keep_fp": []})
+    assert {q.ternary_from for q in mb.multibit_quantizers(new)} == {4}
