@@ -32,8 +32,8 @@ it has one). ``ternary_from=2`` (the option's default, the rule of every run bef
 cuts it from the 2-bit code (+-1 -> 0, +-3 -> +-1): the codes nest c_8 -> c_4 -> c_2 -> {t, c_1}.
 With S the max over a whole layer that zero set is most of the layer: |W| < S / 2 is 83-96 % of
 mnist_bnn's trained weights, where TWN's threshold 0.7 mean|W| zeroes 37-38 %; the ternary
-network is then the odd one out (its gradient 2-5x the other widths' norm, cosine 0.1-0.3 with
-theirs) and the summed loss leans on it. ``ternary_from=4`` (configs/quant/multibit.yaml) cuts it
+network is then the odd one out (its gradient about 3-5x as long as the 8-bit width's, cosine
+0.2-0.4 with it) and the summed loss leans on it. ``ternary_from=4`` (configs/quant/multibit.yaml) cuts it
 from the 4-bit code at |c_4| >= 5 (zero where |W| <~ S / 4, 39-56 % of those weights kept; TWN's
 threshold 0.7 mean|W| is 0.15-0.21 S there, between the 4-bit cuts 3 and 5): c_8 -> c_4 ->
 {t, c_2 -> c_1}. Measured (benchmarks/ACCURACY.md): better for the ternary network trained alone
