@@ -106,10 +106,15 @@ def _select(bn: nn.Module, width) -> None:
     """Stand ``width``'s statistics as ``bn``'s running_mean / running_var / num_batches_tracked (and,
     where they are private, its gamma and beta as ``bn.weight`` / ``bn.bias``)."""
     setattr(bn, WIDTH_ATTRIBUTE, width)
-    for statistic in STATISTICS:
-        bn._buffers[statistic] = bn._buffers[_width_name(statistic, width)]
-    for name in _private_affine(bn):
-        bn._parameters[name] = bn._parameters[_width_name(name, width)]
+    for store, names in _per_width_entries(bn):
+        for name in names:
+            store[name] = store[_width_name(name, width)]
+
+
+def _per_width_entries(bn: nn.Module) -> tuple:
+    """((the module's dict, the names it keeps per width), ...): the statistics among the buffers, and
+    gamma / beta among the parameters where they are private."""
+    return (bn._buffers, STATISTICS), (bn._parameters, _private_affine(bn))
 
 
 def _private_affine(bn: nn.Module) -> tuple[str, ...]:
@@ -177,17 +182,13 @@ def keep_active_width(model: nn.Module) -> nn.Module:
     statistics, as persistent buffers; the other widths' are dropped. Returns ``model``."""
     for bn in per_width_batchnorms(model):
         _select(bn, getattr(bn, WIDTH_ATTRIBUTE))
-        for statistic in STATISTICS:
-            kept = bn._buffers[statistic]
-            for w in WIDTHS:
-                del bn._buffers[_width_name(statistic, w)]
-            bn._non_persistent_buffers_set.discard(statistic)
-            bn._buffers[statistic] = kept
-        for name in _private_affine(bn):
-            kept = bn._parameters[name]
-            for w in WIDTHS:
-                del bn._parameters[_width_name(name, w)]
-            bn._parameters[name] = kept
+        for store, names in _per_width_entries(bn):
+            for name in names:
+                kept = store[name]
+                for w in WIDTHS:
+                    del store[_width_name(name, w)]
+                store[name] = kept
+        bn._non_persistent_buffers_set.difference_update(STATISTICS)
         for hooks in (bn._forward_pre_hooks, bn._state_dict_hooks, bn._load_state_dict_pre_hooks):
             for key, hook in list(hooks.items()):
                 if getattr(hook, "hook", hook) in (_select_before_forward, _save_affine_once, _load_affine_alias):
